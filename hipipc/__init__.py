@@ -1,0 +1,15 @@
+"""hipipc: HIP/CUDA-style IPC memory handles for Python processes.
+
+One process allocates (``hipMalloc``), exports a 64-byte handle (``hipIpcGetMemHandle``) and
+sends its bytes anywhere; another opens it (``hipIpcOpenMemHandle``) and works on the same
+memory, with no copy.  See ``hipipc.runtime`` for the calling convention.
+"""
+
+from . import errors, handle, runtime
+from .errors import *  # noqa: F403
+from .handle import *  # noqa: F403
+from .runtime import *  # noqa: F403
+
+__version__ = "0.1.0"
+
+__all__ = [*errors.__all__, *handle.__all__, *runtime.__all__]

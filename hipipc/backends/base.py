@@ -1,0 +1,98 @@
+"""The interface every memory backend implements; nothing above ``backends/`` sees more.
+
+A backend owns the memory itself (allocating, exporting, opening, copying, viewing).  The
+per-process bookkeeping (which pointers exist, refcounts, same-process checks) lives in
+:mod:`hipipc.registry`, the secure naming in :mod:`hipipc.store`.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from ..handle import HandleKind, IpcMemHandle
+from ..store import HandleStore
+
+__all__ = ["Backend", "Allocation", "ImportedMemory", "Region"]
+
+
+@dataclass(eq=False)
+class Region:
+    """A range of device memory this process can address."""
+
+    ptr: int
+    size: int
+    device: int
+    handle: IpcMemHandle
+    state: Any = field(default=None, repr=False)  # backend-private
+
+
+@dataclass(eq=False)
+class Allocation(Region):
+    """Memory this process allocated (``hipMalloc``); ``exported`` once it has a name."""
+
+    exported: bool = False
+
+
+@dataclass(eq=False)
+class ImportedMemory(Region):
+    """Memory another process exported and this one opened; ``refs`` counts the opens."""
+
+    refs: int = 1
+
+
+class Backend(abc.ABC):
+    """The memory operations of one kind of device.
+
+    Methods raise :class:`~hipipc.errors.HipError` with HIP's code; none returns a status.
+    Pointers are plain ints; the registry has already checked that they lie inside a region.
+    """
+
+    name: ClassVar[str]
+    memory_kind: ClassVar[HandleKind]
+
+    def __init__(self, store: HandleStore) -> None:
+        self.store = store
+
+    @abc.abstractmethod
+    def device_count(self) -> int:
+        """Number of devices; ordinals run from 0."""
+
+    @abc.abstractmethod
+    def allocate(self, nbytes: int, device: int) -> Allocation:
+        """Allocate ``nbytes`` (> 0) on ``device`` with a fresh handle; nothing is exported."""
+
+    @abc.abstractmethod
+    def export(self, alloc: Allocation, mode: int) -> None:
+        """Publish ``alloc`` in the store under its handle's name with file ``mode``."""
+
+    @abc.abstractmethod
+    def free(self, alloc: Allocation) -> None:
+        """Revoke the export (if any) and release the memory; importers keep their mapping."""
+
+    @abc.abstractmethod
+    def open(self, handle: IpcMemHandle) -> ImportedMemory:
+        """Map the memory another process exported under ``handle``."""
+
+    @abc.abstractmethod
+    def close(self, mem: ImportedMemory) -> None:
+        """Unmap an import whose last reference was closed."""
+
+    @abc.abstractmethod
+    def memcpy(self, dst: int, src: int, nbytes: int, kind: int) -> None:
+        """Copy ``nbytes``; ``kind`` is a ``hipMemcpyKind`` saying which sides are host."""
+
+    @abc.abstractmethod
+    def memset(self, ptr: int, value: int, nbytes: int) -> None:
+        """Fill ``nbytes`` at ``ptr`` with the byte ``value``."""
+
+    @abc.abstractmethod
+    def asarray(self, region: Region, offset: int, shape: tuple[int, ...], dtype: Any) -> Any:
+        """A zero-copy array over ``region`` from ``offset`` that keeps the memory alive."""
+
+    def synchronize(self, device: int) -> None:  # noqa: B027 - optional hook
+        """Wait for all work queued on ``device``."""
+
+    def forget(self, region: Region) -> None:  # noqa: B027 - optional hook
+        """Drop per-process resources of ``region`` in a forked child without freeing it."""

@@ -1,0 +1,112 @@
+"""HIP status codes and the exception that carries them.
+
+``hipError_t`` keeps HIP's numeric values (``hip/hip_runtime_api.h``), so a code printed by
+hipipc means the same thing as one printed by a HIP program.  Every failing hip* call raises
+:class:`HipError`; its ``.code`` is the ``hipError_t`` a C program would have been returned.
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = ["hipError_t", "HipError", "hipGetErrorName", "hipGetErrorString"]
+
+
+class hipError_t(enum.IntEnum):
+    """HIP's status codes, with HIP's values.  Aliases keep HIP's older spellings."""
+
+    hipSuccess = 0
+    hipErrorInvalidValue = 1
+    hipErrorOutOfMemory = 2
+    hipErrorNotInitialized = 3
+    hipErrorDeinitialized = 4
+    hipErrorInvalidConfiguration = 9
+    hipErrorInvalidDevicePointer = 17
+    hipErrorInvalidMemcpyDirection = 21
+    hipErrorNoDevice = 100
+    hipErrorInvalidDevice = 101
+    hipErrorInvalidContext = 201
+    hipErrorMapFailed = 205
+    hipErrorUnmapFailed = 206
+    hipErrorAlreadyMapped = 208
+    hipErrorNotMapped = 211
+    hipErrorOperatingSystem = 304
+    hipErrorInvalidHandle = 400
+    hipErrorIllegalState = 401
+    hipErrorNotFound = 500
+    hipErrorNotReady = 600
+    hipErrorIllegalAddress = 700
+    hipErrorLaunchTimeOut = 702
+    hipErrorContextIsDestroyed = 709
+    hipErrorLaunchFailure = 719
+    hipErrorNotSupported = 801
+    hipErrorUnknown = 999
+
+    # HIP keeps these older names as aliases of the same values.
+    hipErrorMemoryAllocation = 2
+    hipErrorInvalidResourceHandle = 400
+
+
+_STRINGS = {
+    hipError_t.hipSuccess: "no error",
+    hipError_t.hipErrorInvalidValue: "invalid argument",
+    hipError_t.hipErrorOutOfMemory: "out of memory",
+    hipError_t.hipErrorNotInitialized: "initialization error",
+    hipError_t.hipErrorDeinitialized: "driver shutting down",
+    hipError_t.hipErrorInvalidConfiguration: "invalid configuration argument",
+    hipError_t.hipErrorInvalidDevicePointer: "invalid device pointer",
+    hipError_t.hipErrorInvalidMemcpyDirection: "invalid copy direction",
+    hipError_t.hipErrorNoDevice: "no device is detected",
+    hipError_t.hipErrorInvalidDevice: "invalid device ordinal",
+    hipError_t.hipErrorInvalidContext: "invalid device context",
+    hipError_t.hipErrorMapFailed: "mapping of buffer object failed",
+    hipError_t.hipErrorUnmapFailed: "unmapping of buffer object failed",
+    hipError_t.hipErrorAlreadyMapped: "resource already mapped",
+    hipError_t.hipErrorNotMapped: "resource not mapped",
+    hipError_t.hipErrorOperatingSystem: "OS call failed or operation not supported on this OS",
+    hipError_t.hipErrorInvalidHandle: "invalid resource handle",
+    hipError_t.hipErrorIllegalState: "the operation cannot be performed in the present state",
+    hipError_t.hipErrorNotFound: "named symbol not found",
+    hipError_t.hipErrorNotReady: "device not ready",
+    hipError_t.hipErrorIllegalAddress: "an illegal memory access was encountered",
+    hipError_t.hipErrorLaunchTimeOut: "the launch timed out and was terminated",
+    hipError_t.hipErrorContextIsDestroyed: "context is destroyed",
+    hipError_t.hipErrorLaunchFailure: "unspecified launch failure",
+    hipError_t.hipErrorNotSupported: "operation not supported",
+    hipError_t.hipErrorUnknown: "unknown error",
+}
+
+
+def _as_code(code: int) -> hipError_t:
+    try:
+        return hipError_t(int(code))
+    except ValueError:
+        return hipError_t.hipErrorUnknown
+
+
+def hipGetErrorName(code: int) -> str:
+    """Return HIP's name for ``code`` (``"hipErrorUnknown"`` for a value HIP does not define)."""
+    return _as_code(code).name
+
+
+def hipGetErrorString(code: int) -> str:
+    """Return HIP's description of ``code`` (``"unknown error"`` for an undefined value)."""
+    return _STRINGS[_as_code(code)]
+
+
+class HipError(RuntimeError):
+    """A failed hip* call.
+
+    ``code`` is the :class:`hipError_t` a HIP program would have received; ``detail`` says what
+    went wrong in this call and, where the context is known, how to fix it.  Instances pickle
+    with their code and detail, so they cross process boundaries (``multiprocessing`` results).
+    """
+
+    def __init__(self, code: int, detail: str = "") -> None:
+        self.code = _as_code(code)
+        self.detail = detail
+        text = f"{self.code.name} ({int(self.code)}): {_STRINGS[self.code]}"
+        super().__init__(f"{text}: {detail}" if detail else text)
+
+    def __reduce__(self) -> tuple[type[HipError], tuple[int, str]]:
+        return (type(self), (int(self.code), self.detail))

@@ -1,0 +1,114 @@
+"""Shared file mappings made with libc's mmap, owned by reference count.
+
+Why not ``mmap.mmap``: it duplicates the file descriptor and keeps the copy for the life of the
+mapping, so thousands of allocations or imports would exhaust ``RLIMIT_NOFILE``; and its
+``close()`` raises ``BufferError`` while a numpy view exports it.  A :class:`Mapping` holds no
+descriptor, and every buffer it hands out keeps it alive: the pages are unmapped when the
+runtime has released it *and* the last numpy/ctypes view has gone, never before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import threading
+
+from .errors import HipError, hipError_t
+
+__all__ = ["Mapping", "map_file"]
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_mmap = _libc.mmap
+_mmap.restype = ctypes.c_void_p
+_mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                  ctypes.c_long]
+_munmap = _libc.munmap
+_munmap.restype = ctypes.c_int
+_munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+
+_PROT_RW = 0x1 | 0x2
+_MAP_SHARED = 0x01
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+class Mapping:
+    """``length`` bytes of a shared file mapping at address ``addr``.
+
+    The mapping is unmapped once :meth:`release` has been called and no buffer from
+    :meth:`buffer` is alive.  ``release`` is idempotent and never raises.
+    """
+
+    __slots__ = ("addr", "length", "_live", "_released", "_lock", "__weakref__")
+
+    def __init__(self, addr: int, length: int) -> None:
+        self.addr = addr
+        self.length = length
+        self._live = 0
+        self._released = False
+        self._lock = threading.Lock()
+
+    def buffer(self, offset: int, nbytes: int) -> ctypes.Array:
+        """A writable buffer over ``[addr+offset, addr+offset+nbytes)`` that pins the mapping."""
+        if offset < 0 or nbytes < 0 or offset + nbytes > self.length:
+            raise HipError(hipError_t.hipErrorInvalidValue, "view outside the mapping")
+        with self._lock:
+            if self._released and self._live == 0:
+                raise HipError(hipError_t.hipErrorInvalidValue, "mapping already released")
+            self._live += 1
+        arr = (ctypes.c_char * nbytes).from_address(self.addr + offset)
+        # The ctypes array is the object numpy's views reference; when it dies, so does the pin.
+        arr._pin = _Pin(self)
+        return arr
+
+    def _unpin(self) -> None:
+        with self._lock:
+            self._live -= 1
+            unmap = self._released and self._live == 0
+        if unmap:
+            self._unmap()
+
+    def release(self) -> None:
+        """Give up the runtime's reference; unmaps now unless a view is still alive."""
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+            unmap = self._live == 0
+        if unmap:
+            self._unmap()
+
+    def _unmap(self) -> None:
+        addr, self.addr = self.addr, 0
+        if addr:
+            _munmap(addr, self.length)
+
+
+class _Pin:
+    __slots__ = ("_mapping",)
+
+    def __init__(self, mapping: Mapping) -> None:
+        self._mapping = mapping
+
+    def __del__(self) -> None:
+        try:
+            self._mapping._unpin()
+        except Exception:  # destructors never raise
+            pass
+
+
+def map_file(fd: int, length: int, offset: int) -> Mapping:
+    """Map ``length`` bytes of ``fd`` at ``offset`` (page aligned), shared and read-write.
+
+    The descriptor may be closed right after: the mapping does not need it.
+    Raises ``HipError(hipErrorOutOfMemory)`` when the address space or map count is exhausted,
+    ``hipErrorMapFailed`` for any other mmap failure.
+    """
+    addr = _mmap(None, length, _PROT_RW, _MAP_SHARED, fd, offset)
+    if addr is None or addr == _MAP_FAILED:
+        err = ctypes.get_errno()
+        code = (hipError_t.hipErrorOutOfMemory if err == errno.ENOMEM
+                else hipError_t.hipErrorMapFailed)
+        raise HipError(code, f"mmap of {length} bytes failed: {os.strerror(err)}")
+    return Mapping(addr, length)

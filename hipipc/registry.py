@@ -1,0 +1,192 @@
+"""The per-process registry: what this process allocated, exported and imported.
+
+It answers "which allocation holds this pointer" (interior pointers included), keeps an
+import's refcount (CUDA: opening a handle twice gives the same pointer and needs two closes),
+and knows which handles are this process's own (opening one is ``hipErrorInvalidContext``).
+In-process maps are keyed by :attr:`IpcHandle.segment_name`, a digest, never by the secret.
+
+One registry exists per process (:func:`get_registry`); a forked child starts a fresh one,
+so it can import its parent's handles but cannot free its parent's memory.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import threading
+
+from .backends import Allocation, Backend, ImportedMemory, Region, create_backend
+from .errors import HipError, hipError_t
+from .handle import IpcMemHandle
+from .store import HandleStore, share_mode
+
+__all__ = ["Registry", "get_registry"]
+
+
+def _invalid(detail: str) -> HipError:
+    return HipError(hipError_t.hipErrorInvalidValue, detail)
+
+
+class Registry:
+    """Allocations and imports of one process over one backend.  Thread-safe."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self._lock = threading.RLock()
+        self._bases: list[int] = []
+        self._regions: dict[int, Region] = {}
+        self._own: dict[str, Allocation] = {}  # by segment name, exported or not
+        self._imports: dict[str, ImportedMemory] = {}
+        self._device = threading.local()
+
+    # -- devices -------------------------------------------------------------------------
+
+    @property
+    def device(self) -> int:
+        """This thread's current device (CUDA/HIP: the current device is per thread)."""
+        return getattr(self._device, "value", 0)
+
+    def set_device(self, device: int) -> None:
+        count = self.backend.device_count()
+        if not 0 <= device < count:
+            raise HipError(hipError_t.hipErrorInvalidDevice,
+                           f"device {device} does not exist ({count} device(s))")
+        self._device.value = device
+
+    # -- lookups -------------------------------------------------------------------------
+
+    def _insert(self, region: Region) -> None:
+        bisect.insort(self._bases, region.ptr)
+        self._regions[region.ptr] = region
+
+    def _remove(self, region: Region) -> None:
+        del self._regions[region.ptr]
+        del self._bases[bisect.bisect_left(self._bases, region.ptr)]
+
+    def find(self, ptr: int) -> tuple[Region, int]:
+        """The region holding ``ptr`` and the offset into it; ``hipErrorInvalidValue`` if none."""
+        with self._lock:
+            i = bisect.bisect_right(self._bases, ptr) - 1
+            if i >= 0:
+                region = self._regions[self._bases[i]]
+                if ptr < region.ptr + region.size:
+                    return region, ptr - region.ptr
+        raise _invalid(f"{ptr:#x} is not a pointer hipMalloc or hipIpcOpenMemHandle returned "
+                       "in this process (freed or closed already?)")
+
+    def check_range(self, ptr: int, nbytes: int) -> tuple[Region, int]:
+        """Like :meth:`find`, and ``[ptr, ptr+nbytes)`` must lie inside the region."""
+        region, offset = self.find(ptr)
+        if offset + nbytes > region.size:
+            raise _invalid(f"{nbytes} bytes at {ptr:#x} run past the end of its allocation "
+                           f"({region.size - offset} bytes left)")
+        return region, offset
+
+    # -- own memory ----------------------------------------------------------------------
+
+    def allocate(self, nbytes: int) -> int:
+        alloc = self.backend.allocate(nbytes, self.device)
+        with self._lock:
+            self._insert(alloc)
+            self._own[alloc.handle.segment_name] = alloc
+        return alloc.ptr
+
+    def _own_allocation(self, ptr: int, what: str) -> Allocation:
+        region, offset = self.find(ptr)
+        if not isinstance(region, Allocation):
+            raise _invalid(f"{what}: {ptr:#x} was opened from another process's handle; "
+                           "only the exporter may do this")
+        return region
+
+    def free(self, ptr: int) -> None:
+        with self._lock:
+            alloc = self._own_allocation(ptr, "hipFree")
+            if alloc.ptr != ptr:
+                raise _invalid(f"hipFree: {ptr:#x} points inside an allocation; "
+                               f"free its base {alloc.ptr:#x}")
+            self._remove(alloc)
+            del self._own[alloc.handle.segment_name]
+        self.backend.free(alloc)
+
+    def export(self, ptr: int, share: str | None = None) -> IpcMemHandle:
+        """The allocation's handle, publishing it on first use (same bytes every time)."""
+        with self._lock:
+            alloc = self._own_allocation(ptr, "hipIpcGetMemHandle")
+            if not alloc.exported:
+                self.backend.export(alloc, share_mode(share))
+                alloc.exported = True
+            return alloc.handle
+
+    # -- imports -------------------------------------------------------------------------
+
+    def open(self, handle: IpcMemHandle) -> int:
+        name = handle.segment_name
+        with self._lock:
+            mem = self._imports.get(name)
+            if mem is not None:
+                mem.refs += 1
+                return mem.ptr
+            if name in self._own:
+                raise HipError(hipError_t.hipErrorInvalidContext,
+                               "this process exported the handle; use the pointer itself "
+                               "(CUDA and HIP refuse to open a handle in its exporting process)")
+            mem = self.backend.open(handle)
+            self._insert(mem)
+            self._imports[name] = mem
+            return mem.ptr
+
+    def close(self, ptr: int) -> None:
+        with self._lock:
+            region = self._regions.get(ptr)
+            if not isinstance(region, ImportedMemory):
+                raise _invalid(f"hipIpcCloseMemHandle: {ptr:#x} is not a pointer "
+                               "hipIpcOpenMemHandle returned (or it was closed already)")
+            region.refs -= 1
+            if region.refs:
+                return
+            self._remove(region)
+            del self._imports[region.handle.segment_name]
+        self.backend.close(region)
+
+    # -- process lifetime ----------------------------------------------------------------
+
+    def live_counts(self) -> tuple[int, int]:
+        """(allocations, imports) currently held."""
+        with self._lock:
+            return len(self._own), len(self._imports)
+
+    def forget_all(self) -> None:
+        """In a forked child: drop the parent's descriptors, keep its memory untouched."""
+        for region in list(self._regions.values()):
+            self.backend.forget(region)
+        self._regions.clear()
+        self._bases.clear()
+        self._own.clear()
+        self._imports.clear()
+
+
+_registry: Registry | None = None
+_registry_lock = threading.Lock()
+
+
+def get_registry() -> Registry:
+    """This process's registry, created on first use with ``$HIPIPC_BACKEND``."""
+    global _registry
+    reg = _registry
+    if reg is None:
+        with _registry_lock:
+            if _registry is None:
+                _registry = Registry(create_backend(HandleStore()))
+            reg = _registry
+    return reg
+
+
+def _after_fork_in_child() -> None:
+    global _registry, _registry_lock
+    _registry_lock = threading.Lock()
+    if _registry is not None:
+        _registry.forget_all()
+    _registry = None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

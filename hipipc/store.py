@@ -1,0 +1,447 @@
+"""The handle store: a private, non-listable directory of segments on /dev/shm.
+
+Why not ``shm_open``: its namespace is flat and world-listable, so every live name would be
+visible to every user, the DRM flink flaw the amdkfd IPC review warned about.  Instead each
+user has a directory (default ``/dev/shm/hipipc-{uid}``, mode 0711) on the same tmpfs: others
+may open a file whose exact name they know, nobody else may list.
+
+A *segment* is one file: a one-page header (who exported it, a verifier of the handle, sizes)
+followed by the payload (the memory itself for host allocations, event state, or a GPU IPC
+handle).  ``create`` makes it unnamed (``O_TMPFILE``); only ``publish`` (the explicit export
+step) links it in, under :attr:`IpcHandle.segment_name`, a one-way digest of the handle.
+``revoke`` unlinks the name: new opens fail, existing mappings stay valid.
+"""
+
+from __future__ import annotations
+
+import errno
+import hmac
+import os
+import resource
+import stat
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from .errors import HipError, hipError_t
+from .handle import HandleKind, IpcHandle
+
+__all__ = [
+    "HandleStore",
+    "SegmentInfo",
+    "PAGE_SIZE",
+    "share_mode",
+    "DEFAULT_STORE",
+]
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+DEFAULT_STORE = "/dev/shm/hipipc-{uid}"
+STORE_ENV = "HIPIPC_STORE"
+SHARE_ENV = "HIPIPC_SHARE"
+
+_SHARE_MODES = {"user": 0o600, "group": 0o660, "all": 0o666}
+
+# magic, version, kind, verifier, size, device, uid, pid, reserved, start_time, created
+_HEADER = struct.Struct("<8sII32sQIIIIQd")
+_HEADER_MAGIC = b"hipipcSG"
+_HEADER_VERSION = 1
+
+_O_CLOEXEC = os.O_CLOEXEC
+_DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | _O_CLOEXEC
+_IMPORT_FLAGS = os.O_RDWR | os.O_NOFOLLOW | _O_CLOEXEC
+_EMFILE_HINT = "too many open files"
+
+
+def share_mode(share: str | None = None) -> int:
+    """File mode for a published segment: ``share`` or ``$HIPIPC_SHARE`` (default ``user``).
+
+    Raises ``HipError(hipErrorInvalidValue)`` for anything but ``user``, ``group`` or ``all``.
+    """
+    value = share if share is not None else os.environ.get(SHARE_ENV, "user")
+    try:
+        return _SHARE_MODES[value.strip().lower()]
+    except (KeyError, AttributeError):
+        raise HipError(
+            hipError_t.hipErrorInvalidValue,
+            f"sharing policy {value!r} is not one of user, group, all "
+            f"(set by the share argument or ${SHARE_ENV})",
+        ) from None
+
+
+@dataclass(frozen=True)
+class SegmentInfo:
+    """The parsed header of a segment."""
+
+    kind: HandleKind
+    size: int
+    device: int
+    uid: int
+    pid: int
+    start_time: int
+    created: float
+    verifier: bytes
+
+    @classmethod
+    def parse(cls, raw: bytes) -> SegmentInfo | None:
+        if len(raw) < _HEADER.size:
+            return None
+        magic, version, kind, verifier, size, device, uid, pid, _r, start, created = (
+            _HEADER.unpack_from(raw)
+        )
+        if magic != _HEADER_MAGIC or version != _HEADER_VERSION:
+            return None
+        try:
+            kind = HandleKind(kind)
+        except ValueError:
+            return None
+        return cls(kind, size, device, uid, pid, start, created, verifier)
+
+    def exporter_alive(self) -> bool:
+        """Whether the exporting process still runs (pid plus start time: safe against reuse)."""
+        start = process_start_time(self.pid)
+        return start is not None and start == self.start_time
+
+
+def process_start_time(pid: int) -> int | None:
+    """The start time of ``pid`` in clock ticks since boot, or None if it does not exist."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        # /proc mounted with hidepid: we cannot tell, so treat the process as alive.
+        return -1
+    # Field 2 (comm) may contain spaces and parentheses; fields resume after the last ')'.
+    fields = data[data.rindex(b")") + 2 :].split()
+    return int(fields[19])
+
+
+_own_start: tuple[int, int] | None = None
+
+
+def _own_pid_and_start() -> tuple[int, int]:
+    global _own_start
+    pid = os.getpid()
+    if _own_start is None or _own_start[0] != pid:
+        _own_start = (pid, process_start_time(pid) or 0)
+    return _own_start
+
+
+def raise_fd_limit() -> bool:
+    """Raise the soft RLIMIT_NOFILE toward the hard one; True if it went up."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft * 4, 65536)
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return False
+    new = min(target, max(soft * 4, 4096))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+    return True
+
+
+def _fd_exhausted(action: str) -> HipError:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return HipError(
+        hipError_t.hipErrorOutOfMemory,
+        f"{action}: {_EMFILE_HINT} (RLIMIT_NOFILE soft={soft}, hard={hard}); every unexported "
+        "allocation holds one descriptor: export, free, or raise the hard limit (ulimit -Hn)",
+    )
+
+
+def _os_call(action: str, fn, *args, **kwargs):
+    """Call ``fn``; on EMFILE raise the soft fd limit once and retry."""
+    try:
+        return fn(*args, **kwargs)
+    except OSError as exc:
+        if exc.errno not in (errno.EMFILE, errno.ENFILE):
+            raise
+        if not raise_fd_limit():
+            raise _fd_exhausted(action) from exc
+    try:
+        return fn(*args, **kwargs)
+    except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            raise _fd_exhausted(action) from exc
+        raise
+
+
+class HandleStore:
+    """One namespace of exported segments: the directory ``template`` names.
+
+    ``template`` (default ``$HIPIPC_STORE`` or ``/dev/shm/hipipc-{uid}``) may contain
+    ``{uid}``, expanded to the exporter's uid, so that an importer finds the directory from the
+    handle alone.  Directory descriptors are cached (``O_PATH``: an importer cannot open a 0711
+    directory for reading) and reopened once when a lookup misses, since a store can be
+    removed and recreated.
+    """
+
+    def __init__(self, template: str | None = None) -> None:
+        self.template = template or os.environ.get(STORE_ENV) or DEFAULT_STORE
+        self._dirs: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._swept = False
+
+    # -- directories ---------------------------------------------------------------------
+
+    def path_for(self, uid: int) -> str:
+        """The store directory holding segments exported by ``uid``."""
+        return self.template.replace("{uid}", str(uid))
+
+    def _refuse(self, path: str, why: str, importing: bool) -> HipError:
+        code = (
+            hipError_t.hipErrorInvalidResourceHandle if importing
+            else hipError_t.hipErrorOperatingSystem
+        )
+        return HipError(
+            code,
+            f"refusing handle store {path}: {why}. A store must be a real directory owned by "
+            "its user (or by root), not readable or writable by others; remove it or set "
+            f"${STORE_ENV} to another path",
+        )
+
+    def _verify_dir(self, fd: int, path: str, owner: int, importing: bool) -> None:
+        st = os.fstat(fd)
+        if not stat.S_ISDIR(st.st_mode):
+            raise self._refuse(path, "not a directory", importing)
+        if st.st_uid not in (owner, 0):
+            raise self._refuse(path, f"owned by uid {st.st_uid}, expected {owner} or root",
+                               importing)
+        mode = stat.S_IMODE(st.st_mode)
+        admin_shared = st.st_uid == 0 and mode & stat.S_ISVTX
+        forbidden = 0o044 if admin_shared else 0o066
+        if mode & forbidden:
+            raise self._refuse(path, f"mode {mode:04o} lets others list or write it", importing)
+
+    def _open_dir(self, path: str, owner: int, importing: bool) -> int:
+        try:
+            fd = _os_call("opening the handle store", os.open, path, _DIR_FLAGS)
+        except FileNotFoundError:
+            if importing:
+                raise
+            fd = self._make_dir(path)
+        except NotADirectoryError:
+            kind = "a symbolic link" if os.path.islink(path) else "not a directory"
+            raise self._refuse(path, kind, importing) from None
+        except PermissionError as exc:
+            raise self._refuse(path, f"cannot reach it ({exc.strerror})", importing) from None
+        try:
+            self._verify_dir(fd, path, owner, importing)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _make_dir(self, path: str) -> int:
+        parent = os.path.dirname(path)
+        if parent and not os.path.isdir(parent):
+            raise HipError(hipError_t.hipErrorOperatingSystem,
+                           f"cannot create handle store {path}: {parent} does not exist "
+                           f"(is /dev/shm mounted? set ${STORE_ENV})")
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        fd = os.open(path, _DIR_FLAGS)
+        # mkdir's mode is filtered by the umask; set 0711 through the descriptor's magic link
+        # (O_PATH descriptors cannot be fchmod'ed) so no path race can redirect the chmod.
+        if os.fstat(fd).st_uid == os.geteuid():
+            os.chmod(f"/proc/self/fd/{fd}", 0o711)
+        return fd
+
+    def _dir_fd(self, uid: int, importing: bool, fresh: bool = False) -> int:
+        path = self.path_for(uid)
+        with self._lock:
+            fd = self._dirs.get(path)
+            if fd is not None and not fresh:
+                return fd
+            new = self._open_dir(path, uid, importing)
+            self._dirs[path] = new
+        if fd is not None:
+            os.close(fd)
+        return new
+
+    def own_path(self) -> str:
+        return self.path_for(os.geteuid())
+
+    # -- exporter side -------------------------------------------------------------------
+
+    def create(self, handle: IpcHandle, payload_size: int) -> int:
+        """Create the unnamed segment for ``handle`` and return its descriptor.
+
+        Reserves ``payload_size`` bytes after the header with ``posix_fallocate`` so a full
+        tmpfs fails here with ``hipErrorOutOfMemory``, never with SIGBUS on first touch.  The
+        file has mode 0600 and no name; it vanishes with its last descriptor and mapping.
+        """
+        dfd = self._dir_fd(os.geteuid(), importing=False)
+        try:
+            fd = _os_call("creating a segment", os.open, ".",
+                          os.O_TMPFILE | os.O_RDWR | _O_CLOEXEC, 0o600, dir_fd=dfd)
+        except OSError as exc:
+            raise HipError(hipError_t.hipErrorOperatingSystem,
+                           f"cannot create a segment in {self.own_path()}: {exc.strerror} "
+                           "(the store must be on a filesystem with O_TMPFILE, e.g. tmpfs)"
+                           ) from exc
+        try:
+            os.fchmod(fd, 0o600)  # O_TMPFILE's mode is filtered by the umask
+            total = PAGE_SIZE + -(-payload_size // PAGE_SIZE) * PAGE_SIZE
+            try:
+                os.posix_fallocate(fd, 0, total)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):
+                    raise HipError(
+                        hipError_t.hipErrorOutOfMemory,
+                        f"cannot reserve {payload_size} bytes in {self.own_path()}: "
+                        f"{exc.strerror} (the tmpfs behind the store is full or too small)",
+                    ) from exc
+                raise
+            pid, start = _own_pid_and_start()
+            os.pwrite(fd, _HEADER.pack(
+                _HEADER_MAGIC, _HEADER_VERSION, int(handle.kind), handle.verifier,
+                handle.size, handle.device, handle.uid, pid, 0, start, time.time(),
+            ), 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def publish(self, fd: int, handle: IpcHandle, mode: int) -> None:
+        """Give the segment behind ``fd`` its name: the explicit export step."""
+        if not self._swept:
+            self._swept = True
+            self.collect()
+        dfd = self._dir_fd(os.geteuid(), importing=False)
+        os.fchmod(fd, mode)
+        # os.link only uses linkat(AT_SYMLINK_FOLLOW) when a dir_fd is given; plain link(2)
+        # does not follow the /proc magic link and fails with EXDEV.
+        os.link(f"/proc/self/fd/{fd}", handle.segment_name, dst_dir_fd=dfd)
+
+    def revoke(self, handle: IpcHandle) -> None:
+        """Remove the segment's name: later opens fail, open mappings stay valid."""
+        dfd = self._dir_fd(os.geteuid(), importing=False)
+        try:
+            os.unlink(handle.segment_name, dir_fd=dfd)
+        except FileNotFoundError:
+            pass
+
+    # -- importer side -------------------------------------------------------------------
+
+    def open(self, handle: IpcHandle) -> int:
+        """Open the segment ``handle`` names and return its descriptor (``O_RDWR``).
+
+        Never creates.  Checks, on the opened descriptor (no TOCTOU): a regular file owned by
+        the handle's uid, header fields equal to the handle's, verifier equal in constant time.
+        Raises ``hipErrorInvalidResourceHandle`` when no such segment exists (never exported,
+        freed, exporter gone) or it may not be opened, with the reason.
+        """
+        name = handle.segment_name
+        path = self.path_for(handle.uid)
+        fd = None
+        for attempt in (0, 1):
+            try:
+                dfd = self._dir_fd(handle.uid, importing=True, fresh=attempt == 1)
+                fd = _os_call("opening a handle", os.open, name, _IMPORT_FLAGS, dir_fd=dfd)
+                break
+            except FileNotFoundError:
+                continue
+            except PermissionError:
+                raise HipError(
+                    hipError_t.hipErrorInvalidResourceHandle,
+                    f"permission denied: the segment belongs to uid {handle.uid} and is not "
+                    f"shared with uid {os.geteuid()}; the exporter can opt in with "
+                    f"{SHARE_ENV}=group or {SHARE_ENV}=all",
+                ) from None
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise self._refuse(path, "a segment is a symbolic link", True) from None
+                raise HipError(hipError_t.hipErrorInvalidResourceHandle,
+                               f"cannot open the segment: {exc.strerror}") from exc
+        if fd is None:
+            raise HipError(
+                hipError_t.hipErrorInvalidResourceHandle,
+                "no exported allocation or event matches this handle (never exported, freed "
+                f"by its exporter, exporter exited, or its store {path} is another namespace)",
+            )
+        try:
+            self._check_segment(fd, handle)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _check_segment(self, fd: int, handle: IpcHandle) -> None:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != handle.uid:
+            raise HipError(hipError_t.hipErrorInvalidResourceHandle,
+                           f"the segment is not a regular file owned by uid {handle.uid}")
+        if stat.S_IMODE(st.st_mode) & ~0o666:
+            raise HipError(hipError_t.hipErrorInvalidResourceHandle,
+                           f"the segment has unexpected mode {stat.S_IMODE(st.st_mode):04o}")
+        info = SegmentInfo.parse(os.pread(fd, _HEADER.size, 0))
+        if (
+            info is None
+            or not hmac.compare_digest(info.verifier, handle.verifier)
+            or (info.kind, info.size, info.device, info.uid)
+            != (handle.kind, handle.size, handle.device, handle.uid)
+        ):
+            raise HipError(hipError_t.hipErrorInvalidResourceHandle,
+                           "the segment does not match the handle")
+        if st.st_size < PAGE_SIZE + handle.size:
+            raise HipError(hipError_t.hipErrorInvalidResourceHandle,
+                           "the segment is shorter than the handle's size (truncated?)")
+
+    # -- maintenance ---------------------------------------------------------------------
+
+    def entries(self) -> Iterator[tuple[str, SegmentInfo | None, os.stat_result]]:
+        """The segments in this user's store: (name, header or None, stat)."""
+        path = self.own_path()
+        try:
+            dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | _O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        try:
+            self._verify_dir(dfd, path, os.geteuid(), importing=False)
+            for entry in os.scandir(dfd):
+                try:
+                    fd = os.open(entry.name, os.O_RDONLY | os.O_NOFOLLOW | _O_CLOEXEC,
+                                 dir_fd=dfd)
+                except OSError:
+                    continue
+                try:
+                    st = os.fstat(fd)
+                    info = SegmentInfo.parse(os.pread(fd, _HEADER.size, 0))
+                finally:
+                    os.close(fd)
+                yield entry.name, info, st
+        finally:
+            os.close(dfd)
+
+    def collect(self) -> list[str]:
+        """Unlink this user's segments whose exporter has exited (``hipipc gc``).
+
+        A process is identified by pid and start time, so a reused pid does not keep a dead
+        exporter's segments alive, nor does it get a live exporter's segments removed.
+        """
+        removed = []
+        try:
+            dfd = self._dir_fd(os.geteuid(), importing=False)
+        except HipError:
+            return removed
+        uid = os.geteuid()
+        for name, info, st in list(self.entries()):
+            if info is None or st.st_uid != uid or info.exporter_alive():
+                continue
+            try:
+                os.unlink(name, dir_fd=dfd)
+                removed.append(name)
+            except OSError:
+                pass
+        return removed
+
+    def close(self) -> None:
+        """Drop the cached directory descriptors."""
+        with self._lock:
+            fds, self._dirs = list(self._dirs.values()), {}
+        for fd in fds:
+            os.close(fd)
