@@ -67,33 +67,39 @@ class IpcHandle:
     """
 
     __slots__ = ("_data", "kind", "size", "device", "uid", "_name", "_verifier")
-    _KINDS: frozenset[HandleKind] = frozenset()
+    _KINDS: dict[int, HandleKind] = {}  # value -> kind; a dict lookup is cheaper than Enum()
 
     def __init__(self, data: Any) -> None:
         if isinstance(data, IpcHandle):
             data = data._data
-        try:
-            raw = bytes(memoryview(data).cast("B"))
-        except (TypeError, ValueError) as exc:
-            raise _invalid(
-                f"{type(self).__name__} needs a 64-byte bytes-like object, "
-                f"not {type(data).__name__}"
-            ) from exc
+        if type(data) is bytes:
+            raw = data
+        else:
+            try:
+                raw = bytes(memoryview(data).cast("B"))
+            except (TypeError, ValueError) as exc:
+                raise _invalid(
+                    f"{type(self).__name__} needs a 64-byte bytes-like object, "
+                    f"not {type(data).__name__}"
+                ) from exc
         if len(raw) != HANDLE_SIZE:
             raise _invalid(f"an IPC handle is {HANDLE_SIZE} bytes, got {len(raw)}")
-        magic, version, kind, reserved, _secret, size, device, uid, tail = _LAYOUT.unpack(raw)
+        magic, version, kind_value, reserved, _secret, size, device, uid, tail = (
+            _LAYOUT.unpack(raw)
+        )
         if magic != _MAGIC:
             raise _invalid("not a hipipc handle (bad magic)")
         if version != _VERSION:
             raise _invalid(f"unsupported handle version {version} (this hipipc reads {_VERSION})")
-        if kind not in self._KINDS:
-            raise _invalid(f"not a {type(self).__name__} (kind {kind})")
+        kind = self._KINDS.get(kind_value)
+        if kind is None:
+            raise _invalid(f"not a {type(self).__name__} (kind {kind_value})")
         if reserved != 0 or tail != _ZERO_TAIL:
             raise _invalid("reserved bytes of the handle are not zero")
         if size == 0:
             raise _invalid("handle names an empty allocation")
         self._data = raw
-        self.kind = HandleKind(kind)
+        self.kind = kind
         self.size = size
         self.device = device
         self.uid = uid
@@ -114,23 +120,26 @@ class IpcHandle:
         """``obj`` if it already is one, else parse it as 64 raw bytes."""
         return obj if type(obj) is cls else cls(obj)
 
+    def _derive(self) -> None:
+        # One keyed hash gives both: its first 20 bytes name the segment, the other 32 verify
+        # it.  Neither reveals the other nor the handle.
+        digest = hashlib.blake2b(self._data, digest_size=52, person=b"hipipc.segment").digest()
+        self._name = digest[:20].hex()
+        self._verifier = digest[20:]
+
     @property
     def segment_name(self) -> str:
         """The store file name: a one-way digest of the whole handle."""
         if self._name is None:
-            self._name = hashlib.blake2b(
-                self._data, digest_size=20, person=b"hipipc.name"
-            ).hexdigest()
-        return self._name
+            self._derive()
+        return self._name  # type: ignore[return-value]
 
     @property
     def verifier(self) -> bytes:
         """The digest written in the segment header; compared in constant time on import."""
         if self._verifier is None:
-            self._verifier = hashlib.blake2b(
-                self._data, digest_size=32, person=b"hipipc.verify"
-            ).digest()
-        return self._verifier
+            self._derive()
+        return self._verifier  # type: ignore[return-value]
 
     @property
     def fingerprint(self) -> str:
@@ -165,11 +174,11 @@ class IpcMemHandle(IpcHandle):
     """A 64-byte handle to an exported allocation (``hipIpcMemHandle_t``)."""
 
     __slots__ = ()
-    _KINDS = frozenset({HandleKind.HOST_MEMORY, HandleKind.GPU_MEMORY})
+    _KINDS = {k.value: k for k in (HandleKind.HOST_MEMORY, HandleKind.GPU_MEMORY)}
 
 
 class IpcEventHandle(IpcHandle):
     """A 64-byte handle to an interprocess event (``hipIpcEventHandle_t``)."""
 
     __slots__ = ()
-    _KINDS = frozenset({HandleKind.HOST_EVENT, HandleKind.GPU_EVENT})
+    _KINDS = {k.value: k for k in (HandleKind.HOST_EVENT, HandleKind.GPU_EVENT)}

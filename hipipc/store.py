@@ -43,10 +43,18 @@ SHARE_ENV = "HIPIPC_SHARE"
 
 _SHARE_MODES = {"user": 0o600, "group": 0o660, "all": 0o666}
 
-# magic, version, kind, verifier, size, device, uid, pid, reserved, start_time, created
-_HEADER = struct.Struct("<8sII32sQIIIIQd")
+# The header is the segment's identity (everything the handle determines: magic, version,
+# kind, verifier, size, device, uid), then its exporter (pid, reserved, start time, created).
+_IDENTITY = struct.Struct("<8sII32sQII")
+_EXPORTER = struct.Struct("<IIQd")
+_HEADER_SIZE = _IDENTITY.size + _EXPORTER.size
 _HEADER_MAGIC = b"hipipcSG"
 _HEADER_VERSION = 1
+
+
+def _identity(handle: IpcHandle) -> bytes:
+    return _IDENTITY.pack(_HEADER_MAGIC, _HEADER_VERSION, int(handle.kind), handle.verifier,
+                          handle.size, handle.device, handle.uid)
 
 _O_CLOEXEC = os.O_CLOEXEC
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | _O_CLOEXEC
@@ -85,11 +93,10 @@ class SegmentInfo:
 
     @classmethod
     def parse(cls, raw: bytes) -> SegmentInfo | None:
-        if len(raw) < _HEADER.size:
+        if len(raw) < _HEADER_SIZE:
             return None
-        magic, version, kind, verifier, size, device, uid, pid, _r, start, created = (
-            _HEADER.unpack_from(raw)
-        )
+        magic, version, kind, verifier, size, device, uid = _IDENTITY.unpack_from(raw)
+        pid, _reserved, start, created = _EXPORTER.unpack_from(raw, _IDENTITY.size)
         if magic != _HEADER_MAGIC or version != _HEADER_VERSION:
             return None
         try:
@@ -297,10 +304,7 @@ class HandleStore:
                     ) from exc
                 raise
             pid, start = _own_pid_and_start()
-            os.pwrite(fd, _HEADER.pack(
-                _HEADER_MAGIC, _HEADER_VERSION, int(handle.kind), handle.verifier,
-                handle.size, handle.device, handle.uid, pid, 0, start, time.time(),
-            ), 0)
+            os.pwrite(fd, _identity(handle) + _EXPORTER.pack(pid, 0, start, time.time()), 0)
         except BaseException:
             os.close(fd)
             raise
@@ -331,65 +335,63 @@ class HandleStore:
         """Open the segment ``handle`` names and return its descriptor (``O_RDWR``).
 
         Never creates.  Checks, on the opened descriptor (no TOCTOU): a regular file owned by
-        the handle's uid, header fields equal to the handle's, verifier equal in constant time.
-        Raises ``hipErrorInvalidResourceHandle`` when no such segment exists (never exported,
-        freed, exporter gone) or it may not be opened, with the reason.
+        the handle's uid with no mode bits beyond 0666, long enough, and a header whose
+        identity equals the handle's, compared in constant time.  Raises
+        ``hipErrorInvalidResourceHandle`` when no such segment exists (never exported, freed,
+        exporter gone) or it may not be opened, with the reason.
         """
         name = handle.segment_name
-        path = self.path_for(handle.uid)
-        fd = None
-        for attempt in (0, 1):
+        fd = -1
+        for fresh in (False, True):
+            dfd = self._dirs.get(self.path_for(handle.uid)) if not fresh else None
             try:
-                dfd = self._dir_fd(handle.uid, importing=True, fresh=attempt == 1)
-                fd = _os_call("opening a handle", os.open, name, _IMPORT_FLAGS, dir_fd=dfd)
+                if dfd is None:
+                    dfd = self._dir_fd(handle.uid, importing=True, fresh=fresh)
+                fd = os.open(name, _IMPORT_FLAGS, dir_fd=dfd)
                 break
             except FileNotFoundError:
                 continue
-            except PermissionError:
-                raise HipError(
-                    hipError_t.hipErrorInvalidResourceHandle,
-                    f"permission denied: the segment belongs to uid {handle.uid} and is not "
-                    f"shared with uid {os.geteuid()}; the exporter can opt in with "
-                    f"{SHARE_ENV}=group or {SHARE_ENV}=all",
-                ) from None
             except OSError as exc:
-                if exc.errno == errno.ELOOP:
-                    raise self._refuse(path, "a segment is a symbolic link", True) from None
-                raise HipError(hipError_t.hipErrorInvalidResourceHandle,
-                               f"cannot open the segment: {exc.strerror}") from exc
-        if fd is None:
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    fd = _os_call("opening a handle", os.open, name, _IMPORT_FLAGS, dir_fd=dfd)
+                    break
+                raise self._open_error(handle, exc) from None
+        if fd < 0:
             raise HipError(
                 hipError_t.hipErrorInvalidResourceHandle,
                 "no exported allocation or event matches this handle (never exported, freed "
-                f"by its exporter, exporter exited, or its store {path} is another namespace)",
+                f"by its exporter, exporter exited, or its store {self.path_for(handle.uid)} is "
+                "another namespace)",
             )
         try:
-            self._check_segment(fd, handle)
+            st = os.fstat(fd)
+            # A regular file (S_IFREG) with no permission bits beyond rw for all.
+            if st.st_mode & ~0o666 != stat.S_IFREG or st.st_uid != handle.uid:
+                raise HipError(hipError_t.hipErrorInvalidResourceHandle,
+                               f"the segment is not a regular file of uid {handle.uid} with "
+                               f"an expected mode (uid {st.st_uid}, mode {st.st_mode:o})")
+            if st.st_size < PAGE_SIZE + handle.size or not hmac.compare_digest(
+                os.pread(fd, _IDENTITY.size, 0), _identity(handle)
+            ):
+                raise HipError(hipError_t.hipErrorInvalidResourceHandle,
+                               "the segment does not match the handle")
         except BaseException:
             os.close(fd)
             raise
         return fd
 
-    def _check_segment(self, fd: int, handle: IpcHandle) -> None:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != handle.uid:
-            raise HipError(hipError_t.hipErrorInvalidResourceHandle,
-                           f"the segment is not a regular file owned by uid {handle.uid}")
-        if stat.S_IMODE(st.st_mode) & ~0o666:
-            raise HipError(hipError_t.hipErrorInvalidResourceHandle,
-                           f"the segment has unexpected mode {stat.S_IMODE(st.st_mode):04o}")
-        info = SegmentInfo.parse(os.pread(fd, _HEADER.size, 0))
-        if (
-            info is None
-            or not hmac.compare_digest(info.verifier, handle.verifier)
-            or (info.kind, info.size, info.device, info.uid)
-            != (handle.kind, handle.size, handle.device, handle.uid)
-        ):
-            raise HipError(hipError_t.hipErrorInvalidResourceHandle,
-                           "the segment does not match the handle")
-        if st.st_size < PAGE_SIZE + handle.size:
-            raise HipError(hipError_t.hipErrorInvalidResourceHandle,
-                           "the segment is shorter than the handle's size (truncated?)")
+    def _open_error(self, handle: IpcHandle, exc: OSError) -> HipError:
+        if exc.errno == errno.EACCES:
+            return HipError(
+                hipError_t.hipErrorInvalidResourceHandle,
+                f"permission denied: the segment belongs to uid {handle.uid} and is not "
+                f"shared with uid {os.geteuid()}; the exporter can opt in with "
+                f"{SHARE_ENV}=group or {SHARE_ENV}=all",
+            )
+        if exc.errno == errno.ELOOP:
+            return self._refuse(self.path_for(handle.uid), "a segment is a symbolic link", True)
+        return HipError(hipError_t.hipErrorInvalidResourceHandle,
+                        f"cannot open the segment: {exc.strerror}")
 
     # -- maintenance ---------------------------------------------------------------------
 
@@ -410,7 +412,7 @@ class HandleStore:
                     continue
                 try:
                     st = os.fstat(fd)
-                    info = SegmentInfo.parse(os.pread(fd, _HEADER.size, 0))
+                    info = SegmentInfo.parse(os.pread(fd, _HEADER_SIZE, 0))
                 finally:
                     os.close(fd)
                 yield entry.name, info, st
