@@ -171,7 +171,11 @@ def hipMemset(ptr: int, value: int, nbytes: int) -> None:
     nbytes = _count(nbytes, "hipMemset size")
     if not _is_pointer(ptr):
         raise _invalid(f"hipMemset needs an int pointer, not {type(ptr).__name__}")
-    value = operator.index(value) & 0xFF
+    try:
+        value = operator.index(value) & 0xFF
+    except TypeError:
+        raise _invalid(f"hipMemset value must be an integer, not {type(value).__name__}"
+                       ) from None
     reg = get_registry()
     if nbytes:
         reg.check_range(int(ptr), nbytes)

@@ -425,7 +425,9 @@ class HandleStore:
         A process is identified by pid and start time, so a reused pid does not keep a dead
         exporter's segments alive, nor does it get a live exporter's segments removed.
         """
-        removed = []
+        removed: list[str] = []
+        if not os.path.isdir(self.own_path()):
+            return removed  # nothing exported yet; do not create a store just to sweep it
         try:
             dfd = self._dir_fd(os.geteuid(), importing=False)
         except HipError:
