@@ -315,13 +315,15 @@ def run(quick: bool = False, progress: Callable[[str], None] | None = None) -> d
 
 
 def format_table(result: dict) -> str:
-    lines = [f"{'case':44} {'median':>12} {'baseline':>34} {'ratio':>8}  target      met"]
+    head = f"{'case':42} {'median':>11}  {'baseline (median)':46} {'ratio':>8}  {'target':16} met"
+    lines = [head, "-" * len(head)]
     for r in result["rows"]:
-        base = f"{r['baseline']} {r['baseline_us']:.1f} us" if r["baseline"] else ""
-        ratio = f"{r['ratio']:.3g}x" if r["ratio"] is not None else ""
+        base = f"{r['baseline']} ({r['baseline_us']:.1f} us)" if r["baseline"] else ""
+        ratio = "" if r["ratio"] is None else (
+            f"{r['ratio']:.0f}x" if r["ratio"] >= 100 else f"{r['ratio']:.2f}x")
         met = {True: "yes", False: "NO", None: ""}[r["met"]]
-        lines.append(f"{r['case'][:44]:44} {r['median_us']:>9.1f} us {base[-34:]:>34} "
-                     f"{ratio:>8}  {r['target'] or '':10}  {met}")
+        lines.append(f"{r['case']:42} {r['median_us']:>8.1f} us  {base:46} {ratio:>8}  "
+                     f"{r['target'] or '':16} {met}")
     return "\n".join(lines)
 
 
