@@ -59,7 +59,8 @@ class DeviceBuffer:
     Pickling sends the 64-byte handle (exporting an owner on first use) and nothing else; see
     the module docstring for the lifetime rule and the same-process case.  In a forked child
     an inherited buffer is inert: ``close`` there only marks it closed (the child's runtime
-    does not own the parent's memory).
+    does not own the parent's memory) and views raise ``hipErrorInvalidContext``; send the
+    buffer to the child instead, which then opens its own import.
     """
 
     __slots__ = ("_ptr", "_size", "_device", "_handle", "_role", "_target", "_pid", "_lock",
@@ -143,6 +144,15 @@ class DeviceBuffer:
             raise _closed_error("ptr")
         return self._ptr
 
+    def _check_process(self, what: str) -> int:
+        ptr = self.ptr
+        if self._pid != os.getpid():
+            raise HipError(hipError_t.hipErrorInvalidContext,
+                           f"{what}: this DeviceBuffer was inherited over fork and belongs to "
+                           f"process {self._pid}; send it to the child (pickle, Queue, Pool) "
+                           "so that the child opens its own import")
+        return ptr
+
     @property
     def size(self) -> int:
         """Size in bytes (kept after close)."""
@@ -176,12 +186,12 @@ class DeviceBuffer:
         process is fine while the exporter keeps the memory); ``share`` is then refused with
         ``hipErrorInvalidValue``: only the exporter decides who may open its memory.
         """
-        if self._handle is not None and self._role != _OWNER:
+        if self._handle is not None and (self._role != _OWNER or self._pid != os.getpid()):
             if share is not None:
                 raise HipError(hipError_t.hipErrorInvalidValue,
                                "only the exporting process can set the sharing policy")
             return self._handle
-        ptr = self.ptr
+        ptr = self._check_process("export")
         handle = runtime.hipIpcGetMemHandle(ptr, share=share)
         if self._handle is None:
             self._handle = handle
@@ -198,10 +208,11 @@ class DeviceBuffer:
         ``shape`` defaults to as many ``dtype`` items as fit.  The view keeps the memory mapped
         even after :meth:`close`.  Raises ``hipErrorInvalidValue`` if the shape does not fit.
         """
+        ptr = self._check_process("asarray")
         dt = np.dtype(dtype)
         if shape is None:
             shape = self._size // dt.itemsize
-        return runtime.asarray(self.ptr, shape, dt)
+        return runtime.asarray(ptr, shape, dt)
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
         if copy:
