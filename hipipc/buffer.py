@@ -215,10 +215,14 @@ class DeviceBuffer:
         return runtime.asarray(ptr, shape, dt)
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
-        if copy:
-            return np.array(self.asarray(), dtype=dtype)
+        """``np.asarray(buf)``: the bytes as a zero-copy ``uint8`` array (numpy's copy rules)."""
         arr = self.asarray()
-        return arr if dtype is None else arr.view(dtype)
+        if dtype is not None and np.dtype(dtype) != arr.dtype:
+            if copy is False:
+                raise ValueError("converting a DeviceBuffer to another dtype needs a copy; "
+                                 "use buf.asarray(dtype) for a zero-copy typed view")
+            return arr.astype(dtype)
+        return arr.copy() if copy else arr
 
     def __dlpack__(self, **kwargs: Any) -> Any:
         """DLPack capsule of a byte view (host memory: kDLCPU); keeps the mapping alive."""

@@ -112,7 +112,8 @@ def _cmd_gc(args: argparse.Namespace) -> int:
     from .store import HandleStore
 
     store = HandleStore()
-    removed = store.collect()
+    # Nothing to collect without a store; collect() would create an empty one.
+    removed = store.collect() if os.path.isdir(store.own_path()) else []
     for name in removed:
         print(f"removed {name[:12]}")
     print(f"removed {len(removed)} segment(s) of exited exporters from {store.own_path()}")

@@ -76,6 +76,9 @@ def test_asarray_shapes_and_numpy_protocols():
         copied = np.array(buf, copy=True)
         copied[:] = 0
         assert m[0, 0] == 1.5  # the copy is a copy
+        assert np.asarray(buf, dtype=np.float32)[0] == float(np.asarray(buf)[0])  # a cast
+        with pytest.raises(ValueError):
+            np.asarray(buf, dtype=np.float32, copy=False)
 
 
 def test_dlpack_is_zero_copy_host_memory():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import multiprocessing as mp
 import os
+import random
 import socket
 import threading
 import time
@@ -176,6 +177,41 @@ def test_barrier_is_reusable_over_many_rounds():
             t.join(30)
         assert not any(t.is_alive() for t in threads)
     assert seen == [list(range(rounds))] * parties
+
+
+def test_barrier_stays_consistent_when_parties_keep_timing_out():
+    parties, attempts = 3, 40
+    passes = [0] * parties
+    with hip.Mailbox.create(parties=parties) as box:
+
+        def party(i):
+            rng = random.Random(i)
+            for _ in range(attempts):
+                time.sleep(rng.choice([0, 0, 0.001, 0.004]))
+                try:
+                    box.wait(timeout=rng.choice([0.0005, 0.002, 0.01]))
+                    passes[i] += 1
+                except TimeoutError:
+                    pass
+
+        threads = [threading.Thread(target=party, args=(i,)) for i in range(parties)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        # Every round that opened let each party through exactly once.
+        assert len(set(passes)) == 1, passes
+        # No stale arrival and no stray pass is left: a clean round needs all three again.
+        with pytest.raises(TimeoutError):
+            box.wait(timeout=0.05)
+        results: list = []
+        clean = [threading.Thread(target=lambda: results.append(box.wait(timeout=10)))
+                 for _ in range(parties)]
+        for t in clean:
+            t.start()
+        for t in clean:
+            t.join(15)
+        assert len(results) == parties and len(set(results)) == 1
 
 
 def _mailbox_peer(name: str, rank: int, parties: int) -> None:
