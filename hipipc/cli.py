@@ -1,68 +1,210 @@
-"""The ``hipipc`` command: ``hipipc info | ls | gc``."""
+"""The ``hipipc`` command: ``hipipc info | ls | gc | bench``.
+
+Exit codes: 0 success; 1 a failure (one line on stderr: what went wrong and what to do);
+2 a usage error (argparse); 3 ``bench --check`` found a target not met; 130 interrupted.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import __version__
 from .errors import HipError
-from .registry import get_registry
-from .store import HandleStore, share_mode
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_MISSED = 0, 1, 2, 3
 
 
-def _cmd_info(args: argparse.Namespace) -> int:
-    reg = get_registry()
-    store = reg.backend.store
-    mode = share_mode()
-    live = sum(1 for _ in store.entries())
-    print(f"hipipc {__version__}")
-    print(f"backend:  {reg.backend.name}")
-    print(f"devices:  {reg.backend.device_count()}")
-    print(f"store:    {store.own_path()}  (template {store.template})")
-    print(f"sharing:  {os.environ.get('HIPIPC_SHARE', 'user')} (segments mode {mode:04o})")
-    print(f"exports:  {live} live name(s) in this user's store")
-    return 0
+def _human_age(seconds: float) -> str:
+    s = max(0, int(seconds))
+    if s < 120:
+        return f"{s}s"
+    if s < 7200:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 172800:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d"
 
 
-def _cmd_ls(args: argparse.Namespace) -> int:
+def _segments() -> tuple[str, list[dict]]:
+    from .store import HandleStore
+
     store = HandleStore()
     now = time.time()
     rows = []
-    for name, info, _st in store.entries():
+    for name, info, st in store.entries():
         if info is None:
-            rows.append((name[:12], "?", "?", "foreign file", "?"))
+            rows.append({"name": name, "kind": None, "size": st.st_size, "pid": None,
+                         "alive": None, "age_s": now - st.st_mtime, "foreign": True})
             continue
-        state = "alive" if info.exporter_alive() else "dead"
-        rows.append((name[:12], info.kind.name.lower(), str(info.size), f"{info.pid} ({state})",
-                     f"{now - info.created:.0f}s"))
-    print(f"{'name':12}  {'kind':12}  {'bytes':>12}  {'exporter pid':18}  age")
-    for r in rows:
-        print(f"{r[0]:12}  {r[1]:12}  {r[2]:>12}  {r[3]:18}  {r[4]}")
-    print(f"{len(rows)} segment(s) in {store.own_path()}")
-    return 0
+        rows.append({"name": name, "kind": info.kind.name.lower(), "size": info.size,
+                     "pid": info.pid, "alive": info.exporter_alive(),
+                     "age_s": round(now - info.created, 3), "foreign": False})
+    return store.own_path(), rows
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .registry import get_registry
+    from .store import SHARE_ENV, share_mode
+
+    reg = get_registry()
+    store = reg.backend.store
+    path, rows = _segments()
+    share = os.environ.get(SHARE_ENV, "user")
+    mode = share_mode()
+    alive = sum(1 for r in rows if r["alive"])
+    info = {
+        "version": __version__,
+        "backend": reg.backend.name,
+        "devices": reg.backend.device_count(),
+        "store": path,
+        "store_template": store.template,
+        "store_exists": os.path.isdir(path),
+        "sharing": share,
+        "segment_mode": f"{mode:04o}",
+        "exports_alive": alive,
+        "exports_dead": len(rows) - alive,
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return EXIT_OK
+    print(f"hipipc   {__version__}")
+    print(f"backend  {info['backend']}")
+    print(f"devices  {info['devices']}")
+    print(f"store    {path}{'' if info['store_exists'] else ' (not created yet)'}"
+          f"  (template {store.template})")
+    print(f"sharing  {share} (exported segments get mode {mode:04o})")
+    dead = f", {info['exports_dead']} of exited exporters (run 'hipipc gc')" \
+        if info["exports_dead"] else ""
+    print(f"exports  {alive} live{dead}")
+    return EXIT_OK
+
+
+def _cmd_ls(args: argparse.Namespace) -> int:
+    from .bench import human_size
+
+    path, rows = _segments()
+    if args.json:
+        print(json.dumps({"store": path, "segments": rows}, indent=2))
+        return EXIT_OK
+    if rows:
+        print(f"{'name':12}  {'kind':12}  {'size':>10}  {'exporter pid':>12}  {'state':6}  age")
+    for r in sorted(rows, key=lambda r: -r["age_s"]):
+        if r["foreign"]:
+            print(f"{r['name'][:12]:12}  {'(not hipipc)':12}  {human_size(r['size']):>10}  "
+                  f"{'-':>12}  {'-':6}  {_human_age(r['age_s'])}")
+            continue
+        state = "alive" if r["alive"] else "dead"
+        print(f"{r['name'][:12]:12}  {r['kind']:12}  {human_size(r['size']):>10}  "
+              f"{r['pid']:>12}  {state:6}  {_human_age(r['age_s'])}")
+    dead = sum(1 for r in rows if r["alive"] is False)
+    hint = f"; {dead} dead (run 'hipipc gc')" if dead else ""
+    print(f"{len(rows)} segment(s) in {path}{hint}")
+    return EXIT_OK
 
 
 def _cmd_gc(args: argparse.Namespace) -> int:
+    from .store import HandleStore
+
     store = HandleStore()
-    removed = store.collect()
+    # Nothing to collect without a store; collect() would create an empty one.
+    removed = store.collect() if os.path.isdir(store.own_path()) else []
+    for name in removed:
+        print(f"removed {name[:12]}")
     print(f"removed {len(removed)} segment(s) of exited exporters from {store.own_path()}")
-    return 0
+    return EXIT_OK
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    directory = Path(args.dir) if args.dir else bench.default_dir()
+    try:
+        paths = bench.discover(directory, args.only or ())
+    except bench.BenchError as exc:
+        print(f"hipipc bench: error: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    if args.list:
+        for p in paths:
+            print(p.stem.removeprefix("bench_"))
+        return EXIT_OK
+    out = Path(args.out)
+    report = bench.run_all(paths, quick=args.quick)
+    print(bench.format_table(report))
+    report_path = bench.write_report(report, out)
+    print(f"report: {report_path}")
+    if not args.no_plots:
+        plots = bench.write_plots(report, out)
+        if plots is None:
+            print(f"note: no PNG written; {bench.PLOT_HINT}")
+        else:
+            for p in plots:
+                print(f"plot:   {p}")
+    failed = [b["module"] for b in report["benchmarks"] if b.get("error")]
+    if failed:
+        print(f"hipipc bench: error: {len(failed)} benchmark(s) failed: {', '.join(failed)}",
+              file=sys.stderr)
+        return EXIT_FAIL
+    missed = [row["case"] for b in report["benchmarks"] for row in b["rows"]
+              if row.get("met") is False]
+    if args.check and missed:
+        print(f"hipipc bench: {len(missed)} target(s) not met: {', '.join(missed)}",
+              file=sys.stderr)
+        return EXIT_MISSED
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hipipc", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="hipipc", description="HIP-style IPC memory handles: inspect the handle store "
+        "and run the benchmarks.", epilog=__doc__.split("\n", 2)[2].strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"hipipc {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="version, backend, devices, store and sharing policy"
-                   ).set_defaults(func=_cmd_info)
-    sub.add_parser("ls", help="list this user's exported segments"
-                   ).set_defaults(func=_cmd_ls)
-    sub.add_parser("gc", help="remove segments whose exporting process has exited"
-                   ).set_defaults(func=_cmd_gc)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("info", help="version, backend, devices, store, sharing policy, exports",
+                       description="Show the hipipc version, the active backend "
+                       "($HIPIPC_BACKEND) and its devices, this user's store directory "
+                       "($HIPIPC_STORE), the sharing policy ($HIPIPC_SHARE) and how many "
+                       "exports are live.")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("ls", help="list this user's exported segments",
+                       description="List the segments in this user's store: kind, size, "
+                       "exporting pid, whether that process still runs, and age.  Names are "
+                       "shown shortened; they are digests, never handle bytes.")
+    p.add_argument("--json", action="store_true", help="print JSON (full names) instead")
+    p.set_defaults(func=_cmd_ls)
+
+    p = sub.add_parser("gc", help="remove segments whose exporting process has exited",
+                       description="Remove this user's segments whose exporter has exited "
+                       "(checked by pid and process start time, so a reused pid is not "
+                       "mistaken for the exporter).  Live exports are never touched.")
+    p.set_defaults(func=_cmd_gc)
+
+    p = sub.add_parser("bench", help="run the benchmarks, write report.json and plots",
+                       description="Run every benchmarks/bench_*.py (each defines "
+                       "run(quick, progress) -> dict), print a table, and write report.json "
+                       "and one PNG per series (needs matplotlib: pip install hipipc[plot]) "
+                       "to --out.")
+    p.add_argument("--dir", metavar="DIR", help="benchmarks directory (default: benchmarks/ "
+                   "of the source checkout, else ./benchmarks)")
+    p.add_argument("--out", metavar="DIR", default="bench-report",
+                   help="report directory (default: ./bench-report)")
+    p.add_argument("--quick", action="store_true", help="fewer sizes and repetitions")
+    p.add_argument("--only", metavar="NAME", action="append",
+                   help="run only this benchmark (e.g. ipc for bench_ipc.py); repeatable")
+    p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    p.add_argument("--no-plots", action="store_true", help="write report.json only")
+    p.add_argument("--check", action="store_true",
+                   help=f"exit {EXIT_MISSED} if any target is not met")
+    p.set_defaults(func=_cmd_bench)
     return parser
 
 
@@ -71,8 +213,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except HipError as exc:
-        print(f"hipipc {args.command}: {exc}", file=sys.stderr)
-        return 1
+        print(f"hipipc {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    except OSError as exc:
+        print(f"hipipc {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    except KeyboardInterrupt:
+        print(f"hipipc {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
