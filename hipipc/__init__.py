@@ -5,14 +5,16 @@ sends its bytes anywhere; another opens it (``hipIpcOpenMemHandle``) and works o
 memory, with no copy.  See ``hipipc.runtime`` for the calling convention.
 """
 
-from . import buffer, errors, handle, runtime, transport
+from . import buffer, errors, events, handle, runtime, streams, transport
 from .buffer import *  # noqa: F403
 from .errors import *  # noqa: F403
+from .events import *  # noqa: F403
 from .handle import *  # noqa: F403
 from .runtime import *  # noqa: F403
+from .streams import *  # noqa: F403
 from .transport import *  # noqa: F403
 
 __version__ = "0.1.0"
 
-__all__ = [*errors.__all__, *handle.__all__, *runtime.__all__, *buffer.__all__,
-           *transport.__all__]
+__all__ = [*errors.__all__, *handle.__all__, *events.__all__, *streams.__all__,
+           *runtime.__all__, *buffer.__all__, *transport.__all__]

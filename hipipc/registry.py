@@ -14,11 +14,14 @@ from __future__ import annotations
 import bisect
 import os
 import threading
+import weakref
 
 from .backends import Allocation, Backend, ImportedMemory, Region, create_backend
 from .errors import HipError, hipError_t
-from .handle import IpcMemHandle
+from .events import Event
+from .handle import IpcEventHandle, IpcMemHandle
 from .store import HandleStore, share_mode
+from .streams import Stream
 
 __all__ = ["Registry", "get_registry"]
 
@@ -38,6 +41,12 @@ class Registry:
         self._own: dict[str, Allocation] = {}  # by segment name, exported or not
         self._imports: dict[str, ImportedMemory] = {}
         self._device = threading.local()
+        # Streams stay listed after destroy until drained and their failures reported.
+        self._streams: set[Stream] = set()
+        # Interprocess events this process created, by segment name (an undestroyed event
+        # that is dropped destroys itself, so these are weak).
+        self._own_events: weakref.WeakValueDictionary[str, Event] = \
+            weakref.WeakValueDictionary()
 
     # -- devices -------------------------------------------------------------------------
 
@@ -148,6 +157,43 @@ class Registry:
             del self._imports[region.handle.segment_name]
         self.backend.close(region)
 
+    # -- streams and events --------------------------------------------------------------
+
+    def create_stream(self) -> Stream:
+        stream = self.backend.create_stream(self.device)
+        with self._lock:
+            self._streams = {s for s in self._streams if not s.finished}
+            self._streams.add(stream)
+        return stream
+
+    def synchronize(self, timeout: float | None = None) -> None:
+        """``hipDeviceSynchronize``: drain every stream of this process, report one failure."""
+        with self._lock:
+            streams = list(self._streams)
+        failure: HipError | None = None
+        for stream in streams:
+            try:
+                stream.drain(timeout)
+            except HipError as exc:
+                failure = failure or exc
+        with self._lock:
+            self._streams = {s for s in self._streams if not s.finished}
+        if failure is not None:
+            raise failure
+
+    def create_event(self, flags: int) -> Event:
+        event = self.backend.create_event(flags, self.device)
+        if event.handle is not None:
+            self._own_events[event.handle.segment_name] = event
+        return event
+
+    def open_event(self, handle: IpcEventHandle) -> Event:
+        if handle.segment_name in self._own_events:
+            raise HipError(hipError_t.hipErrorInvalidContext,
+                           "this process created the event; use the event itself (CUDA and "
+                           "HIP refuse to open a handle in its exporting process)")
+        return self.backend.open_event(handle)
+
     # -- process lifetime ----------------------------------------------------------------
 
     def live_counts(self) -> tuple[int, int]:
@@ -159,6 +205,12 @@ class Registry:
         """In a forked child: drop the parent's descriptors, keep its memory untouched."""
         for region in list(self._regions.values()):
             self.backend.forget(region)
+        for stream in self._streams:
+            stream.forget()
+        for event in list(self._own_events.values()):
+            event.forget()
+        self._streams.clear()
+        self._own_events.clear()
         self._regions.clear()
         self._bases.clear()
         self._own.clear()

@@ -5,23 +5,31 @@ out-parameters; failures raise :class:`~hipipc.errors.HipError` (its ``.code`` i
 ``hipError_t`` HIP would have returned) instead of being returned.  The exceptions are
 ``hipEventQuery`` and ``hipStreamQuery``, which return ``hipSuccess`` or ``hipErrorNotReady``.
 
-Each function validates its arguments, then makes one call into the per-process registry or
-the backend.  A device pointer is an ``int`` (interior pointers allowed, bounds checked); a
-host buffer is any object with the buffer protocol (numpy array, bytearray, memoryview, bytes
-for sources).
+Each function validates its arguments, then makes one call into the per-process registry, the
+backend, or the stream or event object the backend made.  ``stream=None`` (or ``0``) is the
+null stream, which is synchronous.  The waiting calls (``hipStreamSynchronize``,
+``hipEventSynchronize``, ``hipDeviceSynchronize``) take an optional keyword ``timeout`` in
+seconds, an extension: ``hipErrorNotReady`` when it passes.
+
+A device pointer is an ``int`` (interior pointers allowed, bounds checked); a host buffer is
+any object with the buffer protocol (numpy array, bytearray, memoryview, bytes for sources).
 """
 
 from __future__ import annotations
 
 import enum
 import operator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from .errors import HipError, hipError_t
-from .handle import IpcMemHandle
+from .events import Event, check_event_flags, hipEventDefault
+from .handle import IpcEventHandle, IpcMemHandle
 from .registry import get_registry
+from .store import share_mode
+from .streams import Stream
 
 __all__ = [
     "hipMemcpyKind",
@@ -40,10 +48,27 @@ __all__ = [
     "hipMemset",
     "hipMemGetAddressRange",
     "hipMemcpy",
+    "hipMemcpyAsync",
+    "hipMemsetAsync",
     "hipIpcGetMemHandle",
     "hipIpcOpenMemHandle",
     "hipIpcCloseMemHandle",
     "asarray",
+    "hipStreamCreate",
+    "hipStreamDestroy",
+    "hipStreamSynchronize",
+    "hipStreamQuery",
+    "hipStreamWaitEvent",
+    "hipLaunchHostFunc",
+    "hipEventCreate",
+    "hipEventCreateWithFlags",
+    "hipEventRecord",
+    "hipEventQuery",
+    "hipEventSynchronize",
+    "hipEventElapsedTime",
+    "hipEventDestroy",
+    "hipIpcGetEventHandle",
+    "hipIpcOpenEventHandle",
 ]
 
 
@@ -129,10 +154,14 @@ def hipGetDevice() -> int:
     return get_registry().device
 
 
-def hipDeviceSynchronize() -> None:
-    """Wait for all work queued on the current device."""
-    reg = get_registry()
-    reg.backend.synchronize(reg.device)
+def hipDeviceSynchronize(*, timeout: float | None = None) -> None:
+    """Wait for all work this process enqueued on its streams (destroyed ones included).
+
+    Raises ``hipErrorLaunchFailure`` (original exception chained) for a failure in that work
+    not yet reported by a ``hipStreamSynchronize``, and ``hipErrorNotReady`` after
+    ``timeout`` seconds.
+    """
+    get_registry().synchronize(_timeout(timeout))
 
 
 # -- memory ----------------------------------------------------------------------------
@@ -166,20 +195,37 @@ def hipFree(ptr: int) -> None:
     get_registry().free(int(ptr))
 
 
-def hipMemset(ptr: int, value: int, nbytes: int) -> None:
-    """Set ``nbytes`` bytes at ``ptr`` to ``value & 0xff`` (bounds checked)."""
-    nbytes = _count(nbytes, "hipMemset size")
+def _memset_args(ptr: Any, value: Any, nbytes: Any, what: str) -> tuple[int, int, int]:
+    nbytes = _count(nbytes, f"{what} size")
     if not _is_pointer(ptr):
-        raise _invalid(f"hipMemset needs an int pointer, not {type(ptr).__name__}")
+        raise _invalid(f"{what} needs an int pointer, not {type(ptr).__name__}")
     try:
         value = operator.index(value) & 0xFF
     except TypeError:
-        raise _invalid(f"hipMemset value must be an integer, not {type(value).__name__}"
-                       ) from None
+        raise _invalid(f"{what} value must be an integer, not {type(value).__name__}") from None
+    return int(ptr), value, nbytes
+
+
+def hipMemset(ptr: int, value: int, nbytes: int) -> None:
+    """Set ``nbytes`` bytes at ``ptr`` to ``value & 0xff`` (bounds checked)."""
+    ptr, value, nbytes = _memset_args(ptr, value, nbytes, "hipMemset")
     reg = get_registry()
     if nbytes:
-        reg.check_range(int(ptr), nbytes)
-        reg.backend.memset(int(ptr), value, nbytes)
+        reg.check_range(ptr, nbytes)
+        reg.backend.memset(ptr, value, nbytes)
+
+
+def hipMemsetAsync(ptr: int, value: int, nbytes: int, stream: Stream | None = None) -> None:
+    """``hipMemset`` enqueued on ``stream`` (bounds checked now, run in stream order).
+
+    The memory stays mapped until the operation has run, even if it is freed meanwhile.
+    """
+    ptr, value, nbytes = _memset_args(ptr, value, nbytes, "hipMemsetAsync")
+    s = _stream(stream)
+    if nbytes:
+        reg = get_registry()
+        region, offset = reg.check_range(ptr, nbytes)
+        s.memset(ptr, value, nbytes, (reg.backend.pin(region, offset, nbytes),))
 
 
 def hipMemGetAddressRange(ptr: int) -> tuple[int, int]:
@@ -190,18 +236,38 @@ def hipMemGetAddressRange(ptr: int) -> tuple[int, int]:
     return region.ptr, region.size
 
 
-def _copy_side(obj: Any, is_device: bool, nbytes: int, writable: bool, what: str
-               ) -> tuple[int, Any]:
+def _copy_side(obj: Any, is_device: bool, nbytes: int, writable: bool, what: str,
+               pin: bool) -> tuple[int, Any]:
+    """The address of one side of a copy and what keeps it valid (a pin only if ``pin``)."""
     if is_device:
         if not _is_pointer(obj):
             raise _invalid(f"{what} must be a device pointer (int) for this copy kind, "
                            f"not {type(obj).__name__}")
-        get_registry().check_range(int(obj), nbytes)
-        return int(obj), None
+        reg = get_registry()
+        region, offset = reg.check_range(int(obj), nbytes)
+        return int(obj), reg.backend.pin(region, offset, nbytes) if pin and nbytes else None
     if _is_pointer(obj):
         raise _invalid(f"{what} is an int but this copy kind says it is host memory; "
                        "pass a buffer or use hipMemcpyDefault")
     return _host_address(obj, nbytes, writable, what)
+
+
+def _copy_args(dst: Any, src: Any, nbytes: Any, kind: Any, what: str, pin: bool
+               ) -> tuple[int, int, int, hipMemcpyKind, tuple[Any, Any]]:
+    nbytes = _count(nbytes, f"{what} size")
+    try:
+        kind = hipMemcpyKind(kind)
+    except ValueError:
+        raise HipError(hipError_t.hipErrorInvalidMemcpyDirection,
+                       f"{what} kind {kind!r} is not a hipMemcpyKind") from None
+    if kind == hipMemcpyDefault:
+        dst_dev, src_dev = _is_pointer(dst), _is_pointer(src)
+        kind = _KIND_OF_SIDES[dst_dev, src_dev]
+    else:
+        dst_dev, src_dev = _SIDES[kind]
+    dst_addr, keep_dst = _copy_side(dst, dst_dev, nbytes, True, f"{what} destination", pin)
+    src_addr, keep_src = _copy_side(src, src_dev, nbytes, False, f"{what} source", pin)
+    return dst_addr, src_addr, nbytes, kind, (keep_dst, keep_src)
 
 
 def hipMemcpy(dst: Any, src: Any, nbytes: int, kind: int = hipMemcpyDefault) -> None:
@@ -213,21 +279,25 @@ def hipMemcpy(dst: Any, src: Any, nbytes: int, kind: int = hipMemcpyDefault) -> 
     Raises ``hipErrorInvalidMemcpyDirection`` for an unknown ``kind`` and
     ``hipErrorInvalidValue`` for sides that do not match it or ranges out of bounds.
     """
-    nbytes = _count(nbytes, "hipMemcpy size")
-    try:
-        kind = hipMemcpyKind(kind)
-    except ValueError:
-        raise HipError(hipError_t.hipErrorInvalidMemcpyDirection,
-                       f"hipMemcpy kind {kind!r} is not a hipMemcpyKind") from None
-    if kind == hipMemcpyDefault:
-        dst_dev, src_dev = _is_pointer(dst), _is_pointer(src)
-        kind = _KIND_OF_SIDES[dst_dev, src_dev]
-    else:
-        dst_dev, src_dev = _SIDES[kind]
-    dst_addr, _keep_dst = _copy_side(dst, dst_dev, nbytes, True, "hipMemcpy destination")
-    src_addr, _keep_src = _copy_side(src, src_dev, nbytes, False, "hipMemcpy source")
+    dst_addr, src_addr, nbytes, kind, _keep = _copy_args(dst, src, nbytes, kind, "hipMemcpy",
+                                                         pin=False)
     if nbytes:
         get_registry().backend.memcpy(dst_addr, src_addr, nbytes, kind)
+
+
+def hipMemcpyAsync(dst: Any, src: Any, nbytes: int, kind: int = hipMemcpyDefault,
+                   stream: Stream | None = None) -> None:
+    """``hipMemcpy`` enqueued on ``stream``: checked now (same rules and errors), run in order.
+
+    Both sides stay valid until the copy has run: host buffers are referenced and device
+    memory stays mapped even if it is freed or closed meanwhile.  As in CUDA, the host buffer
+    must not be changed or read until the stream reaches the copy.
+    """
+    dst_addr, src_addr, nbytes, kind, keep = _copy_args(dst, src, nbytes, kind,
+                                                        "hipMemcpyAsync", pin=True)
+    s = _stream(stream)
+    if nbytes:
+        s.memcpy(dst_addr, src_addr, nbytes, kind, keep)
 
 
 def asarray(ptr: int, shape: int | tuple[int, ...], dtype: Any = np.uint8) -> Any:
@@ -295,3 +365,175 @@ def hipIpcCloseMemHandle(ptr: int) -> None:
     if not _is_pointer(ptr):
         raise _invalid(f"hipIpcCloseMemHandle needs an int pointer, not {type(ptr).__name__}")
     get_registry().close(int(ptr))
+
+
+# -- streams ---------------------------------------------------------------------------
+
+
+def _timeout(timeout: Any) -> float | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
+        raise _invalid(f"timeout must be None or a number of seconds >= 0, got {timeout!r}")
+    return float(timeout)
+
+
+def _stream(stream: Any) -> Stream:
+    """``stream`` itself, or the null stream for None/0."""
+    if isinstance(stream, Stream):
+        return stream
+    if stream is None or (type(stream) is int and stream == 0):
+        return get_registry().backend.null_stream()
+    raise _invalid(f"expected a stream from hipStreamCreate, or None/0 for the null stream, "
+                   f"not {type(stream).__name__}")
+
+
+def hipStreamCreate() -> Stream:
+    """A new stream on the current device: its work runs in order, off the caller's thread."""
+    return get_registry().create_stream()
+
+
+def hipStreamDestroy(stream: Stream) -> None:
+    """Destroy ``stream``; returns at once and enqueued work still runs (CUDA's rule).
+
+    A failure that work reports later is raised by ``hipDeviceSynchronize``.  Raises
+    ``hipErrorInvalidResourceHandle`` for the null stream or a stream destroyed already.
+    """
+    s = _stream(stream)
+    if s.destroyed:
+        raise HipError(hipError_t.hipErrorInvalidResourceHandle,
+                       "hipStreamDestroy: the stream was destroyed already")
+    s.destroy()
+
+
+def hipStreamSynchronize(stream: Stream | None, *, timeout: float | None = None) -> None:
+    """Wait until all work enqueued on ``stream`` so far has run.
+
+    Raises ``hipErrorLaunchFailure`` (the original exception chained) if some of that work
+    failed since the last synchronize, ``hipErrorNotReady`` after ``timeout`` seconds, and
+    ``hipErrorInvalidResourceHandle`` for a destroyed stream.
+    """
+    _stream(stream).synchronize(_timeout(timeout))
+
+
+def hipStreamQuery(stream: Stream | None) -> hipError_t:
+    """``hipSuccess`` if all work enqueued on ``stream`` has run, else ``hipErrorNotReady``."""
+    done = _stream(stream).query()
+    return hipError_t.hipSuccess if done else hipError_t.hipErrorNotReady
+
+
+def hipStreamWaitEvent(stream: Stream | None, event: Event, flags: int = 0) -> None:
+    """Make work enqueued on ``stream`` from now on wait for ``event``'s newest record as of
+    this call, which may have been made in another process (IPC events).
+
+    The caller does not wait (unless ``stream`` is the null stream).  A never-recorded event
+    imposes no wait.  If the recording process exits before its work completes, the wait
+    ends within about 0.1 s and the stream reports ``hipErrorLaunchFailure``.  ``flags`` must
+    be 0 (``hipErrorInvalidValue``).
+    """
+    if flags != 0:
+        raise _invalid(f"hipStreamWaitEvent flags must be 0, got {flags!r}")
+    _stream(stream).wait_event(_event(event))
+
+
+def hipLaunchHostFunc(stream: Stream | None, fn: Callable[..., Any], *args: Any) -> None:
+    """Enqueue ``fn(*args)`` on ``stream``: the host backend's kernel launch.
+
+    An exception ``fn`` raises is reported by the next ``hipStreamSynchronize`` of ``stream``
+    (or ``hipDeviceSynchronize``) as ``hipErrorLaunchFailure`` with the exception chained; on
+    the null stream ``fn`` runs before this call returns and its exception is raised so.
+    """
+    if not callable(fn):
+        raise _invalid(f"hipLaunchHostFunc needs a callable, not {type(fn).__name__}")
+    _stream(stream).launch_host_func(fn, args)
+
+
+# -- events ----------------------------------------------------------------------------
+
+
+def _event(event: Any) -> Event:
+    if not isinstance(event, Event):
+        raise _invalid(f"expected an event from hipEventCreate or hipIpcOpenEventHandle, not "
+                       f"{type(event).__name__}")
+    return event
+
+
+def hipEventCreate() -> Event:
+    """``hipEventCreateWithFlags(hipEventDefault)``: a local event with timing."""
+    return get_registry().create_event(hipEventDefault)
+
+
+def hipEventCreateWithFlags(flags: int) -> Event:
+    """A new event on the current device.
+
+    ``flags``: ``hipEventDefault``, ``hipEventBlockingSync``, ``hipEventDisableTiming``,
+    ``hipEventInterprocess``; an interprocess event needs ``hipEventDisableTiming`` too.
+    Raises ``hipErrorInvalidValue`` for other flags or ``hipEventInterprocess`` alone.
+    """
+    return get_registry().create_event(check_event_flags(flags))
+
+
+def hipEventRecord(event: Event, stream: Stream | None = None) -> None:
+    """Make ``event`` stand for the work enqueued on ``stream`` so far (null stream: done)."""
+    _event(event).record(_stream(stream))
+
+
+def hipEventQuery(event: Event) -> hipError_t:
+    """``hipSuccess`` if the newest record's work is done (or none was made), else
+    ``hipErrorNotReady``.  Raises ``hipErrorLaunchFailure`` if its recorder exited first."""
+    done = _event(event).query()
+    return hipError_t.hipSuccess if done else hipError_t.hipErrorNotReady
+
+
+def hipEventSynchronize(event: Event, *, timeout: float | None = None) -> None:
+    """Block until the newest record of ``event`` as of this call is done, without spinning.
+
+    Raises ``hipErrorLaunchFailure`` within about 0.1 s if the process that made that record
+    (the exporter or any opener) exited before its work completed, and ``hipErrorNotReady``
+    after ``timeout`` seconds.
+    """
+    _event(event).synchronize(_timeout(timeout))
+
+
+def hipEventElapsedTime(start: Event, stop: Event) -> float:
+    """Milliseconds between the completions of ``start`` and ``stop``.
+
+    Raises ``hipErrorInvalidResourceHandle`` if either was created with
+    ``hipEventDisableTiming`` or never recorded, ``hipErrorNotReady`` if either is pending.
+    """
+    return _event(start).elapsed_ms(_event(stop))
+
+
+def hipEventDestroy(event: Event) -> None:
+    """Destroy ``event``; work already enqueued still completes it (CUDA's rule).
+
+    For an exported interprocess event the handle is revoked: new ``hipIpcOpenEventHandle``
+    calls fail, processes that opened it keep a working event.  Raises
+    ``hipErrorInvalidResourceHandle`` if it was destroyed already.
+    """
+    ev = _event(event)
+    if ev.destroyed:
+        raise HipError(hipError_t.hipErrorInvalidResourceHandle,
+                       "hipEventDestroy: the event was destroyed already")
+    ev.destroy()
+
+
+def hipIpcGetEventHandle(event: Event, *, share: str | None = None) -> IpcEventHandle:
+    """Export an interprocess event and return its 64-byte handle (same bytes each time).
+
+    Raises ``hipErrorInvalidValue`` unless the event was created with
+    ``hipEventInterprocess | hipEventDisableTiming``.  ``share`` is as for
+    ``hipIpcGetMemHandle``.
+    """
+    return _event(event).export(share_mode(share))
+
+
+def hipIpcOpenEventHandle(handle: IpcEventHandle | bytes | bytearray | memoryview) -> Event:
+    """Open an interprocess event another process exported; destroy it with
+    ``hipEventDestroy``.
+
+    Raises ``hipErrorInvalidValue`` for malformed bytes, ``hipErrorInvalidContext`` in the
+    creating process, and ``hipErrorInvalidResourceHandle`` when the handle names nothing this
+    user may open (destroyed, creator gone, not shared, altered in transit).
+    """
+    return get_registry().open_event(IpcEventHandle.coerce(handle))

@@ -129,7 +129,8 @@ def process_start_time(pid: int) -> int | None:
 _own_start: tuple[int, int] | None = None
 
 
-def _own_pid_and_start() -> tuple[int, int]:
+def own_process() -> tuple[int, int]:
+    """This process's (pid, start time): what segment headers and event records name."""
     global _own_start
     pid = os.getpid()
     if _own_start is None or _own_start[0] != pid:
@@ -303,7 +304,7 @@ class HandleStore:
                         f"{exc.strerror} (the tmpfs behind the store is full or too small)",
                     ) from exc
                 raise
-            pid, start = _own_pid_and_start()
+            pid, start = own_process()
             os.pwrite(fd, _identity(handle) + _EXPORTER.pack(pid, 0, start, time.time()), 0)
         except BaseException:
             os.close(fd)

@@ -11,8 +11,10 @@ import abc
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ..handle import HandleKind, IpcMemHandle
+from ..events import Event
+from ..handle import HandleKind, IpcEventHandle, IpcMemHandle
 from ..store import HandleStore
+from ..streams import Stream
 
 __all__ = ["Backend", "Allocation", "ImportedMemory", "Region"]
 
@@ -91,8 +93,28 @@ class Backend(abc.ABC):
     def asarray(self, region: Region, offset: int, shape: tuple[int, ...], dtype: Any) -> Any:
         """A zero-copy array over ``region`` from ``offset`` that keeps the memory alive."""
 
-    def synchronize(self, device: int) -> None:  # noqa: B027 - optional hook
-        """Wait for all work queued on ``device``."""
+    @abc.abstractmethod
+    def pin(self, region: Region, offset: int, nbytes: int) -> Any:
+        """An object that keeps ``nbytes`` of ``region`` at ``offset`` usable while it lives,
+        even if the region is freed or closed meanwhile (held by enqueued operations)."""
+
+    # -- streams and events --------------------------------------------------------------
+
+    @abc.abstractmethod
+    def create_stream(self, device: int) -> Stream:
+        """A new stream on ``device``."""
+
+    @abc.abstractmethod
+    def null_stream(self) -> Stream:
+        """The null stream (synchronous)."""
+
+    @abc.abstractmethod
+    def create_event(self, flags: int, device: int) -> Event:
+        """A new event; ``flags`` are valid (:func:`hipipc.events.check_event_flags`)."""
+
+    @abc.abstractmethod
+    def open_event(self, handle: IpcEventHandle) -> Event:
+        """Open the interprocess event another process exported under ``handle``."""
 
     def forget(self, region: Region) -> None:  # noqa: B027 - optional hook
         """Drop per-process resources of ``region`` in a forked child without freeing it."""

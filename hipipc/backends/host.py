@@ -2,7 +2,9 @@
 
 Pointers are the real virtual addresses of shared file mappings, so numpy, ctypes and DLPack
 consumers can use them directly.  ``HIPIPC_HOST_DEVICES`` (default 1) sets how many logical
-devices exist; a device ordinal is only a label recorded in the handle.
+devices exist; a device ordinal is only a label recorded in the handle.  Streams and events
+live in :mod:`.host_streams`; an interprocess event's state is one page of a store segment,
+exported, opened, revoked and collected exactly like memory.
 """
 
 from __future__ import annotations
@@ -15,14 +17,18 @@ from typing import Any
 import numpy as np
 
 from ..errors import HipError, hipError_t
-from ..handle import HandleKind, IpcMemHandle
+from ..events import hipEventDisableTiming, hipEventInterprocess
+from ..handle import HandleKind, IpcEventHandle, IpcHandle, IpcMemHandle
 from ..mapping import Mapping, map_file
-from ..store import PAGE_SIZE
+from ..store import PAGE_SIZE, HandleStore
 from .base import Allocation, Backend, ImportedMemory, Region
+from .eventstate import STATE_SIZE, EventState
+from .host_streams import HostEvent, HostStream, NullStream
 
 __all__ = ["HostBackend"]
 
 DEVICES_ENV = "HIPIPC_HOST_DEVICES"
+_HOST_KINDS = (HandleKind.HOST_MEMORY, HandleKind.HOST_EVENT)
 
 
 def _mapped_length(nbytes: int) -> int:
@@ -41,6 +47,10 @@ class HostBackend(Backend):
     name = "host"
     memory_kind = HandleKind.HOST_MEMORY
 
+    def __init__(self, store: HandleStore) -> None:
+        super().__init__(store)
+        self._null_stream = NullStream()
+
     def device_count(self) -> int:
         raw = os.environ.get(DEVICES_ENV, "1")
         try:
@@ -52,14 +62,30 @@ class HostBackend(Backend):
                            f"${DEVICES_ENV}={raw!r} must be a positive integer")
         return count
 
-    def allocate(self, nbytes: int, device: int) -> Allocation:
-        handle = IpcMemHandle.new(HandleKind.HOST_MEMORY, nbytes, device, os.geteuid())
-        fd = self.store.create(handle, nbytes)
+    def _new_segment(self, handle: IpcHandle) -> tuple[int, Mapping]:
+        """An unnamed segment for ``handle``, mapped: (its descriptor, the mapping)."""
+        fd = self.store.create(handle, handle.size)
         try:
-            mapping = map_file(fd, _mapped_length(nbytes), PAGE_SIZE)
+            return fd, map_file(fd, _mapped_length(handle.size), PAGE_SIZE)
         except BaseException:
             os.close(fd)
             raise
+
+    def _open_segment(self, handle: IpcHandle) -> Mapping:
+        """Map the segment another process exported under ``handle``."""
+        if handle.kind not in _HOST_KINDS:
+            raise HipError(hipError_t.hipErrorNotSupported,
+                           f"the handle names {handle.kind.name} but this process runs the "
+                           "host backend (set HIPIPC_BACKEND to match the exporter)")
+        fd = self.store.open(handle)
+        try:
+            return map_file(fd, _mapped_length(handle.size), PAGE_SIZE)
+        finally:
+            os.close(fd)
+
+    def allocate(self, nbytes: int, device: int) -> Allocation:
+        handle = IpcMemHandle.new(HandleKind.HOST_MEMORY, nbytes, device, os.geteuid())
+        fd, mapping = self._new_segment(handle)
         return Allocation(mapping.addr, nbytes, device, handle, _Owned(mapping, fd))
 
     def export(self, alloc: Allocation, mode: int) -> None:
@@ -85,15 +111,7 @@ class HostBackend(Backend):
             owned.fd = -1
 
     def open(self, handle: IpcMemHandle) -> ImportedMemory:
-        if handle.kind != HandleKind.HOST_MEMORY:
-            raise HipError(hipError_t.hipErrorNotSupported,
-                           f"the handle names {handle.kind.name} memory but this process runs "
-                           "the host backend (set HIPIPC_BACKEND to match the exporter)")
-        fd = self.store.open(handle)
-        try:
-            mapping = map_file(fd, _mapped_length(handle.size), PAGE_SIZE)
-        finally:
-            os.close(fd)
+        mapping = self._open_segment(handle)
         return ImportedMemory(mapping.addr, handle.size, handle.device, handle, mapping)
 
     def close(self, mem: ImportedMemory) -> None:
@@ -106,9 +124,47 @@ class HostBackend(Backend):
         ctypes.memset(ptr, value, nbytes)
 
     def asarray(self, region: Region, offset: int, shape: tuple[int, ...], dtype: Any) -> Any:
-        mapping: Mapping = region.state.mapping if isinstance(region.state, _Owned) \
-            else region.state
         dtype = np.dtype(dtype)
         count = int(np.prod(shape, dtype=np.int64))
-        buf = mapping.buffer(offset, count * dtype.itemsize)
+        buf = self.pin(region, offset, count * dtype.itemsize)
         return np.frombuffer(buf, dtype=dtype, count=count).reshape(shape)
+
+    def pin(self, region: Region, offset: int, nbytes: int) -> Any:
+        mapping: Mapping = region.state.mapping if isinstance(region.state, _Owned) \
+            else region.state
+        return mapping.buffer(offset, nbytes)
+
+    # -- streams and events --------------------------------------------------------------
+
+    def create_stream(self, device: int) -> HostStream:
+        return HostStream(device)
+
+    def null_stream(self) -> NullStream:
+        return self._null_stream
+
+    def create_event(self, flags: int, device: int) -> HostEvent:
+        if not flags & hipEventInterprocess:
+            return HostEvent(flags, device, EventState.private())
+        handle = IpcEventHandle.new(HandleKind.HOST_EVENT, STATE_SIZE, device, os.geteuid())
+        fd, mapping = self._new_segment(handle)
+        try:
+            state = _mapped_state(mapping, initialize=True)
+        except BaseException:
+            os.close(fd)
+            raise
+        return HostEvent(flags, device, state, handle, store=self.store, fd=fd)
+
+    def open_event(self, handle: IpcEventHandle) -> HostEvent:
+        state = _mapped_state(self._open_segment(handle), initialize=False)
+        # An opened IPC event has the flags its creator had to use.
+        return HostEvent(hipEventInterprocess | hipEventDisableTiming, handle.device, state,
+                         handle)
+
+
+def _mapped_state(mapping: Mapping, *, initialize: bool) -> EventState:
+    """The event state in a segment's payload; it owns the mapping from now on."""
+    try:
+        pin = mapping.buffer(0, STATE_SIZE)
+        return EventState(mapping.addr, pin, initialize=initialize)
+    finally:
+        mapping.release()  # unmapped when the state (its pin) is gone

@@ -1,0 +1,117 @@
+"""Streams (``hipStream_t``): the interface every backend's streams implement.
+
+CUDA/HIP rules kept by every backend:
+
+- Work on one stream runs in the order it was enqueued, off the caller's thread; enqueueing
+  never waits for earlier work.
+- The null stream (``stream=None`` or ``0`` in every hip* call) is synchronous here: its work
+  has finished when the call returns.
+- A failure in enqueued work (an exception raised by a ``hipLaunchHostFunc`` function, a wait
+  whose recorder died) is not lost: the next synchronize of that stream, or of the device,
+  raises ``HipError(hipErrorLaunchFailure)`` with the original exception chained, once.  Work
+  enqueued after the failure still runs, so events recorded later still complete and no peer
+  process hangs on them.
+- ``hipStreamDestroy`` returns at once; work already enqueued still runs.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from .errors import HipError, hipError_t
+
+if TYPE_CHECKING:
+    from .events import Event
+
+__all__ = ["Stream", "hipStream_t", "hipStreamDefault", "hipStreamNonBlocking"]
+
+hipStreamDefault = 0x0
+hipStreamNonBlocking = 0x1
+
+
+def destroyed_stream() -> HipError:
+    return HipError(hipError_t.hipErrorInvalidResourceHandle,
+                    "the stream was destroyed (hipStreamDestroy); create a new one")
+
+
+def launch_failure(exc: BaseException, what: str) -> HipError:
+    """The error a synchronize raises for work that failed; chain ``exc`` to it."""
+    err = HipError(hipError_t.hipErrorLaunchFailure,
+                   f"{what} failed on the stream: {type(exc).__name__}: {exc}")
+    err.__cause__ = exc
+    return err
+
+
+class Stream(abc.ABC):
+    """An ordered queue of work on one device (``hipStreamCreate``), or the null stream.
+
+    The ``keep`` arguments are objects that must stay alive until the operation has run
+    (host buffers, pins on device memory), so that freeing or dropping them early cannot
+    make the operation touch unmapped memory.
+    """
+
+    device: int
+    is_null: bool = False
+
+    @property
+    @abc.abstractmethod
+    def destroyed(self) -> bool:
+        """True after ``destroy``."""
+
+    @abc.abstractmethod
+    def launch_host_func(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        """Enqueue ``fn(*args)`` (``hipLaunchHostFunc``)."""
+
+    @abc.abstractmethod
+    def memcpy(self, dst: int, src: int, nbytes: int, kind: int, keep: tuple[Any, ...]
+               ) -> None:
+        """Enqueue a copy of ``nbytes`` from address ``src`` to address ``dst``."""
+
+    @abc.abstractmethod
+    def memset(self, ptr: int, value: int, nbytes: int, keep: tuple[Any, ...]) -> None:
+        """Enqueue filling ``nbytes`` at ``ptr`` with the byte ``value``."""
+
+    @abc.abstractmethod
+    def wait_event(self, event: Event) -> None:
+        """Make later work wait for ``event``'s newest record as of now."""
+
+    def synchronize(self, timeout: float | None) -> None:
+        """Block until all work enqueued so far has run; report a failure (see module doc).
+
+        Raises ``hipErrorNotReady`` after ``timeout`` seconds (None: no limit) and
+        ``hipErrorInvalidResourceHandle`` for a destroyed stream.
+        """
+        if self.destroyed:
+            raise destroyed_stream()
+        self.drain(timeout)
+
+    @abc.abstractmethod
+    def drain(self, timeout: float | None) -> None:
+        """:meth:`synchronize` that also accepts a destroyed stream (``hipDeviceSynchronize``)."""
+
+    @property
+    def finished(self) -> bool:
+        """Destroyed, drained and nothing left to report: the registry may forget it."""
+        return False
+
+    @abc.abstractmethod
+    def query(self) -> bool:
+        """True when all work enqueued so far has run."""
+
+    @abc.abstractmethod
+    def destroy(self) -> None:
+        """Stop accepting work; what is enqueued still runs.  Idempotent."""
+
+    def forget(self) -> None:  # noqa: B027 - optional hook
+        """In a forked child: the parent's stream has no worker here; make it refuse work."""
+
+    def __repr__(self) -> str:
+        if self.is_null:
+            return "<Stream null>"
+        state = "destroyed" if self.destroyed else "live"
+        return f"<{type(self).__name__} device={self.device} {state}>"
+
+
+hipStream_t = Stream
