@@ -22,6 +22,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
+import operator
 import secrets
 import struct
 from typing import Any
@@ -66,7 +67,7 @@ class IpcHandle:
     compare and hash by value, pickle as their bytes, and never show the secret in ``repr``.
     """
 
-    __slots__ = ("_data", "kind", "size", "device", "uid", "_name", "_verifier")
+    __slots__ = ("_data", "_kind", "_size", "_device", "_uid", "_name", "_verifier")
     _KINDS: dict[int, HandleKind] = {}  # value -> kind; a dict lookup is cheaper than Enum()
 
     def __init__(self, data: Any) -> None:
@@ -99,12 +100,20 @@ class IpcHandle:
         if size == 0:
             raise _invalid("handle names an empty allocation")
         self._data = raw
-        self.kind = kind
-        self.size = size
-        self.device = device
-        self.uid = uid
+        self._kind = kind
+        self._size = size
+        self._device = device
+        self._uid = uid
         self._name: str | None = None
         self._verifier: bytes | None = None
+
+    # Read-only fields: the registry hands its own handle object to callers, and a field
+    # rewritten in place would no longer match the bytes (and hash) it was parsed from.
+    # attrgetter properties cost next to nothing on the open path.
+    kind = property(operator.attrgetter("_kind"), doc="What the handle names (HandleKind).")
+    size = property(operator.attrgetter("_size"), doc="Bytes of the allocation or event state.")
+    device = property(operator.attrgetter("_device"), doc="The exporter's device ordinal.")
+    uid = property(operator.attrgetter("_uid"), doc="The exporter's effective uid.")
 
     @classmethod
     def new(cls, kind: HandleKind, size: int, device: int, uid: int) -> IpcHandle:
