@@ -117,11 +117,19 @@ class IpcHandle:
 
     @classmethod
     def new(cls, kind: HandleKind, size: int, device: int, uid: int) -> IpcHandle:
-        """A fresh handle with a new 128-bit secret (never reused)."""
-        raw = _LAYOUT.pack(
-            _MAGIC, _VERSION, int(kind), 0, secrets.token_bytes(_SECRET_BYTES),
-            size, device, uid, _ZERO_TAIL,
-        )
+        """A fresh handle with a new 128-bit secret (never reused).
+
+        Raises ``HipError(hipErrorInvalidValue)`` when a field does not fit its slot (a size
+        of 2**64 bytes or more, a negative or 32-bit-overflowing device or uid).
+        """
+        try:
+            raw = _LAYOUT.pack(
+                _MAGIC, _VERSION, int(kind), 0, secrets.token_bytes(_SECRET_BYTES),
+                size, device, uid, _ZERO_TAIL,
+            )
+        except struct.error:
+            raise _invalid(f"cannot describe size {size}, device {device}, uid {uid} in a "
+                           "handle (64-bit size, 32-bit device and uid)") from None
         return cls(raw)
 
     @classmethod

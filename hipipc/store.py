@@ -296,6 +296,11 @@ class HandleStore:
             total = PAGE_SIZE + -(-payload_size // PAGE_SIZE) * PAGE_SIZE
             try:
                 os.posix_fallocate(fd, 0, total)
+            except OverflowError:  # beyond off_t: no file system can hold it
+                raise HipError(
+                    hipError_t.hipErrorOutOfMemory,
+                    f"cannot reserve {payload_size} bytes: larger than any file can be",
+                ) from None
             except OSError as exc:
                 if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):
                     raise HipError(
