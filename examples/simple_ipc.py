@@ -13,8 +13,9 @@ Structure of the original, kept here:
   previous round's writer (another process) recorded; runs a "kernel" that checks the previous
   writer's mark and writes its own id; records that buffer's event; and meets the others at the
   barrier;
-* at the end each child verifies its own buffer, then closes, destroys and frees everything;
-  the parent unlinks the shared struct (the original leaks its shm segment; this port does not).
+* at the end each child verifies its own buffer, then closes, destroys and frees everything
+  (also when a check failed, so nothing is left in the store); the parent unlinks the shared
+  struct (the original leaks its shm segment; this port does not).
 
 The "kernel" is a host function on the host backend (``hipLaunchHostFunc``).  It sleeps a
 little before writing, so without the event wait the next round's reader would see stale data
@@ -50,8 +51,24 @@ def kernel(ptr: int, rnd: int, writer: int, buffer_id: int, nprocs: int) -> None
     hip.asarray(ptr + rnd * CHUNK, CHUNK, np.uint8)[:] = writer
 
 
+def say(line: str) -> None:
+    """Print ``line`` with one write, so that lines of concurrent processes never interleave."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def child(rank: int, nprocs: int, mailbox_name: str) -> int:
     box = hip.Mailbox.attach(mailbox_name, timeout=TIMEOUT)
+    stream = event = None
+    ptr = 0
+    imported: dict[int, tuple[int, object]] = {}  # sibling rank -> (pointer, event)
+
+    def close_imports() -> None:
+        while imported:
+            _, (p, ev) = imported.popitem()
+            hip.hipIpcCloseMemHandle(p)
+            hip.hipEventDestroy(ev)
+
     try:
         hip.hipSetDevice(rank % hip.hipGetDeviceCount())
         stream = hip.hipStreamCreate()
@@ -62,16 +79,14 @@ def child(rank: int, nprocs: int, mailbox_name: str) -> int:
         box.put(rank, mem=hip.hipIpcGetMemHandle(ptr), event=hip.hipIpcGetEventHandle(event))
         box.wait(TIMEOUT)
 
-        ptrs, events = [], []
         for i in range(nprocs):
-            if i == rank:
-                ptrs.append(ptr)
-                events.append(event)
-            else:
+            if i != rank:
                 mem_handle, event_handle = box.get(i)
-                ptrs.append(hip.hipIpcOpenMemHandle(mem_handle,
-                                                    hip.hipIpcMemLazyEnablePeerAccess))
-                events.append(hip.hipIpcOpenEventHandle(event_handle))
+                imported[i] = (hip.hipIpcOpenMemHandle(mem_handle,
+                                                       hip.hipIpcMemLazyEnablePeerAccess),
+                               hip.hipIpcOpenEventHandle(event_handle))
+        ptrs = [ptr if i == rank else imported[i][0] for i in range(nprocs)]
+        events = [event if i == rank else imported[i][1] for i in range(nprocs)]
         box.wait(TIMEOUT)
 
         for rnd in range(nprocs):
@@ -81,26 +96,40 @@ def child(rank: int, nprocs: int, mailbox_name: str) -> int:
             hip.hipEventRecord(events[b], stream)
             box.wait(TIMEOUT)  # everyone has enqueued round rnd (and recorded its event)
 
-        hip.hipStreamSynchronize(stream)  # raises hipErrorLaunchFailure if a kernel check failed
+        ok = True
+        try:
+            hip.hipStreamSynchronize(stream, timeout=TIMEOUT)
+        except hip.HipError as exc:  # hipErrorLaunchFailure: a kernel's check failed
+            say(f"process {rank}: {exc}")
+            ok = False
         box.wait(TIMEOUT)  # every stream has drained: all buffers are final
 
         mine = hip.asarray(ptr, size, np.uint8).reshape(nprocs, CHUNK)
-        expected = np.array([(rank - r) % nprocs for r in range(nprocs)], np.uint8)
-        ok = bool((mine == expected[:, None]).all())
+        expected = [(rank - r) % nprocs for r in range(nprocs)]
+        verified = bool((mine == np.array(expected, np.uint8)[:, None]).all())
         del mine
-        print(f"process {rank}: buffer {'verified' if ok else 'WRONG'} "
-              f"(writers by round: {list(expected)})", flush=True)
+        ok = ok and verified
+        say(f"process {rank}: buffer {'verified' if verified else 'WRONG'} "
+            f"(writers by round: {expected})")
 
-        for i in range(nprocs):
-            if i != rank:
-                hip.hipIpcCloseMemHandle(ptrs[i])
-                hip.hipEventDestroy(events[i])
-        box.wait(TIMEOUT)  # nobody frees memory a sibling may still close
-        hip.hipEventDestroy(event)
-        hip.hipFree(ptr)
-        hip.hipStreamDestroy(stream)
+        close_imports()
+        box.wait(TIMEOUT)  # as in the original: nobody frees memory a sibling has open
         return 0 if ok else 1
     finally:
+        # Also when something failed: close what we opened and free what we made, so that
+        # nothing is left in the store.  (On this path a sibling may still have our memory
+        # open; hipipc keeps its mapping valid until it closes, where CUDA leaves it undefined.)
+        if stream is not None:
+            try:
+                hip.hipStreamSynchronize(stream, timeout=TIMEOUT)
+            except hip.HipError:
+                pass  # reported above, or the run is failing anyway
+        close_imports()
+        if event is not None:
+            hip.hipEventDestroy(event)
+        hip.hipFree(ptr)
+        if stream is not None:
+            hip.hipStreamDestroy(stream)
         box.close()
 
 
@@ -110,10 +139,10 @@ def _child_main(rank: int, nprocs: int, mailbox_name: str) -> None:
 
 def main() -> int:
     nprocs = hip.hipGetDeviceCount()
-    print(f"simpleIPC: {nprocs} device(s), one process each")
+    say(f"simpleIPC: {nprocs} device(s), one process each")
     if nprocs < 2:
-        print("note: with one device the single process only talks to itself; "
-              "set HIPIPC_HOST_DEVICES=4 to see the exchange")
+        say("note: with one device the single process only talks to itself; "
+            "set HIPIPC_HOST_DEVICES=4 to see the exchange")
     ctx = mp.get_context("spawn")
     with hip.Mailbox.create(slots=nprocs, parties=nprocs) as box:
         procs = [ctx.Process(target=_child_main, args=(rank, nprocs, box.name))
@@ -128,12 +157,12 @@ def main() -> int:
             if p.is_alive():
                 p.kill()
                 p.join(5)
-                print(f"process {rank}: timed out and was killed")
+                say(f"process {rank}: timed out and was killed")
                 failed = True
             elif p.exitcode != 0:
-                print(f"process {rank}: failed (exit code {p.exitcode})")
+                say(f"process {rank}: failed (exit code {p.exitcode})")
                 failed = True
-    print("simpleIPC: FAILED" if failed else "simpleIPC: PASSED")
+    say("simpleIPC: FAILED" if failed else "simpleIPC: PASSED")
     return 1 if failed else 0
 
 
