@@ -188,7 +188,9 @@ def run_all(paths: Sequence[Path], quick: bool = False, stream: TextIO | None = 
             module = _load(path)
             result = _check_result(module.run(quick=quick, progress=progress), path)
             entry = {**result, "error": None}
-        except Exception as exc:  # one broken benchmark must not lose the others' numbers
+        except (Exception, SystemExit) as exc:
+            # One broken benchmark must not lose the others' numbers; a stray sys.exit()
+            # in a script counts as broken too.
             entry = {"name": bar.label, "rows": [], "series": {},
                      "error": f"{type(exc).__name__}: {exc}"}
         entry.setdefault("name", bar.label)
@@ -208,10 +210,12 @@ def run_all(paths: Sequence[Path], quick: bool = False, stream: TextIO | None = 
 
 
 def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "item"):  # numpy scalars
-        return obj.item()
+    # ``tolist`` first: numpy arrays have ``item`` too, but it only works for one element;
+    # on numpy scalars ``tolist`` gives the Python number.
     if hasattr(obj, "tolist"):
         return obj.tolist()
+    if hasattr(obj, "item"):
+        return obj.item()
     return str(obj)
 
 
@@ -234,6 +238,19 @@ def _numbers(values: Sequence[Any]) -> list[float]:
     return out
 
 
+def _provenance(report: dict) -> str:
+    """A plot's footnote: how, when and where its numbers were measured."""
+    machine = report.get("machine") or {}
+    cpus = machine.get("cpus_usable") or machine.get("cpus")
+    parts = ["hipipc bench" + (" --quick" if report.get("quick") else ""),
+             str(report.get("date", ""))[:10],
+             f"{cpus} CPU(s)" + (f" ({machine['cpu_model']})" if machine.get("cpu_model")
+                                  else "") if cpus else "",
+             f"Python {machine['python']}" if machine.get("python") else "",
+             f"backend {machine['backend']}" if machine.get("backend") else ""]
+    return ", ".join(p for p in parts if p)
+
+
 def write_plots(report: dict, out: Path) -> list[Path] | None:
     """One PNG per series (log-x); None when matplotlib is not installed."""
     try:
@@ -241,9 +258,10 @@ def write_plots(report: dict, out: Path) -> list[Path] | None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.ticker import FuncFormatter
+        from matplotlib.ticker import FuncFormatter, NullLocator
     except ImportError:
         return None
+    out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     used: set[str] = set()
     for bench in report["benchmarks"]:
@@ -261,8 +279,13 @@ def write_plots(report: dict, out: Path) -> list[Path] | None:
                 ax.set_xscale("log", base=2)
             if ys_all and max(ys_all) / min(ys_all) > 100:
                 ax.set_yscale("log")
+            elif ys_all:
+                ax.set_ylim(bottom=0)  # heights in proportion: ratios read true
             xl = str(series.get("x_label", "x"))
             if "byte" in xl.lower() or "size" in xl.lower():
+                if ax.get_xscale() == "log" and len(x) <= 12:
+                    ax.set_xticks(x)  # label the measured sizes themselves
+                    ax.xaxis.set_minor_locator(NullLocator())
                 ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _p: human_size(v)))
             ax.set_xlabel(xl)
             ax.set_ylabel(str(series.get("y_label", "")))
@@ -270,7 +293,9 @@ def write_plots(report: dict, out: Path) -> list[Path] | None:
             ax.grid(True, which="both", alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend()
-            fig.tight_layout()
+            fig.text(0.995, 0.005, _provenance(report), ha="right", va="bottom", fontsize=7,
+                     color="0.4")
+            fig.tight_layout(rect=(0, 0.03, 1, 1))
             safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)
             path = out / f"{safe}.png"
             fig.savefig(path, dpi=110)
@@ -289,20 +314,23 @@ def _fmt(v: Any, spec: str) -> str:
 
 
 def format_table(report: dict) -> str:
-    """The rows of every benchmark as a plain-text table."""
+    """The rows of every benchmark as a plain-text table, columns as wide as their cells."""
+    head = ("case", "median us", "baseline", "base us", "ratio", "target", "met")
+    numeric = (False, True, False, True, True, False, False)
     lines = []
     for bench in report["benchmarks"]:
         lines.append(f"== {bench['name']} ({bench['module']}, {bench['seconds']:.1f} s)")
         if bench.get("error"):
             lines.append(f"   FAILED: {bench['error']}")
             continue
-        lines.append(f"   {'case':34} {'median us':>11} {'baseline':24} {'base us':>10} "
-                     f"{'ratio':>7}  {'target':14} met")
+        cells = [head]
         for row in bench["rows"]:
-            met = {True: "yes", False: "NO", None: "-"}.get(row.get("met"), "?")
-            lines.append(
-                f"   {str(row.get('case', '?'))[:34]:34} {_fmt(row.get('median_us'), '11.2f')} "
-                f"{str(row.get('baseline') or '-')[:24]:24} "
-                f"{_fmt(row.get('baseline_us'), '10.2f')} {_fmt(row.get('ratio'), '7.2f')}  "
-                f"{str(row.get('target') or '-')[:14]:14} {met}")
+            cells.append((str(row.get("case", "?")), _fmt(row.get("median_us"), ".2f"),
+                          str(row.get("baseline") or "-"), _fmt(row.get("baseline_us"), ".2f"),
+                          _fmt(row.get("ratio"), ".2f"), str(row.get("target") or "-"),
+                          {True: "yes", False: "NO", None: "-"}.get(row.get("met"), "?")))
+        widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
+        for c in cells:
+            lines.append("   " + "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num
+                                           in zip(c, widths, numeric, strict=True)).rstrip())
     return "\n".join(lines)

@@ -188,3 +188,41 @@ def test_bench_failures_and_selection(bench_dir, tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip() == (f"hipipc bench: error: no benchmarks directory at "
                                    f"{tmp_path / 'missing'} (pass --dir)")
+
+
+NUMPY_BENCH = textwrap.dedent("""
+    import sys
+    import numpy as np
+
+    def run(quick=False, progress=None):
+        sizes = np.array([4096, 1 << 20, 1 << 30])
+        return {"name": "arrays", "rows": [
+            {"case": "a case name much longer than thirty-four characters", "median_us":
+             np.float64(1.5), "baseline": "a baseline with a long name too", "baseline_us":
+             np.float64(1234567.25), "ratio": np.float64(822711.5), "target": ">= 1000x faster",
+             "met": np.bool_(True)}],
+            "series": {"open_latency": {"x_label": "allocation size (bytes)", "y_label": "us",
+                                        "x": sizes, "lines": {"hipipc": sizes / 1e6}}}}
+""")
+
+
+def test_bench_report_takes_numpy_values_and_the_table_keeps_whole_cells(bench_dir, tmp_path):
+    (bench_dir / "bench_arrays.py").write_text(NUMPY_BENCH)
+    (bench_dir / "bench_exits.py").write_text("import sys\n\n"
+                                              "def run(quick=False, progress=None):\n"
+                                              "    sys.exit(4)\n")
+    out = tmp_path / "report"
+    proc = hipipc("bench", "--dir", str(bench_dir), "--out", str(out), "--only", "arrays",
+                  "--only", "exits", env=with_path())
+    assert proc.returncode == 1, proc.stderr  # bench_exits failed; the run went on
+    report = json.loads((out / "report.json").read_text())
+    arrays, exits = report["benchmarks"]
+    assert arrays["series"]["open_latency"]["x"] == [4096, 1 << 20, 1 << 30]
+    assert arrays["rows"][0]["met"] is True and arrays["rows"][0]["baseline_us"] == 1234567.25
+    assert exits["error"] == "SystemExit: 4"
+    row = next(line for line in proc.stdout.splitlines() if "a case name" in line)
+    assert "a case name much longer than thirty-four characters" in row
+    assert "a baseline with a long name too" in row and ">= 1000x faster" in row
+    assert row.split()[-1] == "yes"
+    header = next(line for line in proc.stdout.splitlines() if "median us" in line)
+    assert header.index("median us") + len("median us") == row.index("1.50") + len("1.50")
