@@ -112,7 +112,11 @@ class SegmentInfo:
 
 
 def process_start_time(pid: int) -> int | None:
-    """The start time of ``pid`` in clock ticks since boot, or None if it does not exist."""
+    """The start time of ``pid`` in clock ticks since boot, or None if it is not running.
+
+    A zombie (killed or exited, not yet reaped by its parent) counts as not running: it keeps
+    its pid and start time in /proc but can never run again, so its segments are orphans.
+    """
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
@@ -123,6 +127,8 @@ def process_start_time(pid: int) -> int | None:
         return -1
     # Field 2 (comm) may contain spaces and parentheses; fields resume after the last ')'.
     fields = data[data.rindex(b")") + 2 :].split()
+    if fields[0] in (b"Z", b"X"):  # field 3, the state: zombie or dead
+        return None
     return int(fields[19])
 
 
