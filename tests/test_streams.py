@@ -209,6 +209,80 @@ def test_synchronize_timeouts_raise_not_ready(stream, gate):
     assert hip.hipStreamQuery(s) == E.hipSuccess
 
 
+@pytest.mark.xfail(strict=True, reason="hipDeviceSynchronize(timeout=t) gives each stream its "
+                   "own t (Registry.synchronize calls stream.drain(timeout) per stream), so "
+                   "with k blocked streams it raises only after about k*t")
+def test_device_synchronize_timeout_is_one_deadline_for_all_streams(stream, gate):
+    streams = [stream() for _ in range(3)]
+    for s in streams:
+        hip.hipLaunchHostFunc(s, hold, gate())
+    t0 = time.monotonic()
+    with pytest.raises(hip.HipError) as exc:
+        hip.hipDeviceSynchronize(timeout=0.3)
+    waited = time.monotonic() - t0
+    assert code_of(exc) == E.hipErrorNotReady
+    assert waited < 0.6, f"timeout=0.3 but hipDeviceSynchronize waited {waited:.2f} s"
+
+
+def _sync_calls():
+    def on_stream(s, ev, t):
+        hip.hipStreamSynchronize(s, timeout=t)
+
+    def on_event(s, ev, t):
+        hip.hipEventSynchronize(ev, timeout=t)
+
+    def on_device(s, ev, t):
+        hip.hipDeviceSynchronize(timeout=t)
+
+    return on_stream, on_event, on_device
+
+
+_INF_BUG = pytest.mark.xfail(strict=True, reason="timeout=math.inf passes runtime._timeout but "
+                             "HostStream.drain hands it to threading.Event.wait/Thread.join, "
+                             "which raise OverflowError (not a HipError, and no wait)")
+
+
+@pytest.mark.parametrize("call", [
+    pytest.param(_sync_calls()[0], id="hipStreamSynchronize", marks=_INF_BUG),
+    pytest.param(_sync_calls()[1], id="hipEventSynchronize"),
+    pytest.param(_sync_calls()[2], id="hipDeviceSynchronize", marks=_INF_BUG),
+])
+def test_an_infinite_timeout_waits_without_limit(call, stream, gate):
+    s, g = stream(), gate()
+    ev = hip.hipEventCreate()
+    try:
+        hip.hipLaunchHostFunc(s, hold, g)
+        hip.hipEventRecord(ev, s)
+        threading.Timer(0.2, g.set).start()
+        t0 = time.monotonic()
+        call(s, ev, float("inf"))
+        assert time.monotonic() - t0 >= 0.15
+        assert hip.hipEventQuery(ev) == E.hipSuccess
+    finally:
+        g.set()
+        hip.hipStreamSynchronize(s, timeout=10)
+        hip.hipEventDestroy(ev)
+
+
+@pytest.mark.xfail(strict=True, reason="timeout=nan is accepted (runtime._timeout tests "
+                   "'timeout < 0', which is False for nan) and acts as timeout=0, although "
+                   "the check's own message says a timeout must be a number >= 0")
+@pytest.mark.parametrize("call", _sync_calls(), ids=["stream", "event", "device"])
+def test_a_nan_timeout_is_invalid_value(call, stream, gate):
+    s, g = stream(), gate()
+    ev = hip.hipEventCreate()
+    try:
+        hip.hipLaunchHostFunc(s, hold, g)
+        hip.hipEventRecord(ev, s)
+        with pytest.raises(hip.HipError) as exc:
+            call(s, ev, float("nan"))
+        assert code_of(exc) == E.hipErrorInvalidValue
+    finally:
+        g.set()
+        hip.hipStreamSynchronize(s, timeout=10)
+        hip.hipEventDestroy(ev)
+
+
 # -- the null stream -------------------------------------------------------------------
 
 
@@ -411,6 +485,10 @@ def test_device_synchronize_reports_a_failure_of_a_destroyed_stream(stream, gate
     assert time.monotonic() - t0 < 0.2, "hipStreamDestroy waited for the stream's work"
     assert ran == []
     g.set()
+    # The destroyed stream itself is refused, and that does not consume its failure.
+    with pytest.raises(hip.HipError) as exc:
+        hip.hipStreamSynchronize(s, timeout=10)
+    assert code_of(exc) == E.hipErrorInvalidResourceHandle
     with pytest.raises(hip.HipError) as exc:
         hip.hipDeviceSynchronize(timeout=10)
     assert code_of(exc) == E.hipErrorLaunchFailure and exc.value.__cause__ is boom
