@@ -181,6 +181,12 @@ def _os_call(action: str, fn, *args, **kwargs):
         raise
 
 
+def _same_live_dir(old: int, new: int) -> bool:
+    """Whether two directory descriptors name the same directory, still linked in."""
+    a, b = os.fstat(old), os.fstat(new)
+    return a.st_nlink > 0 and (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
 class HandleStore:
     """One namespace of exported segments: the directory ``template`` names.
 
@@ -194,6 +200,7 @@ class HandleStore:
     def __init__(self, template: str | None = None) -> None:
         self.template = template or os.environ.get(STORE_ENV) or DEFAULT_STORE
         self._dirs: dict[str, int] = {}
+        self._retired: list[int] = []  # replaced directory descriptors, closed by close()
         self._lock = threading.Lock()
         self._swept = False
 
@@ -271,9 +278,15 @@ class HandleStore:
             if fd is not None and not fresh:
                 return fd
             new = self._open_dir(path, uid, importing)
+            if fd is not None:
+                if _same_live_dir(fd, new):
+                    os.close(new)  # the store was not recreated: keep the cached one
+                    return fd
+                # Other threads read the cached descriptor without the lock and may be about
+                # to use it: closing it could hand its number to another file under them
+                # (EBADF, ENOTDIR, or a different directory).  Keep it until close().
+                self._retired.append(fd)
             self._dirs[path] = new
-        if fd is not None:
-            os.close(fd)
         return new
 
     def own_path(self) -> str:
@@ -331,7 +344,13 @@ class HandleStore:
         os.fchmod(fd, mode)
         # os.link only uses linkat(AT_SYMLINK_FOLLOW) when a dir_fd is given; plain link(2)
         # does not follow the /proc magic link and fails with EXDEV.
-        os.link(f"/proc/self/fd/{fd}", handle.segment_name, dst_dir_fd=dfd)
+        try:
+            os.link(f"/proc/self/fd/{fd}", handle.segment_name, dst_dir_fd=dfd)
+        except FileNotFoundError:
+            # The cached store was removed under this process (an admin's cleanup,
+            # systemd-logind's RemoveIPC): recreate it, verified as usual, and link there.
+            dfd = self._dir_fd(os.geteuid(), importing=False, fresh=True)
+            os.link(f"/proc/self/fd/{fd}", handle.segment_name, dst_dir_fd=dfd)
 
     def revoke(self, handle: IpcHandle) -> None:
         """Remove the segment's name: later opens fail, open mappings stay valid."""
@@ -456,8 +475,10 @@ class HandleStore:
         return removed
 
     def close(self) -> None:
-        """Drop the cached directory descriptors."""
+        """Drop the cached directory descriptors (no other thread may be using the store)."""
         with self._lock:
             fds, self._dirs = list(self._dirs.values()), {}
+            fds += self._retired
+            self._retired = []
         for fd in fds:
             os.close(fd)
