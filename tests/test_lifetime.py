@@ -409,6 +409,133 @@ def test_six_processes_open_close_and_write_the_same_handles_concurrently():
                 hip.hipFree(ptr)
 
 
+# -- many threads on one store ---------------------------------------------------------
+
+THREADS = """
+import collections, json, os, sys, threading, time
+import hipipc as hip
+from hipipc.handle import HandleKind
+from hipipc.store import HandleStore
+
+sys.setswitchinterval(1e-6)  # switch threads often: widen any window between two steps
+stale = hip.IpcMemHandle.new(HandleKind.HOST_MEMORY, 4096, 0, os.geteuid())
+errors = collections.Counter()
+done = collections.Counter()
+stop = time.monotonic() + float(sys.argv[1])
+
+def fds():
+    return len(os.listdir("/proc/self/fd"))
+
+def exporter():
+    while time.monotonic() < stop:
+        try:
+            ptr = hip.hipMalloc(4096)
+            try:
+                hip.hipIpcGetMemHandle(ptr)
+            finally:
+                hip.hipFree(ptr)
+            done["exports"] += 1
+        except Exception as exc:
+            errors[repr(exc)[:160]] += 1
+
+def prober():
+    # A handle that names nothing in this uid's own store: every open misses.
+    while time.monotonic() < stop:
+        try:
+            hip.hipIpcOpenMemHandle(stale)
+        except hip.HipError as exc:
+            if exc.code != hip.hipError_t.hipErrorInvalidResourceHandle:
+                errors["probe " + repr(exc)[:160]] += 1
+            done["misses"] += 1
+
+hip.hipFree(hip.hipMalloc(1))
+before = fds()
+threads = [threading.Thread(target=exporter) for _ in range(3)]
+threads += [threading.Thread(target=prober) for _ in range(2)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join(60)
+print(json.dumps({"errors": dict(errors), "done": dict(done), "fd_growth": fds() - before,
+                  "left": os.listdir(HandleStore().own_path())}))
+"""
+
+
+def test_missed_imports_in_one_thread_do_not_break_exports_in_others():
+    # A miss makes the store re-open its cached directory descriptor (a store can be
+    # recreated); that must never pull a descriptor out from under another thread that is
+    # creating, linking or unlinking a segment through it.
+    template = f"/dev/shm/hipipc-threads-{uuid.uuid4().hex[:10]}-{{uid}}"
+    try:
+        got = run_json(THREADS, "1.5", env=child_env(HIPIPC_STORE=template), timeout=120)
+    finally:
+        path = template.replace("{uid}", str(os.geteuid()))
+        left = os.listdir(path) if os.path.isdir(path) else []
+        shutil.rmtree(path, ignore_errors=True)
+    assert got["errors"] == {}
+    assert got["done"]["exports"] > 100 and got["done"]["misses"] > 100
+    assert got["left"] == [] and left == [] and got["fd_growth"] <= 0
+
+
+# -- a store removed under running processes ------------------------------------------
+
+STORE_REMOVED = """
+import json, os, select, shutil, stat, sys
+import hipipc as hip
+from hipipc.store import HandleStore
+
+store = HandleStore().own_path()
+out = {}
+first = hip.hipMalloc(64)
+old = bytes(hip.hipIpcGetMemHandle(first))
+to_child_r, to_child_w = os.pipe()
+to_parent_r, to_parent_w = os.pipe()
+pid = os.fork()
+if pid == 0:  # the importer: caches the store's directory descriptor, then waits
+    code = 1
+    try:
+        hip.hipIpcCloseMemHandle(hip.hipIpcOpenMemHandle(old))
+        os.write(to_parent_w, b"k")
+        if select.select([to_child_r], [], [], 30)[0]:
+            new = os.read(to_child_r, 64)
+            hip.hipIpcCloseMemHandle(hip.hipIpcOpenMemHandle(new))
+            code = 0
+    finally:
+        os._exit(code)
+assert select.select([to_parent_r], [], [], 30)[0] and os.read(to_parent_r, 1) == b"k"
+hip.hipFree(first)
+shutil.rmtree(store)  # an admin's cleanup, or systemd-logind's RemoveIPC
+try:
+    second = hip.hipMalloc(64)
+    new = bytes(hip.hipIpcGetMemHandle(second))
+except Exception as exc:
+    out["export"] = repr(exc)
+    os.kill(pid, 9)
+    new = None
+else:
+    out["export"] = "ok"
+    out["store_mode"] = oct(stat.S_IMODE(os.stat(store).st_mode))
+    os.write(to_child_w, new)
+_, status = os.waitpid(pid, 0)
+out["importer_exit"] = os.waitstatus_to_exitcode(status)
+if new is not None:
+    hip.hipFree(second)
+out["left"] = os.listdir(store) if os.path.isdir(store) else []
+print(json.dumps(out))
+"""
+
+
+def test_exporters_and_importers_survive_their_store_being_removed():
+    # Removing /dev/shm/hipipc-<uid> under running processes (an admin's cleanup,
+    # systemd-logind's RemoveIPC) must not leave them unable to export or import.
+    template = f"/dev/shm/hipipc-removed-{uuid.uuid4().hex[:10]}-{{uid}}"
+    try:
+        got = run_json(STORE_REMOVED, env=child_env(HIPIPC_STORE=template), timeout=60)
+    finally:
+        shutil.rmtree(template.replace("{uid}", str(os.geteuid())), ignore_errors=True)
+    assert got == {"export": "ok", "store_mode": "0o711", "importer_exit": 0, "left": []}
+
+
 # -- descriptors -----------------------------------------------------------------------
 
 FD_EXPORTER = """
