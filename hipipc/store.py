@@ -436,14 +436,21 @@ class HandleStore:
         try:
             self._verify_dir(dfd, path, os.geteuid(), importing=False)
             for entry in os.scandir(dfd):
+                # O_NONBLOCK: a FIFO someone left here (an admin-shared sticky store lets
+                # every user create entries) must not block the sweep until a writer comes.
                 try:
-                    fd = os.open(entry.name, os.O_RDONLY | os.O_NOFOLLOW | _O_CLOEXEC,
-                                 dir_fd=dfd)
+                    fd = os.open(entry.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+                                 | _O_CLOEXEC, dir_fd=dfd)
                 except OSError:
                     continue
                 try:
                     st = os.fstat(fd)
-                    info = SegmentInfo.parse(os.pread(fd, _HEADER_SIZE, 0))
+                    info = None
+                    if stat.S_ISREG(st.st_mode):  # a directory or device is never a segment
+                        try:
+                            info = SegmentInfo.parse(os.pread(fd, _HEADER_SIZE, 0))
+                        except OSError:
+                            pass
                 finally:
                     os.close(fd)
                 yield entry.name, info, st
