@@ -258,6 +258,42 @@ def test_an_admin_provisioned_sticky_root_store_is_accepted(temp_store, mode):
     assert temp_store.probe() == {"import": ["ok", "0708090a"], "export": ["ok", ""]}
 
 
+def _plant(store: str) -> list[str]:
+    """As another user: leave a FIFO, a directory, a symlink and junk in a shared store."""
+    become(NOBODY, NOBODY)
+    names = ["fifo", "dir", "link", "junk"]
+    os.mkfifo(os.path.join(store, "fifo"), 0o600)
+    os.mkdir(os.path.join(store, "dir"), 0o700)
+    os.symlink("/etc/passwd", os.path.join(store, "link"))
+    with open(os.path.join(store, "junk"), "wb") as f:
+        f.write(b"junk" * 100)
+    return names
+
+
+SWEEP = """
+import json, subprocess, sys
+import hipipc as hip
+ptr = hip.hipMalloc(64)
+hip.hipIpcGetMemHandle(ptr)  # the first export sweeps the store
+hip.hipFree(ptr)
+runs = [subprocess.run([sys.executable, "-m", "hipipc", cmd], capture_output=True, text=True,
+                       timeout=20) for cmd in ("gc", "ls")]
+print(json.dumps([[r.returncode, r.stderr.strip()] for r in runs]))
+"""
+
+
+@needs_root
+def test_files_others_plant_in_a_shared_store_cannot_hang_or_break_gc_and_exports(temp_store):
+    # An admin-provisioned store (root, sticky, 1733) lets every user create entries in it.
+    # A FIFO must not hang the sweep (open for reading blocks until a writer comes), and a
+    # directory must not make it raise (pread: EISDIR).
+    os.chmod(temp_store.path, 0o1733)
+    planted = in_fork(_plant, temp_store.path)
+    got = run_json(SWEEP, env=child_env(HIPIPC_STORE=temp_store.template), timeout=60)
+    assert got == [[0, ""], [0, ""]]
+    assert set(planted) | {temp_store.handle.segment_name} == set(os.listdir(temp_store.path))
+
+
 def _segment_symlink(s: TempStore) -> str:
     os.rename(s.segment, s.segment + ".real")
     os.symlink(s.segment + ".real", s.segment)
