@@ -433,6 +433,10 @@ class HandleStore:
             dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | _O_CLOEXEC)
         except (FileNotFoundError, NotADirectoryError):
             return
+        except PermissionError:
+            # An admin-provisioned store (root, sticky, no read for others): its users may
+            # create and open names but not list them, so there is nothing to enumerate.
+            return
         try:
             self._verify_dir(dfd, path, os.geteuid(), importing=False)
             for entry in os.scandir(dfd):
