@@ -294,6 +294,32 @@ def test_files_others_plant_in_a_shared_store_cannot_hang_or_break_gc_and_export
     assert set(planted) | {temp_store.handle.segment_name} == set(os.listdir(temp_store.path))
 
 
+def _export_as_nobody(store: str) -> dict:
+    """As another user, export through the admin's shared store (a fixed HIPIPC_STORE)."""
+    become(NOBODY, NOBODY)
+    os.environ["HIPIPC_STORE"] = store  # read when this forked child's registry is made
+    out = {}
+    ptr = hip.hipMalloc(64)
+    try:
+        handle = hip.hipIpcGetMemHandle(ptr)  # the first export also sweeps the store
+        seg = os.stat(os.path.join(store, handle.segment_name))
+        out["segment"] = [seg.st_uid, oct(stat.S_IMODE(seg.st_mode))]
+    finally:
+        hip.hipFree(ptr)
+    out["after_free"] = os.path.exists(os.path.join(store, handle.segment_name))
+    return out
+
+
+@needs_root
+def test_a_user_can_export_into_an_admin_provisioned_store(temp_store):
+    # BRIEF section 5: an admin may provision a shared store, owned by root with the sticky
+    # bit.  Its users may create entries but not list them, so the first export's sweep
+    # cannot enumerate the store; that must not make the export fail.
+    os.chmod(temp_store.path, 0o1733)
+    got = in_fork(_export_as_nobody, temp_store.path)
+    assert got == {"segment": [NOBODY, "0o600"], "after_free": False}
+
+
 def _segment_symlink(s: TempStore) -> str:
     os.rename(s.segment, s.segment + ".real")
     os.symlink(s.segment + ".real", s.segment)
