@@ -339,7 +339,12 @@ class HandleStore:
         """Give the segment behind ``fd`` its name: the explicit export step."""
         if not self._swept:
             self._swept = True
-            self.collect()
+            try:
+                self.collect()
+            except OSError:
+                # The sweep is opportunistic and must never fail the export: at the fd limit
+                # (EMFILE) exporting is what gives an unexported allocation's descriptor back.
+                pass
         dfd = self._dir_fd(os.geteuid(), importing=False)
         os.fchmod(fd, mode)
         # os.link only uses linkat(AT_SYMLINK_FOLLOW) when a dir_fd is given; plain link(2)
