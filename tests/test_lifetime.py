@@ -639,3 +639,34 @@ def test_thousands_of_allocations_and_imports_fit_a_soft_fd_limit_of_1024(tmp_pa
         code, message = exported["unexported"]
         assert code == "hipErrorOutOfMemory" and "RLIMIT_NOFILE" in message
     assert exported["after_free_unexported"] == 0
+
+
+FD_EXHAUSTED = """
+import json, os, resource
+import hipipc as hip
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))  # no headroom left to raise into
+base = len(os.listdir("/proc/self/fd"))
+ptrs, out = [], {}
+try:
+    while len(ptrs) < 1000:
+        ptrs.append(hip.hipMalloc(64))
+except hip.HipError as exc:
+    out["error"] = [exc.code.name, str(exc)]
+out["allocated"] = len(ptrs)
+hip.hipIpcGetMemHandle(ptrs[0])  # exporting gives its descriptor back
+ptrs.append(hip.hipMalloc(64))
+out["after_export"] = "ok"
+for ptr in ptrs:
+    hip.hipFree(ptr)
+out["fd_growth"] = len(os.listdir("/proc/self/fd")) - base
+print(json.dumps(out))
+"""
+
+
+def test_descriptor_exhaustion_is_out_of_memory_naming_the_limit():
+    got = run_json(FD_EXHAUSTED)
+    code, message = got["error"]
+    assert code == "hipErrorOutOfMemory"
+    assert "RLIMIT_NOFILE soft=64, hard=64" in message and "ulimit -Hn" in message
+    assert 40 < got["allocated"] < 64
+    assert got["after_export"] == "ok" and got["fd_growth"] <= 1  # the cached store directory
