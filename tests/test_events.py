@@ -644,6 +644,10 @@ def test_every_single_bit_flip_of_a_live_event_handle_is_refused(spawn):
                 unexpected.append((bit, exc.code.name))
         except Exception as exc:  # the point of the test: never another exception
             unexpected.append((bit, repr(exc)))
+    for cut in (live[:63], live[:32], live[1:], live + b"\x00", live * 2):
+        with pytest.raises(hip.HipError) as exc:
+            hip.hipIpcOpenEventHandle(cut)
+        assert code_of(exc) == E.hipErrorInvalidValue
     for _, ev in opened:
         hip.hipEventDestroy(ev)
     assert not opened, f"flipped bits opened an event: {[b for b, _ in opened]}"
@@ -731,7 +735,7 @@ def test_waiting_for_an_ipc_event_burns_no_cpu(spawn, events, stream):
     tag, results = peer.recv()
     peer.finish()
     for mode, cpu, wall in results:
-        assert wall >= 0.8, (mode, wall)
+        assert wall >= 0.5, (mode, wall)
         assert cpu < 0.1, f"{mode}: {cpu:.3f} s of CPU while waiting {wall:.2f} s"
 
 
