@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import os
 import threading
+import time
 import weakref
 
 from .backends import Allocation, Backend, ImportedMemory, Region, create_backend
@@ -21,7 +22,7 @@ from .errors import HipError, hipError_t
 from .events import Event
 from .handle import IpcEventHandle, IpcMemHandle
 from .store import HandleStore, share_mode
-from .streams import Stream
+from .streams import Stream, running_on_stream
 
 __all__ = ["Registry", "get_registry"]
 
@@ -159,12 +160,32 @@ class Registry:
 
     # -- streams and events --------------------------------------------------------------
 
-    def create_stream(self) -> Stream:
-        stream = self.backend.create_stream(self.device)
+    def create_stream(self, blocking: bool = True) -> Stream:
+        stream = self.backend.create_stream(self.device, blocking)
         with self._lock:
             self._streams = {s for s in self._streams if not s.finished}
             self._streams.add(stream)
         return stream
+
+    def _blocking_streams(self) -> list[Stream]:
+        with self._lock:
+            return [s for s in self._streams if s.blocking]
+
+    def join_blocking_streams(self, timeout: float | None = None) -> None:
+        """The legacy null stream's implicit wait: for the work enqueued so far on every
+        blocking stream (skipped on a stream's own thread, which would wait for itself).
+        ``hipErrorNotReady`` if ``timeout`` seconds pass first."""
+        if not self._streams or running_on_stream():
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for stream in self._blocking_streams():
+            if not stream.query():
+                stream.wait_idle(None if deadline is None
+                                 else max(0.0, deadline - time.monotonic()))
+
+    def blocking_streams_idle(self) -> bool:
+        """``hipStreamQuery`` of the null stream: no blocking stream has pending work."""
+        return all(s.query() for s in self._blocking_streams())
 
     def synchronize(self, timeout: float | None = None) -> None:
         """``hipDeviceSynchronize``: drain every stream of this process, report one failure."""

@@ -29,7 +29,7 @@ from .events import Event, check_event_flags, hipEventDefault
 from .handle import IpcEventHandle, IpcMemHandle
 from .registry import get_registry
 from .store import share_mode
-from .streams import Stream
+from .streams import Stream, hipStreamDefault, hipStreamNonBlocking
 
 __all__ = [
     "hipMemcpyKind",
@@ -55,6 +55,7 @@ __all__ = [
     "hipIpcCloseMemHandle",
     "asarray",
     "hipStreamCreate",
+    "hipStreamCreateWithFlags",
     "hipStreamDestroy",
     "hipStreamSynchronize",
     "hipStreamQuery",
@@ -207,11 +208,13 @@ def _memset_args(ptr: Any, value: Any, nbytes: Any, what: str) -> tuple[int, int
 
 
 def hipMemset(ptr: int, value: int, nbytes: int) -> None:
-    """Set ``nbytes`` bytes at ``ptr`` to ``value & 0xff`` (bounds checked)."""
+    """Set ``nbytes`` bytes at ``ptr`` to ``value & 0xff`` (bounds checked), on the null
+    stream like ``hipMemcpy``."""
     ptr, value, nbytes = _memset_args(ptr, value, nbytes, "hipMemset")
     reg = get_registry()
     if nbytes:
         reg.check_range(ptr, nbytes)
+        reg.join_blocking_streams()
         reg.backend.memset(ptr, value, nbytes)
 
 
@@ -271,7 +274,8 @@ def _copy_args(dst: Any, src: Any, nbytes: Any, kind: Any, what: str, pin: bool
 
 
 def hipMemcpy(dst: Any, src: Any, nbytes: int, kind: int = hipMemcpyDefault) -> None:
-    """Copy ``nbytes`` from ``src`` to ``dst``.
+    """Copy ``nbytes`` from ``src`` to ``dst`` on the null stream: after the work already
+    enqueued on blocking streams (CUDA's legacy default stream), done when it returns.
 
     A device side is an ``int`` pointer from this process's ``hipMalloc`` or
     ``hipIpcOpenMemHandle`` (interior pointers allowed; the range must stay inside the
@@ -282,7 +286,9 @@ def hipMemcpy(dst: Any, src: Any, nbytes: int, kind: int = hipMemcpyDefault) -> 
     dst_addr, src_addr, nbytes, kind, _keep = _copy_args(dst, src, nbytes, kind, "hipMemcpy",
                                                          pin=False)
     if nbytes:
-        get_registry().backend.memcpy(dst_addr, src_addr, nbytes, kind)
+        reg = get_registry()
+        reg.join_blocking_streams()
+        reg.backend.memcpy(dst_addr, src_addr, nbytes, kind)
 
 
 def hipMemcpyAsync(dst: Any, src: Any, nbytes: int, kind: int = hipMemcpyDefault,
@@ -378,19 +384,40 @@ def _timeout(timeout: Any) -> float | None:
     return float(timeout)
 
 
-def _stream(stream: Any) -> Stream:
-    """``stream`` itself, or the null stream for None/0."""
-    if isinstance(stream, Stream):
-        return stream
+def _is_null(stream: Any) -> bool:
     if stream is None or (type(stream) is int and stream == 0):
-        return get_registry().backend.null_stream()
+        return True
+    if isinstance(stream, Stream):
+        return stream.is_null
     raise _invalid(f"expected a stream from hipStreamCreate, or None/0 for the null stream, "
                    f"not {type(stream).__name__}")
 
 
+def _stream(stream: Any) -> Stream:
+    """``stream`` itself; for None/0 the null stream, once blocking streams are idle."""
+    if not _is_null(stream):
+        return stream
+    reg = get_registry()
+    reg.join_blocking_streams()
+    return reg.backend.null_stream()
+
+
 def hipStreamCreate() -> Stream:
-    """A new stream on the current device: its work runs in order, off the caller's thread."""
+    """A new blocking stream on the current device: its work runs in order, off the caller's
+    thread, and null-stream operations wait for it (CUDA's legacy default stream)."""
     return get_registry().create_stream()
+
+
+def hipStreamCreateWithFlags(flags: int) -> Stream:
+    """A new stream; ``hipStreamNonBlocking`` makes one the null stream does not wait for.
+
+    Raises ``hipErrorInvalidValue`` for flags other than ``hipStreamDefault`` and
+    ``hipStreamNonBlocking``.
+    """
+    if flags not in (hipStreamDefault, hipStreamNonBlocking) or isinstance(flags, bool):
+        raise _invalid(f"stream flags must be hipStreamDefault or hipStreamNonBlocking, "
+                       f"got {flags!r}")
+    return get_registry().create_stream(blocking=flags != hipStreamNonBlocking)
 
 
 def hipStreamDestroy(stream: Stream) -> None:
@@ -399,11 +426,13 @@ def hipStreamDestroy(stream: Stream) -> None:
     A failure that work reports later is raised by ``hipDeviceSynchronize``.  Raises
     ``hipErrorInvalidResourceHandle`` for the null stream or a stream destroyed already.
     """
-    s = _stream(stream)
-    if s.destroyed:
+    if _is_null(stream):
+        raise HipError(hipError_t.hipErrorInvalidResourceHandle,
+                       "hipStreamDestroy: the null stream cannot be destroyed")
+    if stream.destroyed:
         raise HipError(hipError_t.hipErrorInvalidResourceHandle,
                        "hipStreamDestroy: the stream was destroyed already")
-    s.destroy()
+    stream.destroy()
 
 
 def hipStreamSynchronize(stream: Stream | None, *, timeout: float | None = None) -> None:
@@ -411,14 +440,18 @@ def hipStreamSynchronize(stream: Stream | None, *, timeout: float | None = None)
 
     Raises ``hipErrorLaunchFailure`` (the original exception chained) if some of that work
     failed since the last synchronize, ``hipErrorNotReady`` after ``timeout`` seconds, and
-    ``hipErrorInvalidResourceHandle`` for a destroyed stream.
+    ``hipErrorInvalidResourceHandle`` for a destroyed stream.  For the null stream: wait for
+    the work enqueued on blocking streams (see ``hipStreamCreate``).
     """
-    _stream(stream).synchronize(_timeout(timeout))
+    if _is_null(stream):
+        get_registry().join_blocking_streams(_timeout(timeout))
+    else:
+        stream.synchronize(_timeout(timeout))
 
 
 def hipStreamQuery(stream: Stream | None) -> hipError_t:
     """``hipSuccess`` if all work enqueued on ``stream`` has run, else ``hipErrorNotReady``."""
-    done = _stream(stream).query()
+    done = get_registry().blocking_streams_idle() if _is_null(stream) else stream.query()
     return hipError_t.hipSuccess if done else hipError_t.hipErrorNotReady
 
 

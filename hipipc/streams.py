@@ -5,7 +5,11 @@ CUDA/HIP rules kept by every backend:
 - Work on one stream runs in the order it was enqueued, off the caller's thread; enqueueing
   never waits for earlier work.
 - The null stream (``stream=None`` or ``0`` in every hip* call) is synchronous here: its work
-  has finished when the call returns.
+  has finished when the call returns.  It is CUDA's and HIP's *legacy* default stream: before
+  it runs anything (a null-stream operation, or a plain ``hipMemcpy``/``hipMemset``) it waits
+  for the work already enqueued on every blocking stream of the process, i.e. every stream
+  not made with ``hipStreamNonBlocking``.  Code running on a stream's own thread (a host
+  function) skips that wait, since it would wait for itself (CUDA forbids API calls there).
 - A failure in enqueued work (an exception raised by a ``hipLaunchHostFunc`` function, a wait
   whose recorder died) is not lost: the next synchronize of that stream, or of the device,
   raises ``HipError(hipErrorLaunchFailure)`` with the original exception chained, once.  Work
@@ -17,6 +21,7 @@ CUDA/HIP rules kept by every backend:
 from __future__ import annotations
 
 import abc
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +34,18 @@ __all__ = ["Stream", "hipStream_t", "hipStreamDefault", "hipStreamNonBlocking"]
 
 hipStreamDefault = 0x0
 hipStreamNonBlocking = 0x1
+
+_worker = threading.local()
+
+
+def mark_stream_worker() -> None:
+    """Called by a backend in each thread that runs stream work (host functions)."""
+    _worker.active = True
+
+
+def running_on_stream() -> bool:
+    """True in a thread that runs stream work, where the null stream must not wait."""
+    return getattr(_worker, "active", False)
 
 
 def destroyed_stream() -> HipError:
@@ -53,6 +70,7 @@ class Stream(abc.ABC):
     """
 
     device: int
+    blocking: bool = True  # False for hipStreamNonBlocking: the null stream does not wait for it
     is_null: bool = False
 
     @property
@@ -90,6 +108,11 @@ class Stream(abc.ABC):
     @abc.abstractmethod
     def drain(self, timeout: float | None) -> None:
         """:meth:`synchronize` that also accepts a destroyed stream (``hipDeviceSynchronize``)."""
+
+    @abc.abstractmethod
+    def wait_idle(self, timeout: float | None) -> None:
+        """Wait for the work enqueued so far without reporting failures (the null stream's
+        implicit wait); ``hipErrorNotReady`` after ``timeout`` seconds."""
 
     @property
     def finished(self) -> bool:

@@ -101,8 +101,8 @@ class Backend(abc.ABC):
     # -- streams and events --------------------------------------------------------------
 
     @abc.abstractmethod
-    def create_stream(self, device: int) -> Stream:
-        """A new stream on ``device``."""
+    def create_stream(self, device: int, blocking: bool) -> Stream:
+        """A new stream on ``device``; ``blocking`` False for ``hipStreamNonBlocking``."""
 
     @abc.abstractmethod
     def null_stream(self) -> Stream:

@@ -136,8 +136,8 @@ class HostBackend(Backend):
 
     # -- streams and events --------------------------------------------------------------
 
-    def create_stream(self, device: int) -> HostStream:
-        return HostStream(device)
+    def create_stream(self, device: int, blocking: bool) -> HostStream:
+        return HostStream(device, blocking)
 
     def null_stream(self) -> NullStream:
         return self._null_stream

@@ -24,7 +24,7 @@ from ..errors import HipError, hipError_t
 from ..events import Event, destroyed_event
 from ..handle import IpcEventHandle
 from ..store import HandleStore, own_process
-from ..streams import Stream, destroyed_stream, launch_failure
+from ..streams import Stream, destroyed_stream, launch_failure, mark_stream_worker
 from .eventstate import EventState
 
 __all__ = ["HostStream", "NullStream", "HostEvent"]
@@ -67,8 +67,9 @@ class _HostStreamBase(Stream):
 class HostStream(_HostStreamBase):
     """A stream worked by its own daemon thread."""
 
-    def __init__(self, device: int) -> None:
+    def __init__(self, device: int, blocking: bool = True) -> None:
         self.device = device
+        self.blocking = blocking
         self._queue: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...], str] | None]
         self._queue = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -84,6 +85,7 @@ class HostStream(_HostStreamBase):
         return self._closed
 
     def _run(self) -> None:
+        mark_stream_worker()
         get = self._queue.get
         while True:
             item = get()
@@ -119,8 +121,7 @@ class HostStream(_HostStreamBase):
     def query(self) -> bool:
         return self._done == self._submitted
 
-    def drain(self, timeout: float | None) -> None:
-        """Wait for the work enqueued so far (destroyed streams too), then report a failure."""
+    def wait_idle(self, timeout: float | None) -> None:
         if self._closed:
             self._worker.join(timeout)
             finished = not self._worker.is_alive()
@@ -129,13 +130,16 @@ class HostStream(_HostStreamBase):
             try:
                 self._enqueue(marker.set, (), "synchronize")
             except HipError:  # destroyed meanwhile
-                return self.drain(timeout)
+                return self.wait_idle(timeout)
             finished = marker.wait(timeout)
         else:
             finished = True
         if not finished:
             raise HipError(hipError_t.hipErrorNotReady,
                            f"the stream's work did not finish within {timeout} s")
+
+    def drain(self, timeout: float | None) -> None:
+        self.wait_idle(timeout)
         failure, self._failure = self._failure, None
         if failure is not None:
             raise launch_failure(*failure)
@@ -180,6 +184,9 @@ class NullStream(_HostStreamBase):
         return True
 
     def drain(self, timeout: float | None) -> None:
+        pass
+
+    def wait_idle(self, timeout: float | None) -> None:
         pass
 
     def destroy(self) -> None:
