@@ -430,6 +430,7 @@ def test_a_foreign_uid_can_open_once_the_exporter_shares_with_all(exported):
     assert got["open"] == ["ok", "00010203"]
     assert got["listdir"] == "PermissionError"  # sharing a segment never lists the store
     assert bytes(hip.asarray(ptr, 5)) == b"\xee" * 4 + b"\x04"  # its writes landed here
+    assert not os.path.exists(HandleStore().path_for(NOBODY))  # importing made no store
 
 
 @needs_root
