@@ -188,19 +188,20 @@ class Registry:
         return all(s.query() for s in self._blocking_streams())
 
     def synchronize(self, timeout: float | None = None) -> None:
-        """``hipDeviceSynchronize``: drain every stream of this process, report one failure."""
+        """``hipDeviceSynchronize``: wait for every stream of this process (one deadline for
+        all), then report one failure not reported yet; others wait for the next call."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             streams = list(self._streams)
-        failure: HipError | None = None
         for stream in streams:
-            try:
-                stream.drain(timeout)
-            except HipError as exc:
-                failure = failure or exc
-        with self._lock:
-            self._streams = {s for s in self._streams if not s.finished}
-        if failure is not None:
-            raise failure
+            stream.wait_idle(None if deadline is None
+                             else max(0.0, deadline - time.monotonic()))
+        try:
+            for stream in streams:
+                stream.report_failure()
+        finally:
+            with self._lock:
+                self._streams = {s for s in self._streams if not s.finished}
 
     def create_event(self, flags: int) -> Event:
         event = self.backend.create_event(flags, self.device)

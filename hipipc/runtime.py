@@ -18,6 +18,7 @@ any object with the buffer protocol (numpy array, bytearray, memoryview, bytes f
 from __future__ import annotations
 
 import enum
+import math
 import operator
 from collections.abc import Callable
 from typing import Any
@@ -29,7 +30,7 @@ from .events import Event, check_event_flags, hipEventDefault
 from .handle import IpcEventHandle, IpcMemHandle
 from .registry import get_registry
 from .store import share_mode
-from .streams import Stream, hipStreamDefault, hipStreamNonBlocking
+from .streams import Stream, destroyed_stream, hipStreamDefault, hipStreamNonBlocking
 
 __all__ = [
     "hipMemcpyKind",
@@ -315,14 +316,18 @@ def asarray(ptr: int, shape: int | tuple[int, ...], dtype: Any = np.uint8) -> An
     """
     if not _is_pointer(ptr):
         raise _invalid(f"asarray needs an int pointer, not {type(ptr).__name__}")
-    shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
     try:
+        dims = [operator.index(shape)] if not hasattr(shape, "__iter__") else \
+            [operator.index(n) for n in shape]
         dt = np.dtype(dtype)
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
     except TypeError as exc:
-        raise _invalid(f"asarray: {exc}") from None
-    if any(int(n) < 0 for n in shape):
-        raise _invalid(f"asarray: negative dimension in {shape}")
+        raise _invalid(f"asarray: shape must be ints and dtype a numpy dtype ({exc})") from None
+    if any(n < 0 for n in dims):
+        raise _invalid(f"asarray: negative dimension in {tuple(dims)}")
+    if dt.hasobject:
+        raise _invalid(f"asarray: dtype {dt} holds Python objects, which raw memory cannot")
+    shape = tuple(dims)
+    nbytes = math.prod(dims) * dt.itemsize  # Python ints: no wrap-around for huge shapes
     reg = get_registry()
     region, offset = reg.check_range(int(ptr), nbytes)
     return reg.backend.asarray(region, offset, shape, dt)
@@ -377,11 +382,13 @@ def hipIpcCloseMemHandle(ptr: int) -> None:
 
 
 def _timeout(timeout: Any) -> float | None:
+    """Seconds to wait, None for no limit (``math.inf`` too)."""
     if timeout is None:
         return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or \
+            not timeout >= 0:  # also refuses nan
         raise _invalid(f"timeout must be None or a number of seconds >= 0, got {timeout!r}")
-    return float(timeout)
+    return None if math.isinf(timeout) else float(timeout)
 
 
 def _is_null(stream: Any) -> bool:
@@ -394,8 +401,13 @@ def _is_null(stream: Any) -> bool:
 
 
 def _stream(stream: Any) -> Stream:
-    """``stream`` itself; for None/0 the null stream, once blocking streams are idle."""
+    """``stream`` itself; for None/0 the null stream, once blocking streams are idle.
+
+    Raises ``hipErrorInvalidResourceHandle`` for a destroyed stream.
+    """
     if not _is_null(stream):
+        if stream.destroyed:
+            raise destroyed_stream()
         return stream
     reg = get_registry()
     reg.join_blocking_streams()
@@ -451,7 +463,8 @@ def hipStreamSynchronize(stream: Stream | None, *, timeout: float | None = None)
 
 def hipStreamQuery(stream: Stream | None) -> hipError_t:
     """``hipSuccess`` if all work enqueued on ``stream`` has run, else ``hipErrorNotReady``."""
-    done = get_registry().blocking_streams_idle() if _is_null(stream) else stream.query()
+    done = get_registry().blocking_streams_idle() if _is_null(stream) else \
+        _stream(stream).query()
     return hipError_t.hipSuccess if done else hipError_t.hipErrorNotReady
 
 

@@ -105,9 +105,14 @@ class Stream(abc.ABC):
             raise destroyed_stream()
         self.drain(timeout)
 
-    @abc.abstractmethod
     def drain(self, timeout: float | None) -> None:
         """:meth:`synchronize` that also accepts a destroyed stream (``hipDeviceSynchronize``)."""
+        self.wait_idle(timeout)
+        self.report_failure()
+
+    @abc.abstractmethod
+    def report_failure(self) -> None:
+        """Raise ``hipErrorLaunchFailure`` for the first failure not reported yet, once."""
 
     @abc.abstractmethod
     def wait_idle(self, timeout: float | None) -> None:

@@ -1,23 +1,27 @@
-"""The state of a host event: sequence counters in (shared) memory, a futex, a robust mutex.
+"""The state of a host event: sequence numbers in (shared) memory, a futex, a robust mutex.
 
-One :class:`EventState` is 128 bytes at a fixed address: in a store segment for an
-interprocess event (every process that opened the handle maps the same page), or in private
+One :class:`EventState` is :data:`STATE_SIZE` bytes at a fixed address: in a store segment for
+an interprocess event (every process that opened the handle maps the same page), or in private
 memory for a local event.  Layout (native byte order)::
 
-    0   pthread_mutex_t   process-shared and robust: a holder that dies cannot wedge others
-    64  u32 completed     the futex word: the newest sequence number whose work is done
-    68  u32 recorded      the newest sequence number handed out by a record
-    72  u32 recorder_pid  who made that record ...
-    80  u64 recorder_start  ... and that process's start time (pid reuse cannot fool a waiter)
-    88  u64 completed_ns  CLOCK_MONOTONIC of the newest completion (timing events)
+    0    pthread_mutex_t   process-shared and robust: a holder that dies cannot wedge others
+    64   u32 generation    the futex word: changes on every completion
+    68   u32 recorded      the newest sequence number handed out by a record
+    72   u32 recorder_pid  who made that record ...
+    76   u32 floor         every record up to this number is done
+    80   u64 recorder_start  ... and that process's start time (pid reuse cannot fool a waiter)
+    88   u64 completed_ns  CLOCK_MONOTONIC when the newest record completed (timing events)
+    96   u64[256] done     one bit per record in a window of WINDOW numbers above ``floor``
 
-CUDA's rules map onto it directly: a record takes the next number (``recorded += 1``) when it
-is *called*; the stream marks it done when the work before it has run (``completed`` moves
-forward, never back); an event is complete when ``completed`` has reached ``recorded``; a wait
-or synchronize waits for the number that was newest *as of the call*.  A never-recorded event
-(both 0) is complete.  Numbers are u32 compared in serial arithmetic, so they may wrap.
+CUDA's rules map onto it directly: a record takes the next number when it is *called*; the
+stream marks that number done when the work before it has run; an event is complete when its
+newest number is done; a wait or synchronize waits for the number that was newest *as of the
+call*, and only for it: a later record that completes first does not release it, and one that
+stays pending does not hold it.  A never-recorded event (number 0) is complete.  Numbers are
+u32 in serial arithmetic, so they may wrap; at most :data:`WINDOW` records of one event may be
+pending at once.
 
-Waiters sleep in ``FUTEX_WAIT`` on ``completed`` (no core burnt, woken by the completer's
+Waiters sleep in ``FUTEX_WAIT`` on ``generation`` (no core burnt, woken by the completer's
 ``FUTEX_WAKE``) in slices of :data:`LIVENESS_INTERVAL`; between slices a waiter checks that the
 process which made the record it waits for still runs.  If that process exited before the work
 completed, the wait raises ``hipErrorLaunchFailure`` instead of hanging forever.
@@ -36,13 +40,15 @@ from typing import Any
 from ..errors import HipError, hipError_t
 from ..store import process_start_time
 
-__all__ = ["EventState", "STATE_SIZE", "LIVENESS_INTERVAL", "Target"]
+__all__ = ["EventState", "STATE_SIZE", "WINDOW", "LIVENESS_INTERVAL", "Target"]
 
-STATE_SIZE = 128
+WINDOW = 16384  # records of one event that may be pending at once: a 2 KiB bitmap
+STATE_SIZE = 96 + WINDOW // 8
 LIVENESS_INTERVAL = 0.1  # seconds between checks that a waited-for recorder still runs
 
-_MUTEX_OFFSET, _MUTEX_SPACE = 0, 64
-_COMPLETED, _RECORDED, _RECORDER_PID, _RECORDER_START, _COMPLETED_NS = 64, 68, 72, 80, 88
+_MUTEX_OFFSET = 0
+_GENERATION, _RECORDED, _RECORDER_PID, _FLOOR = 64, 68, 72, 76
+_RECORDER_START, _COMPLETED_NS, _DONE_BITS = 80, 88, 96
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _syscall = _libc.syscall
@@ -67,19 +73,22 @@ class _Timespec(ctypes.Structure):
     _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
 
 
-def _futex_wait(addr: int, expected: int, seconds: float) -> int:
+# syscall() is variadic: every argument must be passed with its full C width.
+_NR_FUTEX = ctypes.c_long(_SYS_FUTEX)
+_OP_WAIT, _OP_WAKE = ctypes.c_long(_FUTEX_WAIT), ctypes.c_long(_FUTEX_WAKE)
+_WAKE_ALL, _NULL, _ZERO = ctypes.c_long(_INT_MAX), ctypes.c_void_p(0), ctypes.c_long(0)
+
+
+def _futex_wait(addr: ctypes.c_void_p, expected: int, seconds: float) -> int:
     """Sleep while the u32 at ``addr`` equals ``expected``, at most ``seconds``; 0 or errno."""
     ts = _Timespec(int(seconds), int((seconds % 1.0) * 1e9))
-    # syscall() is variadic: every argument must have its full C width.
-    rc = _syscall(ctypes.c_long(_SYS_FUTEX), ctypes.c_void_p(addr), ctypes.c_long(_FUTEX_WAIT),
-                  ctypes.c_long(expected), ctypes.byref(ts), ctypes.c_void_p(0),
-                  ctypes.c_long(0))
+    rc = _syscall(_NR_FUTEX, addr, _OP_WAIT, ctypes.c_long(expected), ctypes.byref(ts), _NULL,
+                  _ZERO)
     return 0 if rc == 0 else ctypes.get_errno()
 
 
-def _futex_wake_all(addr: int) -> None:
-    _syscall(ctypes.c_long(_SYS_FUTEX), ctypes.c_void_p(addr), ctypes.c_long(_FUTEX_WAKE),
-             ctypes.c_long(_INT_MAX), ctypes.c_void_p(0), ctypes.c_void_p(0), ctypes.c_long(0))
+def _futex_wake_all(addr: ctypes.c_void_p) -> None:
+    _syscall(_NR_FUTEX, addr, _OP_WAKE, _WAKE_ALL, _NULL, _NULL, _ZERO)
 
 
 def _init_mutex(addr: int) -> None:
@@ -108,25 +117,28 @@ Target = tuple[int, int, int]
 
 
 class EventState:
-    """The 128-byte state of one event at ``addr``; ``keepalive`` pins the memory.
+    """The state of one event at ``addr``; ``keepalive`` pins the memory.
 
-    ``initialize=True`` (the creator) zeroes nothing (new memory is zero) but sets up the
-    mutex; openers pass False.  Any object that holds this state keeps the memory mapped, so a
-    stream operation or a waiter can outlive ``hipEventDestroy`` safely.
+    ``initialize=True`` (the creator) sets up the mutex in the new, zeroed memory; openers pass
+    False.  Any object that holds this state keeps the memory mapped, so a stream operation
+    or a waiter can outlive ``hipEventDestroy`` safely.
     """
 
-    __slots__ = ("addr", "_keepalive", "_mutex", "_completed", "_recorded", "_pid", "_start",
-                 "_completed_ns")
+    __slots__ = ("addr", "_keepalive", "_mutex", "_generation", "_futex", "_recorded", "_pid",
+                 "_floor", "_start", "_completed_ns", "_done")
 
     def __init__(self, addr: int, keepalive: Any, *, initialize: bool) -> None:
         self.addr = addr
         self._keepalive = keepalive
         self._mutex = ctypes.c_void_p(addr + _MUTEX_OFFSET)
-        self._completed = ctypes.c_uint32.from_address(addr + _COMPLETED)
+        self._generation = ctypes.c_uint32.from_address(addr + _GENERATION)
+        self._futex = ctypes.c_void_p(addr + _GENERATION)
         self._recorded = ctypes.c_uint32.from_address(addr + _RECORDED)
         self._pid = ctypes.c_uint32.from_address(addr + _RECORDER_PID)
+        self._floor = ctypes.c_uint32.from_address(addr + _FLOOR)
         self._start = ctypes.c_uint64.from_address(addr + _RECORDER_START)
         self._completed_ns = ctypes.c_uint64.from_address(addr + _COMPLETED_NS)
+        self._done = (ctypes.c_uint64 * (WINDOW // 64)).from_address(addr + _DONE_BITS)
         if initialize:
             _init_mutex(addr + _MUTEX_OFFSET)
 
@@ -141,7 +153,9 @@ class EventState:
     def _lock(self) -> None:
         rc = _mutex_lock(self._mutex)
         if rc == _EOWNERDEAD:
-            # A holder died mid-update; the fields are single words, each valid on its own.
+            # A holder died mid-update.  Every update leaves the fields consistent word by
+            # word, and a half-done completion is redone by nobody: its waiters see the
+            # recorder gone and fail cleanly.
             _mutex_consistent(self._mutex)
         elif rc:
             raise HipError(hipError_t.hipErrorOperatingSystem,
@@ -153,10 +167,21 @@ class EventState:
     # -- record / complete -----------------------------------------------------------------
 
     def reserve(self, pid: int, start: int) -> int:
-        """A record: take the next sequence number in the name of process (pid, start)."""
+        """A record: take the next sequence number in the name of process (pid, start).
+
+        Raises ``hipErrorNotReady`` when :data:`WINDOW` records of this event are pending
+        already (nothing is reserved then).
+        """
         self._lock()
         try:
             seq = (self._recorded.value + 1) & 0xFFFFFFFF
+            if not _serial_ge(self._floor.value, seq - WINDOW):
+                raise HipError(hipError_t.hipErrorNotReady,
+                               f"{WINDOW} records of this event are still pending (a recorder "
+                               "may have exited with work enqueued); wait for them or use "
+                               "another event")
+            # The slot last served seq - WINDOW, which is at or below the floor: done.
+            self._done[(seq % WINDOW) >> 6] &= ~(1 << (seq % 64))
             self._recorded.value = seq
             self._pid.value = pid
             self._start.value = start
@@ -165,17 +190,27 @@ class EventState:
         return seq
 
     def complete(self, seq: int, timing: bool) -> None:
-        """The work before record ``seq`` is done: move ``completed`` forward and wake waiters."""
+        """The work before record ``seq`` is done: mark it, advance the floor, wake waiters."""
         self._lock()
         try:
-            if _serial_ge(self._completed.value, seq):
-                return  # a newer record completed first; completion never moves back
-            if timing:
+            if self._is_done(seq):
+                return
+            done = self._done
+            done[(seq % WINDOW) >> 6] |= 1 << (seq % 64)
+            floor = self._floor.value
+            while True:
+                nxt = (floor + 1) & 0xFFFFFFFF
+                if not done[(nxt % WINDOW) >> 6] & (1 << (nxt % 64)) or \
+                        not _serial_ge(self._recorded.value, nxt):
+                    break
+                floor = nxt
+            self._floor.value = floor
+            if timing and seq == self._recorded.value:
                 self._completed_ns.value = time.perf_counter_ns()
-            self._completed.value = seq
+            self._generation.value = (self._generation.value + 1) & 0xFFFFFFFF
         finally:
             self._unlock()
-        _futex_wake_all(self.addr + _COMPLETED)
+        _futex_wake_all(self._futex)
 
     # -- observe / wait --------------------------------------------------------------------
 
@@ -187,12 +222,19 @@ class EventState:
         finally:
             self._unlock()
 
+    def _is_done(self, seq: int) -> bool:
+        if _serial_ge(self._floor.value, seq):
+            return True
+        # Above the floor only numbers already handed out have a meaningful bit.
+        return bool(self._done[(seq % WINDOW) >> 6] & (1 << (seq % 64)))
+
     def reached(self, seq: int) -> bool:
-        return _serial_ge(self._completed.value, seq)
+        """Whether the work of record ``seq`` is done."""
+        return self._is_done(seq)
 
     def is_complete(self) -> bool:
         """CUDA's query: the newest record's work is done (or nothing was ever recorded)."""
-        return _serial_ge(self._completed.value, self._recorded.value)
+        return self._is_done(self._recorded.value)
 
     @property
     def completed_ns(self) -> int:
@@ -201,31 +243,30 @@ class EventState:
     def check_recorder(self, target: Target) -> None:
         """Raise ``hipErrorLaunchFailure`` if ``target`` is pending and its recorder has exited."""
         seq, pid, start = target
-        if pid == os.getpid() or self.reached(seq):
+        if pid == os.getpid() or self._is_done(seq):
             return
         now = process_start_time(pid)
         if now is not None and (now == start or now == -1):
             return
-        if self.reached(seq):
+        if self._is_done(seq):
             return
         raise HipError(hipError_t.hipErrorLaunchFailure,
                        f"process {pid}, which recorded this event, exited before the recorded "
                        "work completed; the event will never complete")
 
     def wait(self, target: Target, deadline: float | None) -> None:
-        """Block until ``target`` is reached; GIL released while asleep.
+        """Block until the work of ``target`` is done; GIL released while asleep.
 
         Raises ``hipErrorNotReady`` when ``deadline`` (``time.monotonic()``) passes first, and
         ``hipErrorLaunchFailure`` (within about :data:`LIVENESS_INTERVAL`) when the recorder
         exits before completing it.
         """
         seq = target[0]
-        word = self._completed
-        addr = self.addr + _COMPLETED
+        generation = self._generation
         next_check = time.monotonic() + LIVENESS_INTERVAL
         while True:
-            current = word.value
-            if _serial_ge(current, seq):
+            current = generation.value  # read before the check: no completion is missed
+            if self._is_done(seq):
                 return
             now = time.monotonic()
             if now >= next_check:
@@ -235,7 +276,7 @@ class EventState:
                 raise HipError(hipError_t.hipErrorNotReady,
                                "the event's recorded work did not complete before the timeout")
             limit = next_check if deadline is None else min(next_check, deadline)
-            err = _futex_wait(addr, current, max(limit - now, 0.0))
+            err = _futex_wait(self._futex, current, max(limit - now, 0.0))
             if err not in (0, errno.EAGAIN, errno.ETIMEDOUT, errno.EINTR):
                 raise HipError(hipError_t.hipErrorOperatingSystem,
                                f"futex wait failed: {os.strerror(err)}")

@@ -73,12 +73,12 @@ class HostBackend(Backend):
 
     def _open_segment(self, handle: IpcHandle) -> Mapping:
         """Map the segment another process exported under ``handle``."""
-        if handle.kind not in _HOST_KINDS:
-            raise HipError(hipError_t.hipErrorNotSupported,
-                           f"the handle names {handle.kind.name} but this process runs the "
-                           "host backend (set HIPIPC_BACKEND to match the exporter)")
-        fd = self.store.open(handle)
+        fd = self.store.open(handle)  # first: a handle that names nothing says so
         try:
+            if handle.kind not in _HOST_KINDS:
+                raise HipError(hipError_t.hipErrorNotSupported,
+                               f"the handle names {handle.kind.name} but this process runs "
+                               "the host backend (set HIPIPC_BACKEND to match the exporter)")
             return map_file(fd, _mapped_length(handle.size), PAGE_SIZE)
         finally:
             os.close(fd)

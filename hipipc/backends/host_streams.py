@@ -138,8 +138,7 @@ class HostStream(_HostStreamBase):
             raise HipError(hipError_t.hipErrorNotReady,
                            f"the stream's work did not finish within {timeout} s")
 
-    def drain(self, timeout: float | None) -> None:
-        self.wait_idle(timeout)
+    def report_failure(self) -> None:
         failure, self._failure = self._failure, None
         if failure is not None:
             raise launch_failure(*failure)
@@ -183,11 +182,11 @@ class NullStream(_HostStreamBase):
     def query(self) -> bool:
         return True
 
-    def drain(self, timeout: float | None) -> None:
-        pass
-
     def wait_idle(self, timeout: float | None) -> None:
         pass
+
+    def report_failure(self) -> None:
+        pass  # null-stream work raises in the call that runs it
 
     def destroy(self) -> None:
         raise HipError(hipError_t.hipErrorInvalidResourceHandle,
