@@ -328,7 +328,7 @@ def test_arbitrary_bytes_of_any_length_are_refused(live, data):
 plausible = st.builds(
     lambda kind, reserved, secret, size, device, uid, tail: struct.pack(
         "<4sBBH16sQII24s", b"HIPC", 1, kind, reserved, secret, size, device, uid, tail),
-    kind=st.sampled_from([0, 1, 3, 4, 5, 255]),  # 2 (GPU memory): see the xfail below
+    kind=st.sampled_from([0, 1, 2, 3, 4, 5, 255]),
     reserved=st.sampled_from([0, 0, 0, 1, 0x8000]),
     secret=st.binary(min_size=16, max_size=16),
     size=st.one_of(st.sampled_from([0, 1, 4096, 2**63, 2**64 - 1]),
@@ -346,13 +346,10 @@ def test_plausible_garbage_handles_are_refused(live, raw, as_type):
     assert isinstance(result, hip.HipError), result
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "HostBackend.open raises hipErrorNotSupported for any handle of kind GPU_MEMORY before "
-    "looking it up, so garbage bytes with kind byte 2 are not refused with InvalidValue or "
-    "InvalidResourceHandle (BRIEF section 4); the fix belongs in hipipc/backends/host.py"))
 def test_garbage_handles_of_the_gpu_kind_are_refused(live):
-    # Kind 2 is one byte value away from host memory: random bytes hit it, no single-bit
-    # flip of a host handle does (1 -> 2 takes two flips).
+    # Kind 2 (GPU memory) is one byte value away from host memory: random bytes hit it, no
+    # single-bit flip of a host handle does (1 -> 2 takes two flips).  A host-backend process
+    # must still say "names nothing", not "not supported", for a handle that names nothing.
     results = [open_must_be_refused(made_handle(secret=bytes([i]) * 16, size=4096 << i,
                                                 kind=HandleKind.GPU_MEMORY))
                for i in range(4)]
