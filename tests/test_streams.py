@@ -209,9 +209,6 @@ def test_synchronize_timeouts_raise_not_ready(stream, gate):
     assert hip.hipStreamQuery(s) == E.hipSuccess
 
 
-@pytest.mark.xfail(strict=True, reason="hipDeviceSynchronize(timeout=t) gives each stream its "
-                   "own t (Registry.synchronize calls stream.drain(timeout) per stream), so "
-                   "with k blocked streams it raises only after about k*t")
 def test_device_synchronize_timeout_is_one_deadline_for_all_streams(stream, gate):
     streams = [stream() for _ in range(3)]
     for s in streams:
@@ -237,16 +234,7 @@ def _sync_calls():
     return on_stream, on_event, on_device
 
 
-_INF_BUG = pytest.mark.xfail(strict=True, reason="timeout=math.inf passes runtime._timeout but "
-                             "HostStream.drain hands it to threading.Event.wait/Thread.join, "
-                             "which raise OverflowError (not a HipError, and no wait)")
-
-
-@pytest.mark.parametrize("call", [
-    pytest.param(_sync_calls()[0], id="hipStreamSynchronize", marks=_INF_BUG),
-    pytest.param(_sync_calls()[1], id="hipEventSynchronize"),
-    pytest.param(_sync_calls()[2], id="hipDeviceSynchronize", marks=_INF_BUG),
-])
+@pytest.mark.parametrize("call", _sync_calls(), ids=["stream", "event", "device"])
 def test_an_infinite_timeout_waits_without_limit(call, stream, gate):
     s, g = stream(), gate()
     ev = hip.hipEventCreate()
@@ -264,9 +252,6 @@ def test_an_infinite_timeout_waits_without_limit(call, stream, gate):
         hip.hipEventDestroy(ev)
 
 
-@pytest.mark.xfail(strict=True, reason="timeout=nan is accepted (runtime._timeout tests "
-                   "'timeout < 0', which is False for nan) and acts as timeout=0, although "
-                   "the check's own message says a timeout must be a number >= 0")
 @pytest.mark.parametrize("call", _sync_calls(), ids=["stream", "event", "device"])
 def test_a_nan_timeout_is_invalid_value(call, stream, gate):
     s, g = stream(), gate()
@@ -319,6 +304,40 @@ def test_null_stream_is_synchronous(null, device_mem):
     with pytest.raises(hip.HipError) as exc:
         hip.hipStreamDestroy(null)
     assert code_of(exc) == E.hipErrorInvalidResourceHandle
+
+
+def test_null_stream_waits_for_blocking_streams_but_not_non_blocking_ones(stream, gate,
+                                                                        device_mem):
+    """CUDA's legacy default stream: null-stream work first waits for the blocking streams."""
+    dev = device_mem(4096)
+    blocking, g_b, g_nb = stream(), gate(), gate()
+    nonblocking = hip.hipStreamCreateWithFlags(hip.hipStreamNonBlocking)
+    try:
+        hip.hipLaunchHostFunc(nonblocking, hold, g_nb)
+        t0 = time.monotonic()
+        hip.hipMemset(dev, 1, 4096)
+        hip.hipMemsetAsync(dev, 2, 4096, None)
+        assert time.monotonic() - t0 < 1.0, "the null stream waited for a non-blocking stream"
+        assert hip.hipStreamQuery(None) == E.hipSuccess
+        ran, seen = [], []
+        hip.hipLaunchHostFunc(blocking, hold, g_b)
+        hip.hipLaunchHostFunc(blocking, ran.append, 1)
+        assert hip.hipStreamQuery(None) == E.hipErrorNotReady
+        with pytest.raises(hip.HipError) as exc:
+            hip.hipStreamSynchronize(None, timeout=0.1)
+        assert code_of(exc) == E.hipErrorNotReady
+        threading.Timer(0.2, g_b.set).start()
+        t0 = time.monotonic()
+        hip.hipLaunchHostFunc(None, lambda: seen.append(list(ran)))
+        assert time.monotonic() - t0 >= 0.15 and seen == [[1]]
+        for bad in (2, -1, True, "1", None):
+            with pytest.raises(hip.HipError) as exc:
+                hip.hipStreamCreateWithFlags(bad)
+            assert code_of(exc) == E.hipErrorInvalidValue, bad
+    finally:
+        g_nb.set()
+        hip.hipStreamSynchronize(nonblocking, timeout=10)
+        hip.hipStreamDestroy(nonblocking)
 
 
 # -- async copies and memsets ----------------------------------------------------------
@@ -496,9 +515,6 @@ def test_device_synchronize_reports_a_failure_of_a_destroyed_stream(stream, gate
     hip.hipDeviceSynchronize(timeout=10)
 
 
-@pytest.mark.xfail(strict=True, reason="hipDeviceSynchronize reports one failure and drops the "
-                   "others: Registry.synchronize keeps only the first HipError after draining "
-                   "(and so clearing) every stream's failure")
 def test_device_synchronize_loses_no_failure_of_several_streams(stream):
     s1, s2 = stream(), stream()
     b1, b2 = Boom("one"), Boom("two")
@@ -590,26 +606,16 @@ def _destroyed_cases():
             g.set()
             hip.hipStreamDestroy(other)
 
-    xfail_query = pytest.mark.xfail(
-        strict=True, reason="hipStreamQuery of a destroyed stream returns a status instead of "
-        "raising hipErrorInvalidResourceHandle (HostStream.query has no destroyed check)")
-    xfail_wait = pytest.mark.xfail(
-        strict=True, reason="hipStreamWaitEvent on a destroyed stream is accepted when the "
-        "event is complete: _HostStreamBase.wait_event only enqueues (and so checks) a "
-        "pending wait")
-    xfail_zero = pytest.mark.xfail(
-        strict=True, reason="a 0-byte hipMemcpyAsync on a destroyed stream is accepted: "
-        "runtime.hipMemcpyAsync only calls the stream when nbytes != 0")
     return [
         pytest.param(sync, id="synchronize"),
-        pytest.param(query, id="query", marks=xfail_query),
+        pytest.param(query, id="query"),
         pytest.param(destroy, id="destroy"),
         pytest.param(launch, id="launch"),
         pytest.param(memcpy, id="memcpy"),
-        pytest.param(memcpy0, id="memcpy-0-bytes", marks=xfail_zero),
+        pytest.param(memcpy0, id="memcpy-0-bytes"),
         pytest.param(memset, id="memset"),
         pytest.param(record, id="record"),
-        pytest.param(wait_unrecorded, id="wait-unrecorded-event", marks=xfail_wait),
+        pytest.param(wait_unrecorded, id="wait-unrecorded-event"),
         pytest.param(wait_pending, id="wait-pending-event"),
     ]
 
@@ -699,8 +705,8 @@ FREED_WHILE_PENDING = textwrap.dedent(r"""
     else:
         sys.exit("a freed pointer was accepted")
     junk = [hip.hipMalloc(n) for _ in range(8)]
-    for p in junk:
-        hip.hipMemset(p, 0x99, n)
+    for p in junk:  # not hipMemset: the null stream would wait for the held stream
+        hip.asarray(p, n)[:] = 0x99
     g.set()
     hip.hipStreamSynchronize(s, timeout=10)
     assert (out == 0x11).all(), np.unique(out)
