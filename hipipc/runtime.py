@@ -108,6 +108,8 @@ def _invalid(detail: str) -> HipError:
 
 def _count(value: Any, what: str) -> int:
     try:
+        if isinstance(value, bool):
+            raise TypeError
         n = operator.index(value)
     except TypeError:
         raise _invalid(f"{what} must be an integer, not {type(value).__name__}") from None
@@ -361,7 +363,7 @@ def hipIpcOpenMemHandle(handle: IpcMemHandle | bytes | bytearray | memoryview,
     ``hipErrorInvalidResourceHandle`` when the handle names nothing this user may open (freed,
     exporter gone, another user's unshared memory, or a handle altered in transit).
     """
-    if flags != hipIpcMemLazyEnablePeerAccess:
+    if isinstance(flags, bool) or flags != hipIpcMemLazyEnablePeerAccess:
         raise _invalid(f"hipIpcOpenMemHandle flags must be hipIpcMemLazyEnablePeerAccess "
                        f"({hipIpcMemLazyEnablePeerAccess}), got {flags!r}")
     return get_registry().open(IpcMemHandle.coerce(handle))

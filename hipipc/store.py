@@ -108,7 +108,8 @@ class SegmentInfo:
     def exporter_alive(self) -> bool:
         """Whether the exporting process still runs (pid plus start time: safe against reuse)."""
         start = process_start_time(self.pid)
-        return start is not None and start == self.start_time
+        # -1: /proc hides the process (hidepid); never collect what may still be in use.
+        return start is not None and start in (-1, self.start_time)
 
 
 def process_start_time(pid: int) -> int | None:
