@@ -522,7 +522,12 @@ def hipEventCreateWithFlags(flags: int) -> Event:
 
 
 def hipEventRecord(event: Event, stream: Stream | None = None) -> None:
-    """Make ``event`` stand for the work enqueued on ``stream`` so far (null stream: done)."""
+    """Make ``event`` stand for the work enqueued on ``stream`` so far (null stream: done).
+
+    Raises ``hipErrorNotReady`` in the rare case that too many records of ``event`` are
+    still pending (thousands; see ``hipipc.backends.eventstate``), and
+    ``hipErrorInvalidResourceHandle`` for a destroyed event or stream.
+    """
     _event(event).record(_stream(stream))
 
 

@@ -11,15 +11,21 @@ memory for a local event.  Layout (native byte order)::
     76   u32 floor         every record up to this number is done
     80   u64 recorder_start  ... and that process's start time (pid reuse cannot fool a waiter)
     88   u64 completed_ns  CLOCK_MONOTONIC when the newest record completed (timing events)
-    96   u64[256] done     one bit per record in a window of WINDOW numbers above ``floor``
+    96   u32 stragglers    how many of the next 8 slots hold a number still pending below
+    100  u32[8]            ``floor`` (a record that fell out of the window, see below)
+    136  u64[256] done     one bit per record in a window of WINDOW numbers above ``floor``
 
 CUDA's rules map onto it directly: a record takes the next number when it is *called*; the
 stream marks that number done when the work before it has run; an event is complete when its
 newest number is done; a wait or synchronize waits for the number that was newest *as of the
 call*, and only for it: a later record that completes first does not release it, and one that
 stays pending does not hold it.  A never-recorded event (number 0) is complete.  Numbers are
-u32 in serial arithmetic, so they may wrap; at most :data:`WINDOW` records of one event may be
-pending at once.
+u32 in serial arithmetic, so they may wrap.
+
+Limits: the bitmap covers :data:`WINDOW` numbers above ``floor``.  When a new record needs the
+slot of one still pending, that old record moves to the straggler list and the floor passes
+it, so at most :data:`WINDOW` records may be pending within one window and
+:data:`STRAGGLERS` far behind it; a record beyond that is refused with ``hipErrorNotReady``.
 
 Waiters sleep in ``FUTEX_WAIT`` on ``generation`` (no core burnt, woken by the completer's
 ``FUTEX_WAKE``) in slices of :data:`LIVENESS_INTERVAL`; between slices a waiter checks that the
@@ -40,15 +46,17 @@ from typing import Any
 from ..errors import HipError, hipError_t
 from ..store import process_start_time
 
-__all__ = ["EventState", "STATE_SIZE", "WINDOW", "LIVENESS_INTERVAL", "Target"]
+__all__ = ["EventState", "STATE_SIZE", "WINDOW", "STRAGGLERS", "LIVENESS_INTERVAL", "Target"]
 
-WINDOW = 16384  # records of one event that may be pending at once: a 2 KiB bitmap
-STATE_SIZE = 96 + WINDOW // 8
+WINDOW = 16384  # numbers above the floor with a done bit: a 2 KiB bitmap
+STRAGGLERS = 8  # pending records that may fall behind the window
 LIVENESS_INTERVAL = 0.1  # seconds between checks that a waited-for recorder still runs
 
 _MUTEX_OFFSET = 0
 _GENERATION, _RECORDED, _RECORDER_PID, _FLOOR = 64, 68, 72, 76
-_RECORDER_START, _COMPLETED_NS, _DONE_BITS = 80, 88, 96
+_RECORDER_START, _COMPLETED_NS, _STRAGGLER_COUNT, _STRAGGLER_LIST = 80, 88, 96, 100
+_DONE_BITS = 136
+STATE_SIZE = _DONE_BITS + WINDOW // 8
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _syscall = _libc.syscall
@@ -128,7 +136,7 @@ class EventState:
     """
 
     __slots__ = ("addr", "_keepalive", "_mutex", "_generation", "_futex", "_recorded", "_pid",
-                 "_floor", "_start", "_completed_ns", "_done")
+                 "_floor", "_start", "_completed_ns", "_nstragglers", "_stragglers", "_done")
 
     def __init__(self, addr: int, keepalive: Any, *, initialize: bool) -> None:
         self.addr = addr
@@ -141,6 +149,8 @@ class EventState:
         self._floor = ctypes.c_uint32.from_address(addr + _FLOOR)
         self._start = ctypes.c_uint64.from_address(addr + _RECORDER_START)
         self._completed_ns = ctypes.c_uint64.from_address(addr + _COMPLETED_NS)
+        self._nstragglers = ctypes.c_uint32.from_address(addr + _STRAGGLER_COUNT)
+        self._stragglers = (ctypes.c_uint32 * STRAGGLERS).from_address(addr + _STRAGGLER_LIST)
         self._done = (ctypes.c_uint64 * (WINDOW // 64)).from_address(addr + _DONE_BITS)
         if initialize:
             _init_mutex(addr + _MUTEX_OFFSET)
@@ -172,18 +182,15 @@ class EventState:
     def reserve(self, pid: int, start: int) -> int:
         """A record: take the next sequence number in the name of process (pid, start).
 
-        Raises ``hipErrorNotReady`` when :data:`WINDOW` records of this event are pending
-        already (nothing is reserved then).
+        Raises ``hipErrorNotReady`` when the record would exceed the limits (module doc);
+        nothing is reserved then.
         """
         self._lock()
         try:
-            seq = (self._recorded.value + 1) & 0xFFFFFFFF
-            if not _serial_ge(self._floor.value, seq - WINDOW):
-                raise HipError(hipError_t.hipErrorNotReady,
-                               f"{WINDOW} records of this event are still pending (a recorder "
-                               "may have exited with work enqueued); wait for them or use "
-                               "another event")
-            # The slot last served seq - WINDOW, which is at or below the floor: done.
+            seq = (self._recorded.value + 1) & _MASK
+            oldest = (seq - WINDOW) & _MASK  # the number whose slot seq takes over
+            if not _serial_ge(self._floor.value, oldest):
+                self._pass_floor_to(oldest)
             self._done[(seq % WINDOW) >> 6] &= ~(1 << (seq & 63))
             self._recorded.value = seq
             self._pid.value = pid
@@ -191,6 +198,36 @@ class EventState:
         finally:
             self._unlock()
         return seq
+
+    def _pass_floor_to(self, target: int) -> None:
+        """Move the floor up to ``target``; pending numbers on the way become stragglers."""
+        floor, done, count = self._floor.value, self._done, self._nstragglers.value
+        pending = []
+        while floor != target:
+            floor = (floor + 1) & _MASK
+            if not done[(floor % WINDOW) >> 6] & (1 << (floor & 63)):
+                pending.append(floor)
+        if count + len(pending) > STRAGGLERS:
+            raise HipError(hipError_t.hipErrorNotReady,
+                           f"too many records of this event are pending ({WINDOW} within one "
+                           f"window and {STRAGGLERS} behind it; a recorder may have exited "
+                           "with work enqueued): wait for them, or record another event")
+        for number in pending:
+            self._stragglers[count] = number
+            count += 1
+        self._nstragglers.value = count
+        self._floor.value = floor
+        self._advance_floor()
+
+    def _advance_floor(self) -> None:
+        """Move the floor up over numbers already done."""
+        floor, done, recorded = self._floor.value, self._done, self._recorded.value
+        while floor != recorded:
+            nxt = (floor + 1) & _MASK
+            if not done[(nxt % WINDOW) >> 6] & (1 << (nxt & 63)):
+                break
+            floor = nxt
+        self._floor.value = floor
 
     def complete(self, seq: int, timing: bool) -> None:
         """The work before record ``seq`` is done: mark it, advance the floor, wake waiters.
@@ -201,26 +238,29 @@ class EventState:
         try:
             floor = self._floor.value
             if (floor - seq) & _MASK < _HALF:
-                return  # done already
-            done = self._done
-            if (seq - floor) & _MASK == 1:
+                if not self._drop_straggler(seq):
+                    return  # done already
+            elif (seq - floor) & _MASK == 1:
                 # In order, the common case: the floor moves up, over any bits already set.
-                floor = seq
-                recorded = self._recorded.value
-                while floor != recorded:
-                    nxt = (floor + 1) & _MASK
-                    if not done[(nxt % WINDOW) >> 6] & (1 << (nxt & 63)):
-                        break
-                    floor = nxt
-                self._floor.value = floor
+                self._floor.value = seq
+                self._advance_floor()
             else:
-                done[(seq % WINDOW) >> 6] |= 1 << (seq & 63)
+                self._done[(seq % WINDOW) >> 6] |= 1 << (seq & 63)
             if timing and seq == self._recorded.value:
                 self._completed_ns.value = time.perf_counter_ns()
             self._generation.value = (self._generation.value + 1) & _MASK
         finally:
             _mutex_unlock(self._mutex)
         _futex_wake_all(self._futex)
+
+    def _drop_straggler(self, seq: int) -> bool:
+        count = self._nstragglers.value
+        for i in range(count):
+            if self._stragglers[i] == seq:
+                self._stragglers[i] = self._stragglers[count - 1]
+                self._nstragglers.value = count - 1
+                return True
+        return False
 
     # -- observe / wait --------------------------------------------------------------------
 
@@ -234,7 +274,8 @@ class EventState:
 
     def _is_done(self, seq: int) -> bool:
         if _serial_ge(self._floor.value, seq):
-            return True
+            count = self._nstragglers.value
+            return not count or seq not in self._stragglers[:count]
         # Above the floor only numbers already handed out have a meaningful bit.
         return bool(self._done[(seq % WINDOW) >> 6] & (1 << (seq & 63)))
 
