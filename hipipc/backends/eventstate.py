@@ -165,14 +165,17 @@ class EventState:
 
     def _lock(self) -> None:
         rc = _mutex_lock(self._mutex)
+        if rc:
+            self._lock_failed(rc)
+
+    def _lock_failed(self, rc: int) -> None:
         if rc == _EOWNERDEAD:
-            # A holder died mid-update.  Every update leaves the fields consistent word by
-            # word, and a half-done completion is redone by nobody: its waiters see the
-            # recorder gone and fail cleanly.
+            # A holder died mid-update (we hold the lock now).  Every update leaves the fields
+            # consistent word by word, and a completion it did not finish is never redone:
+            # waiters for it see its recorder gone and fail cleanly.
             _mutex_consistent(self._mutex)
-        elif rc:
-            raise HipError(hipError_t.hipErrorOperatingSystem,
-                           f"event mutex: {os.strerror(rc)}")
+            return
+        raise HipError(hipError_t.hipErrorOperatingSystem, f"event mutex: {os.strerror(rc)}")
 
     def _unlock(self) -> None:
         _mutex_unlock(self._mutex)
@@ -234,7 +237,9 @@ class EventState:
 
         This is on the path of every cross-process wake-up, hence written for speed.
         """
-        self._lock()
+        rc = _mutex_lock(self._mutex)
+        if rc:
+            self._lock_failed(rc)
         try:
             floor = self._floor.value
             if (floor - seq) & _MASK < _HALF:
@@ -243,7 +248,8 @@ class EventState:
             elif (seq - floor) & _MASK == 1:
                 # In order, the common case: the floor moves up, over any bits already set.
                 self._floor.value = seq
-                self._advance_floor()
+                if seq != self._recorded.value:
+                    self._advance_floor()
             else:
                 self._done[(seq % WINDOW) >> 6] |= 1 << (seq & 63)
             if timing and seq == self._recorded.value:
