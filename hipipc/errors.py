@@ -36,6 +36,7 @@ class hipError_t(enum.IntEnum):
     hipErrorNotFound = 500
     hipErrorNotReady = 600
     hipErrorIllegalAddress = 700
+    hipErrorLaunchOutOfResources = 701
     hipErrorLaunchTimeOut = 702
     hipErrorContextIsDestroyed = 709
     hipErrorLaunchFailure = 719
@@ -69,6 +70,7 @@ _STRINGS = {
     hipError_t.hipErrorNotFound: "named symbol not found",
     hipError_t.hipErrorNotReady: "device not ready",
     hipError_t.hipErrorIllegalAddress: "an illegal memory access was encountered",
+    hipError_t.hipErrorLaunchOutOfResources: "too many resources requested for launch",
     hipError_t.hipErrorLaunchTimeOut: "the launch timed out and was terminated",
     hipError_t.hipErrorContextIsDestroyed: "context is destroyed",
     hipError_t.hipErrorLaunchFailure: "unspecified launch failure",

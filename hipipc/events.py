@@ -32,7 +32,6 @@ __all__ = [
     "hipEventBlockingSync",
     "hipEventDisableTiming",
     "hipEventInterprocess",
-    "check_event_flags",
 ]
 
 hipEventDefault = 0x0

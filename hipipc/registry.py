@@ -11,8 +11,10 @@ so it can import its parent's handles but cannot free its parent's memory.
 
 from __future__ import annotations
 
+import atexit
 import bisect
 import os
+import sys
 import threading
 import time
 import weakref
@@ -22,7 +24,7 @@ from .errors import HipError, hipError_t
 from .events import Event
 from .handle import IpcEventHandle, IpcMemHandle
 from .store import HandleStore, share_mode
-from .streams import Stream, running_on_stream
+from .streams import Stream, refuse_on_stream, running_on_stream
 
 __all__ = ["Registry", "get_registry"]
 
@@ -36,6 +38,7 @@ class Registry:
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
+        self._pid = os.getpid()
         self._lock = threading.RLock()
         self._bases: list[int] = []
         self._regions: dict[int, Region] = {}
@@ -44,10 +47,12 @@ class Registry:
         self._device = threading.local()
         # Streams stay listed after destroy until drained and their failures reported.
         self._streams: set[Stream] = set()
-        # Interprocess events this process created, by segment name (an undestroyed event
-        # that is dropped destroys itself, so these are weak).
+        # Interprocess events this process created, by segment name, and every event, for
+        # fork (an undestroyed event that is dropped destroys itself, so these are weak).
         self._own_events: weakref.WeakValueDictionary[str, Event] = \
             weakref.WeakValueDictionary()
+        self._events: weakref.WeakSet[Event] = weakref.WeakSet()
+        atexit.register(self._drain_at_exit)
 
     # -- devices -------------------------------------------------------------------------
 
@@ -190,6 +195,7 @@ class Registry:
     def synchronize(self, timeout: float | None = None) -> None:
         """``hipDeviceSynchronize``: wait for every stream of this process (one deadline for
         all), then report one failure not reported yet; others wait for the next call."""
+        refuse_on_stream("hipDeviceSynchronize")
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             streams = list(self._streams)
@@ -205,6 +211,7 @@ class Registry:
 
     def create_event(self, flags: int) -> Event:
         event = self.backend.create_event(flags, self.device)
+        self._events.add(event)
         if event.handle is not None:
             self._own_events[event.handle.segment_name] = event
         return event
@@ -214,7 +221,31 @@ class Registry:
             raise HipError(hipError_t.hipErrorInvalidContext,
                            "this process created the event; use the event itself (CUDA and "
                            "HIP refuse to open a handle in its exporting process)")
-        return self.backend.open_event(handle)
+        if handle.uid != os.geteuid():
+            # Event state holds a process-shared lock a writer could corrupt (eventstate.py).
+            raise HipError(hipError_t.hipErrorInvalidResourceHandle,
+                           f"the event was exported by uid {handle.uid}; interprocess events "
+                           "work only between processes of one user (memory handles can be "
+                           "shared further, see HIPIPC_SHARE)")
+        event = self.backend.open_event(handle)
+        self._events.add(event)
+        return event
+
+    def _drain_at_exit(self, timeout: float = 10.0) -> None:
+        """At interpreter exit, let enqueued work finish (CUDA's rule: destroy and exit do
+        not cancel it), for at most ``timeout`` seconds; peers may be waiting on its records."""
+        if os.getpid() != self._pid:
+            return
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            streams = list(self._streams)
+        for stream in streams:
+            try:
+                stream.wait_idle(max(0.0, deadline - time.monotonic()))
+            except HipError:
+                print(f"hipipc: work enqueued on {len(streams)} stream(s) did not finish "
+                      f"within {timeout:.0f} s of exit; abandoning it", file=sys.stderr)
+                return
 
     # -- process lifetime ----------------------------------------------------------------
 
@@ -229,10 +260,11 @@ class Registry:
             self.backend.forget(region)
         for stream in self._streams:
             stream.forget()
-        for event in list(self._own_events.values()):
+        for event in list(self._events):
             event.forget()
         self._streams.clear()
         self._own_events.clear()
+        self._events.clear()
         self._regions.clear()
         self._bases.clear()
         self._own.clear()

@@ -29,7 +29,6 @@ from .errors import HipError, hipError_t
 from .events import Event, check_event_flags, hipEventDefault
 from .handle import IpcEventHandle, IpcMemHandle
 from .registry import get_registry
-from .store import share_mode
 from .streams import Stream, destroyed_stream, hipStreamDefault, hipStreamNonBlocking
 
 __all__ = [
@@ -214,11 +213,9 @@ def hipMemset(ptr: int, value: int, nbytes: int) -> None:
     """Set ``nbytes`` bytes at ``ptr`` to ``value & 0xff`` (bounds checked), on the null
     stream like ``hipMemcpy``."""
     ptr, value, nbytes = _memset_args(ptr, value, nbytes, "hipMemset")
-    reg = get_registry()
     if nbytes:
-        reg.check_range(ptr, nbytes)
-        reg.join_blocking_streams()
-        reg.backend.memset(ptr, value, nbytes)
+        get_registry().check_range(ptr, nbytes)
+        _stream(None).memset(ptr, value, nbytes, ())
 
 
 def hipMemsetAsync(ptr: int, value: int, nbytes: int, stream: Stream | None = None) -> None:
@@ -289,9 +286,7 @@ def hipMemcpy(dst: Any, src: Any, nbytes: int, kind: int = hipMemcpyDefault) -> 
     dst_addr, src_addr, nbytes, kind, _keep = _copy_args(dst, src, nbytes, kind, "hipMemcpy",
                                                          pin=False)
     if nbytes:
-        reg = get_registry()
-        reg.join_blocking_streams()
-        reg.backend.memcpy(dst_addr, src_addr, nbytes, kind)
+        _stream(None).memcpy(dst_addr, src_addr, nbytes, kind, ())
 
 
 def hipMemcpyAsync(dst: Any, src: Any, nbytes: int, kind: int = hipMemcpyDefault,
@@ -428,7 +423,7 @@ def hipStreamCreateWithFlags(flags: int) -> Stream:
     Raises ``hipErrorInvalidValue`` for flags other than ``hipStreamDefault`` and
     ``hipStreamNonBlocking``.
     """
-    if flags not in (hipStreamDefault, hipStreamNonBlocking) or isinstance(flags, bool):
+    if type(flags) is not int or flags not in (hipStreamDefault, hipStreamNonBlocking):
         raise _invalid(f"stream flags must be hipStreamDefault or hipStreamNonBlocking, "
                        f"got {flags!r}")
     return get_registry().create_stream(blocking=flags != hipStreamNonBlocking)
@@ -470,6 +465,9 @@ def hipStreamQuery(stream: Stream | None) -> hipError_t:
     return hipError_t.hipSuccess if done else hipError_t.hipErrorNotReady
 
 
+_EVENT_MODE = 0o600  # event segments are never shared beyond the exporter's uid
+
+
 def hipStreamWaitEvent(stream: Stream | None, event: Event, flags: int = 0) -> None:
     """Make work enqueued on ``stream`` from now on wait for ``event``'s newest record as of
     this call, which may have been made in another process (IPC events).
@@ -479,7 +477,7 @@ def hipStreamWaitEvent(stream: Stream | None, event: Event, flags: int = 0) -> N
     ends within about 0.1 s and the stream reports ``hipErrorLaunchFailure``.  ``flags`` must
     be 0 (``hipErrorInvalidValue``).
     """
-    if flags != 0:
+    if type(flags) is not int or flags != 0:
         raise _invalid(f"hipStreamWaitEvent flags must be 0, got {flags!r}")
     _stream(stream).wait_event(_event(event))
 
@@ -571,14 +569,16 @@ def hipEventDestroy(event: Event) -> None:
     ev.destroy()
 
 
-def hipIpcGetEventHandle(event: Event, *, share: str | None = None) -> IpcEventHandle:
+def hipIpcGetEventHandle(event: Event) -> IpcEventHandle:
     """Export an interprocess event and return its 64-byte handle (same bytes each time).
 
-    Raises ``hipErrorInvalidValue`` unless the event was created with
-    ``hipEventInterprocess | hipEventDisableTiming``.  ``share`` is as for
-    ``hipIpcGetMemHandle``.
+    Only processes of the exporter's user can open it (``HIPIPC_SHARE`` applies to memory,
+    not to events: an event's shared page holds a process-shared lock that a writer could
+    corrupt).  Dropping the creator's last reference to the event destroys it and revokes the
+    handle, as ``hipEventDestroy`` does.  Raises ``hipErrorInvalidValue`` unless the event was
+    created with ``hipEventInterprocess | hipEventDisableTiming``.
     """
-    return _event(event).export(share_mode(share))
+    return _event(event).export(_EVENT_MODE)
 
 
 def hipIpcOpenEventHandle(handle: IpcEventHandle | bytes | bytearray | memoryview) -> Event:

@@ -44,7 +44,8 @@ SHARE_ENV = "HIPIPC_SHARE"
 _SHARE_MODES = {"user": 0o600, "group": 0o660, "all": 0o666}
 
 # The header is the segment's identity (everything the handle determines: magic, version,
-# kind, verifier, size, device, uid), then its exporter (pid, reserved, start time, created).
+# kind, verifier, size, device, uid), then its exporter (pid, pid namespace, start time,
+# created).
 _IDENTITY = struct.Struct("<8sII32sQII")
 _EXPORTER = struct.Struct("<IIQd")
 _HEADER_SIZE = _IDENTITY.size + _EXPORTER.size
@@ -90,26 +91,37 @@ class SegmentInfo:
     start_time: int
     created: float
     verifier: bytes
+    pid_namespace: int = 0
 
     @classmethod
     def parse(cls, raw: bytes) -> SegmentInfo | None:
         if len(raw) < _HEADER_SIZE:
             return None
         magic, version, kind, verifier, size, device, uid = _IDENTITY.unpack_from(raw)
-        pid, _reserved, start, created = _EXPORTER.unpack_from(raw, _IDENTITY.size)
+        pid, pidns, start, created = _EXPORTER.unpack_from(raw, _IDENTITY.size)
         if magic != _HEADER_MAGIC or version != _HEADER_VERSION:
             return None
         try:
             kind = HandleKind(kind)
         except ValueError:
             return None
-        return cls(kind, size, device, uid, pid, start, created, verifier)
+        return cls(kind, size, device, uid, pid, start, created, verifier, pidns)
 
     def exporter_alive(self) -> bool:
         """Whether the exporting process still runs (pid plus start time: safe against reuse)."""
-        start = process_start_time(self.pid)
-        # -1: /proc hides the process (hidepid); never collect what may still be in use.
-        return start is not None and start in (-1, self.start_time)
+        return process_alive(self.pid, self.start_time, self.pid_namespace)
+
+
+def process_alive(pid: int, start_time: int, pid_namespace: int) -> bool:
+    """Whether process (pid, start time) of ``pid_namespace`` still runs.
+
+    Errs towards "alive" where it cannot tell: a process of another pid namespace (containers
+    sharing /dev/shm) or one that /proc hides (hidepid).  A reused pid has another start time.
+    """
+    if pid_namespace and pid_namespace != own_process()[2]:
+        return True
+    now = process_start_time(pid)
+    return now is not None and now in (-1, start_time)
 
 
 def process_start_time(pid: int) -> int | None:
@@ -122,9 +134,16 @@ def process_start_time(pid: int) -> int | None:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
     except FileNotFoundError:
-        return None
+        # hidepid=2 hides other users' processes entirely; signal 0 still tells they exist.
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except OSError:
+            return -1
+        return -1
     except OSError:
-        # /proc mounted with hidepid: we cannot tell, so treat the process as alive.
+        # /proc mounted with hidepid=1: we cannot tell, so treat the process as alive.
         return -1
     # Field 2 (comm) may contain spaces and parentheses; fields resume after the last ')'.
     fields = data[data.rindex(b")") + 2 :].split()
@@ -133,15 +152,20 @@ def process_start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
-_own_start: tuple[int, int] | None = None
+_own_start: tuple[int, int, int] | None = None
 
 
-def own_process() -> tuple[int, int]:
-    """This process's (pid, start time): what segment headers and event records name."""
+def own_process() -> tuple[int, int, int]:
+    """This process's (pid, start time, pid namespace inode): what segment headers and event
+    records name, so that liveness checks survive pid reuse and tell namespaces apart."""
     global _own_start
     pid = os.getpid()
     if _own_start is None or _own_start[0] != pid:
-        _own_start = (pid, process_start_time(pid) or 0)
+        try:
+            pidns = os.stat("/proc/self/ns/pid").st_ino & 0xFFFFFFFF
+        except OSError:
+            pidns = 0
+        _own_start = (pid, max(process_start_time(pid) or 0, 0), pidns)
     return _own_start
 
 
@@ -329,8 +353,8 @@ class HandleStore:
                         f"{exc.strerror} (the tmpfs behind the store is full or too small)",
                     ) from exc
                 raise
-            pid, start = own_process()
-            os.pwrite(fd, _identity(handle) + _EXPORTER.pack(pid, 0, start, time.time()), 0)
+            pid, start, pidns = own_process()
+            os.pwrite(fd, _identity(handle) + _EXPORTER.pack(pid, pidns, start, time.time()), 0)
         except BaseException:
             os.close(fd)
             raise

@@ -12,10 +12,13 @@ CUDA/HIP rules kept by every backend:
   function) skips that wait, since it would wait for itself (CUDA forbids API calls there).
 - A failure in enqueued work (an exception raised by a ``hipLaunchHostFunc`` function, a wait
   whose recorder died) is not lost: the next synchronize of that stream, or of the device,
-  raises ``HipError(hipErrorLaunchFailure)`` with the original exception chained, once.  Work
-  enqueued after the failure still runs, so events recorded later still complete and no peer
-  process hangs on them.
-- ``hipStreamDestroy`` returns at once; work already enqueued still runs.
+  raises ``HipError(hipErrorLaunchFailure)`` with the first such exception since the last
+  report chained, once.  Work enqueued after the failure still runs, so events recorded later
+  still complete and no peer process hangs on them.
+- ``hipStreamDestroy`` returns at once; work already enqueued still runs, also when the
+  process exits (exit waits up to 10 s for it).
+- Stream work must not synchronize a stream or the device (it could wait for itself):
+  ``hipErrorNotSupported``, as CUDA's ``cudaErrorNotPermitted``.
 """
 
 from __future__ import annotations
@@ -46,6 +49,15 @@ def mark_stream_worker() -> None:
 def running_on_stream() -> bool:
     """True in a thread that runs stream work, where the null stream must not wait."""
     return getattr(_worker, "active", False)
+
+
+def refuse_on_stream(call: str) -> None:
+    """Synchronizing from stream work could wait for itself forever: CUDA refuses it
+    (``cudaErrorNotPermitted``), and so does hipipc, with ``hipErrorNotSupported``."""
+    if running_on_stream():
+        raise HipError(hipError_t.hipErrorNotSupported,
+                       f"{call} from a host function running on a stream could wait for "
+                       "itself; record an event instead and synchronize outside stream work")
 
 
 def destroyed_stream() -> HipError:
@@ -103,6 +115,7 @@ class Stream(abc.ABC):
         """
         if self.destroyed:
             raise destroyed_stream()
+        refuse_on_stream("hipStreamSynchronize")
         self.drain(timeout)
 
     def drain(self, timeout: float | None) -> None:

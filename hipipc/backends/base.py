@@ -82,14 +82,6 @@ class Backend(abc.ABC):
         """Unmap an import whose last reference was closed."""
 
     @abc.abstractmethod
-    def memcpy(self, dst: int, src: int, nbytes: int, kind: int) -> None:
-        """Copy ``nbytes``; ``kind`` is a ``hipMemcpyKind`` saying which sides are host."""
-
-    @abc.abstractmethod
-    def memset(self, ptr: int, value: int, nbytes: int) -> None:
-        """Fill ``nbytes`` at ``ptr`` with the byte ``value``."""
-
-    @abc.abstractmethod
     def asarray(self, region: Region, offset: int, shape: tuple[int, ...], dtype: Any) -> Any:
         """A zero-copy array over ``region`` from ``offset`` that keeps the memory alive."""
 

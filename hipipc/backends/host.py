@@ -9,7 +9,6 @@ exported, opened, revoked and collected exactly like memory.
 
 from __future__ import annotations
 
-import ctypes
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -116,12 +115,6 @@ class HostBackend(Backend):
 
     def close(self, mem: ImportedMemory) -> None:
         mem.state.release()
-
-    def memcpy(self, dst: int, src: int, nbytes: int, kind: int) -> None:
-        ctypes.memmove(dst, src, nbytes)
-
-    def memset(self, ptr: int, value: int, nbytes: int) -> None:
-        ctypes.memset(ptr, value, nbytes)
 
     def asarray(self, region: Region, offset: int, shape: tuple[int, ...], dtype: Any) -> Any:
         dtype = np.dtype(dtype)

@@ -12,6 +12,7 @@ record in one process completes a wait in another.
 
 from __future__ import annotations
 
+import abc
 import ctypes
 import os
 import queue
@@ -25,7 +26,7 @@ from ..events import Event, destroyed_event
 from ..handle import IpcEventHandle
 from ..store import HandleStore, own_process
 from ..streams import Stream, destroyed_stream, launch_failure, mark_stream_worker
-from .eventstate import EventState
+from .eventstate import LIVENESS_INTERVAL, EventState
 
 __all__ = ["HostStream", "NullStream", "HostEvent"]
 
@@ -41,11 +42,13 @@ def _memset(ptr: int, value: int, nbytes: int, keep: tuple[Any, ...]) -> None:
 class _HostStreamBase(Stream):
     """What the host's two kinds of stream share: every operation is a call ``fn(*args)``."""
 
+    @abc.abstractmethod
     def _enqueue(self, fn: Callable[..., Any], args: tuple[Any, ...], what: str) -> None:
-        raise NotImplementedError
+        """Run ``fn(*args)`` in stream order; ``what`` names it in a failure report."""
 
+    @abc.abstractmethod
     def _record(self, state: EventState, timing: bool) -> None:
-        raise NotImplementedError
+        """Reserve a record of ``state`` now and complete it in stream order."""
 
     def launch_host_func(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
         self._enqueue(fn, args, f"host function {getattr(fn, '__qualname__', fn)!s}")
@@ -60,7 +63,7 @@ class _HostStreamBase(Stream):
     def wait_event(self, event: Event) -> None:
         state = _state_of(event)
         target = state.target()
-        if not state.reached(target[0]):
+        if not state.is_done(target[0]):
             self._enqueue(state.wait, (target, None), "hipStreamWaitEvent")
 
 
@@ -75,14 +78,16 @@ class HostStream(_HostStreamBase):
         self._lock = threading.Lock()
         self._submitted = 0  # written under _lock by enqueuers
         self._done = 0  # written only by the worker
-        self._failure: tuple[BaseException, str] | None = None
+        self._failure: tuple[BaseException, str] | None = None  # under _lock
         self._closed = False
+        self._forked_from = 0  # the parent's pid, in a forked child
         self._worker = threading.Thread(target=self._run, name="hipipc-stream", daemon=True)
         self._worker.start()
 
     @property
     def destroyed(self) -> bool:
-        return self._closed
+        # An inherited stream is not "destroyed": its calls say "created before fork".
+        return self._closed and not self._forked_from
 
     def _run(self) -> None:
         mark_stream_worker()
@@ -95,26 +100,34 @@ class HostStream(_HostStreamBase):
             try:
                 fn(*args)
             except BaseException as exc:  # reported by the next synchronize
-                if self._failure is None:
-                    self._failure = (exc, what)
+                with self._lock:
+                    if self._failure is None:
+                        self._failure = (exc, what)
             # Drop the operation's references now: they may pin mappings or host buffers.
             item = fn = args = None
             self._done += 1
 
+    def _closed_error(self) -> HipError:
+        if self._forked_from:
+            return HipError(hipError_t.hipErrorInvalidContext,
+                            f"the stream was created in process {self._forked_from} before "
+                            "fork and has no worker here; create streams in the child")
+        return destroyed_stream()
+
     def _enqueue(self, fn: Callable[..., Any], args: tuple[Any, ...], what: str) -> None:
         with self._lock:
             if self._closed:
-                raise destroyed_stream()
+                raise self._closed_error()
             self._submitted += 1
             self._queue.put((fn, args, what))
 
     def _record(self, state: EventState, timing: bool) -> None:
-        pid, start = own_process()
+        pid, start, pidns = own_process()
         with self._lock:
             # Checked before reserving: a number that is handed out must complete.
             if self._closed:
-                raise destroyed_stream()
-            seq = state.reserve(pid, start)
+                raise self._closed_error()
+            seq = state.reserve(pid, start, pidns)
             self._submitted += 1
             self._queue.put((state.complete, (seq, timing), "hipEventRecord"))
 
@@ -139,7 +152,8 @@ class HostStream(_HostStreamBase):
                            f"the stream's work did not finish within {timeout} s")
 
     def report_failure(self) -> None:
-        failure, self._failure = self._failure, None
+        with self._lock:
+            failure, self._failure = self._failure, None
         if failure is not None:
             raise launch_failure(*failure)
 
@@ -152,6 +166,8 @@ class HostStream(_HostStreamBase):
 
     def forget(self) -> None:
         self._closed = True  # no worker thread survives fork
+        self._forked_from = os.getppid()
+        self._lock = threading.Lock()  # another thread may have held it at fork time
 
     @property
     def finished(self) -> bool:
@@ -199,6 +215,11 @@ def _state_of(event: Event) -> EventState:
                        f"{event!r} is not an event of the host backend")
     state = event._state
     if state is None:
+        if event._forked_from:
+            raise HipError(hipError_t.hipErrorInvalidContext,
+                           f"the event was created in process {event._forked_from} before "
+                           "fork; its records complete there, not here: create events in the "
+                           "child (interprocess events can be opened by handle)")
         raise destroyed_event()
     return state
 
@@ -222,6 +243,8 @@ class HostEvent(Event):
         self._fd = fd  # the unnamed segment, until export links it in
         self._exported = False
         self._lock = threading.Lock()
+        self._forked_from = 0  # the parent's pid, for a local event inherited over fork
+        self._next_liveness_check = 0.0  # query() reads /proc at most this often
 
     @property
     def destroyed(self) -> bool:
@@ -242,7 +265,10 @@ class HostEvent(Event):
         state = _state_of(self)
         if state.is_complete():
             return True
-        state.check_recorder(state.target())
+        now = time.monotonic()
+        if now >= self._next_liveness_check:  # polling loops must not read /proc each time
+            self._next_liveness_check = now + LIVENESS_INTERVAL
+            state.check_recorder(state.target())
         return False
 
     def synchronize(self, timeout: float | None) -> None:
@@ -271,6 +297,7 @@ class HostEvent(Event):
                            "hipIpcGetEventHandle needs an event created with "
                            "hipEventInterprocess | hipEventDisableTiming")
         with self._lock:
+            _state_of(self)  # again under the lock: a concurrent destroy closed the descriptor
             if self._store is not None and not self._exported:
                 self._store.publish(self._fd, self._handle, mode)
                 self._exported = True
@@ -296,8 +323,13 @@ class HostEvent(Event):
                 self._close_fd()
 
     def forget(self) -> None:
+        self._lock = threading.Lock()  # another thread may have held it at fork time
         self._close_fd()
         self._store = None  # the parent exported it; only the parent revokes
+        if self._handle is None:
+            # A local event's records complete in the parent's memory, never in ours.
+            self._state = None
+            self._forked_from = os.getppid()
 
     def __del__(self) -> None:
         try:
