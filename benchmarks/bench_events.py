@@ -3,13 +3,15 @@
 Cases (issue 3's target in brackets):
   wake-up: from the completion of an IPC event's recorded work in one process to the return
       of hipEventSynchronize in another [<= 1x the pipe's one-way latency], against, measured
-      the same way in the same run, the one-way latency of a multiprocessing.Pipe message
-      and of a posix_ipc.Semaphore release.  In every method the receiver is already asleep
-      when the sender acts (the sender pauses 1 ms first), and both stamps come from
-      time.perf_counter_ns (CLOCK_MONOTONIC, one clock for all processes).
+      the same way in the same run, the one-way latency of a multiprocessing.Pipe message and
+      of a posix_ipc.Semaphore release.  In every method the receiver is already asleep when
+      the sender acts (the sender pauses 1 ms first); sender and receiver are pinned to two
+      different CPUs (a cross-CPU wake-up, slower than a same-CPU one but far less noisy);
+      both stamps come from time.perf_counter_ns (CLOCK_MONOTONIC, one clock for all).
   enqueue: the per-operation cost of hipLaunchHostFunc, hipMemcpyAsync (4 KiB), hipEventRecord
-      and hipStreamWaitEvent on a stream, against ThreadPoolExecutor(max_workers=1).submit,
-      the standard library's way to run work in order off the caller's thread.
+      and hipStreamWaitEvent (on a pending event, so that a wait is really enqueued), against
+      ThreadPoolExecutor(max_workers=1).submit, the standard library's way to run work in
+      order off the caller's thread.
   waiting: CPU time spent by a process blocked 1 s in hipEventSynchronize.
 Figures are medians of many repetitions; ratios are hipipc over the baseline.
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import statistics
 import sys
 import threading
@@ -32,6 +35,7 @@ import numpy as np
 import posix_ipc
 
 import hipipc as hip
+from hipipc.bench import format_rows
 
 _ns = time.perf_counter_ns
 _PAUSE = 0.001  # the sender waits this long so that the receiver is surely asleep
@@ -42,8 +46,16 @@ _TIMEOUT = 30.0
 # -- the receiving process --------------------------------------------------------------
 
 
-def _receiver(conn, event_handle: bytes, sem_name: str, data_conn) -> None:
+def _pin(cpu: int | None) -> None:
+    """Keep this process on one CPU: run-to-run spread on a 2-core VM comes mostly from
+    where the scheduler puts sender and receiver; every method is measured pinned alike."""
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+
+
+def _receiver(conn, event_handle: bytes, sem_name: str, data_conn, cpu: int | None) -> None:
     """Answers "event"/"pipe"/"sem"/"cpu" requests with the time it woke (or CPU seconds)."""
+    _pin(cpu)
     event = hip.hipIpcOpenEventHandle(event_handle)
     sem = posix_ipc.Semaphore(sem_name)
     try:
@@ -76,7 +88,7 @@ def _receiver(conn, event_handle: bytes, sem_name: str, data_conn) -> None:
 class _Wakeups:
     """The sending side: one IPC event, a pipe and a semaphore shared with a receiver."""
 
-    def __init__(self) -> None:
+    def __init__(self, cpus: tuple[int, int] | None) -> None:
         ctx = mp.get_context("spawn")
         self.event = hip.hipEventCreateWithFlags(_IPC)
         self.stream = hip.hipStreamCreate()
@@ -85,7 +97,7 @@ class _Wakeups:
         self.data, child_data = ctx.Pipe()
         self.proc = ctx.Process(target=_receiver, daemon=True, args=(
             child_conn, bytes(hip.hipIpcGetEventHandle(self.event)), self.sem.name,
-            child_data))
+            child_data, cpus[1] if cpus else None))
         self.proc.start()
 
     def _ask(self, op: str) -> None:
@@ -163,10 +175,11 @@ def _noop() -> None:
 
 
 def _per_op_ns(enqueue: Callable[[], object], drain: Callable[[], object], batch: int,
-               rounds: int) -> float:
+               rounds: int, prepare: Callable[[], object] = lambda: None) -> float:
     """Median over ``rounds`` of (time for ``batch`` enqueues) / ``batch``, in ns."""
     samples = []
     for _ in range(rounds):
+        prepare()
         t0 = _ns()
         for _ in range(batch):
             enqueue()
@@ -177,7 +190,10 @@ def _per_op_ns(enqueue: Callable[[], object], drain: Callable[[], object], batch
 
 def _enqueue_costs(batch: int, rounds: int) -> dict[str, float]:
     stream = hip.hipStreamCreate()
+    other = hip.hipStreamCreateWithFlags(hip.hipStreamNonBlocking)
     local = hip.hipEventCreateWithFlags(hip.hipEventDisableTiming)
+    pending = hip.hipEventCreateWithFlags(hip.hipEventDisableTiming)
+    gate = threading.Event()
     ptr = hip.hipMalloc(4096)
     host = np.zeros(4096, np.uint8)
     pool = ThreadPoolExecutor(max_workers=1)
@@ -188,6 +204,16 @@ def _enqueue_costs(batch: int, rounds: int) -> dict[str, float]:
         def pool_drain() -> None:
             pool.submit(_noop).result(_TIMEOUT)
 
+        def hold_pending() -> None:
+            # A wait on a complete event enqueues nothing: keep the event pending meanwhile.
+            gate.clear()
+            hip.hipLaunchHostFunc(other, gate.wait, _TIMEOUT)
+            hip.hipEventRecord(pending, other)
+
+        def release_and_sync() -> None:
+            gate.set()
+            sync()
+
         return {
             "hipLaunchHostFunc": _per_op_ns(lambda: hip.hipLaunchHostFunc(stream, _noop),
                                             sync, batch, rounds),
@@ -196,16 +222,20 @@ def _enqueue_costs(batch: int, rounds: int) -> dict[str, float]:
                 sync, batch, rounds),
             "hipEventRecord": _per_op_ns(lambda: hip.hipEventRecord(local, stream), sync,
                                          batch, rounds),
-            "hipStreamWaitEvent": _per_op_ns(lambda: hip.hipStreamWaitEvent(stream, local, 0),
-                                             sync, batch, rounds),
+            "hipStreamWaitEvent": _per_op_ns(
+                lambda: hip.hipStreamWaitEvent(stream, pending, 0), release_and_sync, batch,
+                rounds, prepare=hold_pending),
             "ThreadPoolExecutor.submit": _per_op_ns(lambda: pool.submit(_noop), pool_drain,
                                                     batch, rounds),
         }
     finally:
         pool.shutdown()
-        hip.hipStreamSynchronize(stream, timeout=_TIMEOUT)
-        hip.hipStreamDestroy(stream)
+        gate.set()
+        for s in (stream, other):
+            hip.hipStreamSynchronize(s, timeout=_TIMEOUT)
+            hip.hipStreamDestroy(s)
         hip.hipEventDestroy(local)
+        hip.hipEventDestroy(pending)
         hip.hipFree(ptr)
 
 
@@ -224,7 +254,10 @@ def run(quick: bool = False, progress: Callable[[str], None] | None = None) -> d
     trials = 300 if quick else 1500
     rows: list[dict] = []
     series: dict = {}
-    wake = _Wakeups()
+    allowed = sorted(os.sched_getaffinity(0))
+    cpus = (allowed[0], allowed[1]) if len(allowed) >= 2 else None
+    wake = _Wakeups(cpus)
+    _pin(cpus[0] if cpus else None)  # the sender (stream worker threads follow the process)
     try:
         say(f"wake-up latency, {trials} trials per method")
         samples: dict[str, list[int]] = {"event": [], "pipe": [], "sem": []}
@@ -249,10 +282,11 @@ def run(quick: bool = False, progress: Callable[[str], None] | None = None) -> d
 
         say("CPU time of a waiter blocked for 1 s")
         cpu = wake.cpu_while_waiting(1.0)
-        rows.append(_row("CPU spent waiting 1 s in hipEventSynchronize", cpu * 1e6,
+        rows.append(_row("CPU spent waiting 1 s in hipEventSynchronize (one sample)", cpu * 1e6,
                          target="well under 0.3 s", met=cpu < 0.3))
     finally:
         wake.close()
+        os.sched_setaffinity(0, allowed)
 
     say("enqueue cost per operation")
     costs = _enqueue_costs(batch=200 if quick else 1000, rounds=10 if quick else 50)
@@ -262,25 +296,13 @@ def run(quick: bool = False, progress: Callable[[str], None] | None = None) -> d
     return {"name": "events", "rows": rows, "series": series}
 
 
-def format_table(result: dict) -> str:
-    head = f"{'case':44} {'median':>11}  {'baseline (median)':40} {'ratio':>7}  {'target':18} met"
-    lines = [head, "-" * len(head)]
-    for r in result["rows"]:
-        base = f"{r['baseline']} ({r['baseline_us']:.1f} us)" if r["baseline"] else ""
-        ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}x"
-        met = {True: "yes", False: "NO", None: ""}[r["met"]]
-        lines.append(f"{r['case']:44} {r['median_us']:>8.1f} us  {base:40} {ratio:>7}  "
-                     f"{r['target'] or '':18} {met}")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--json", metavar="PATH", help="also write the result as JSON")
     args = parser.parse_args(argv)
     result = run(args.quick, progress=lambda m: print(f"... {m}", file=sys.stderr))
-    print(format_table(result))
+    print(format_rows(result["rows"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

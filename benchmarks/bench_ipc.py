@@ -33,6 +33,7 @@ from multiprocessing import shared_memory
 import numpy as np
 
 import hipipc as hip
+from hipipc.bench import format_rows
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 _ns = time.perf_counter_ns
@@ -314,26 +315,13 @@ def run(quick: bool = False, progress: Callable[[str], None] | None = None) -> d
     return {"name": "ipc", "rows": rows, "series": series}
 
 
-def format_table(result: dict) -> str:
-    head = f"{'case':42} {'median':>11}  {'baseline (median)':46} {'ratio':>8}  {'target':16} met"
-    lines = [head, "-" * len(head)]
-    for r in result["rows"]:
-        base = f"{r['baseline']} ({r['baseline_us']:.1f} us)" if r["baseline"] else ""
-        ratio = "" if r["ratio"] is None else (
-            f"{r['ratio']:.0f}x" if r["ratio"] >= 100 else f"{r['ratio']:.2f}x")
-        met = {True: "yes", False: "NO", None: ""}[r["met"]]
-        lines.append(f"{r['case']:42} {r['median_us']:>8.1f} us  {base:46} {ratio:>8}  "
-                     f"{r['target'] or '':16} {met}")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and sizes")
     parser.add_argument("--json", metavar="PATH", help="also write the result as JSON")
     args = parser.parse_args(argv)
     result = run(args.quick, progress=lambda m: print(f"... {m}", file=sys.stderr))
-    print(format_table(result))
+    print(format_rows(result["rows"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

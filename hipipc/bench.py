@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 __all__ = ["BenchError", "default_dir", "discover", "run_all", "write_report", "write_plots",
-           "format_table", "ProgressBar", "human_size"]
+           "format_table", "format_rows", "ProgressBar", "human_size"]
 
 PLOT_HINT = "plots need matplotlib: pip install hipipc[plot]"
 
@@ -313,24 +313,29 @@ def _fmt(v: Any, spec: str) -> str:
         return str(v)
 
 
-def format_table(report: dict) -> str:
-    """The rows of every benchmark as a plain-text table, columns as wide as their cells."""
+def format_rows(rows: Sequence[dict], indent: str = "") -> str:
+    """One benchmark's rows as a plain-text table, columns as wide as their cells."""
     head = ("case", "median us", "baseline", "base us", "ratio", "target", "met")
     numeric = (False, True, False, True, True, False, False)
+    cells = [head]
+    for row in rows:
+        cells.append((str(row.get("case", "?")), _fmt(row.get("median_us"), ".2f"),
+                      str(row.get("baseline") or "-"), _fmt(row.get("baseline_us"), ".2f"),
+                      _fmt(row.get("ratio"), ".2f"), str(row.get("target") or "-"),
+                      {True: "yes", False: "NO", None: "-"}.get(row.get("met"), "?")))
+    widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
+    return "\n".join(indent + "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num
+                                        in zip(c, widths, numeric, strict=True)).rstrip()
+                     for c in cells)
+
+
+def format_table(report: dict) -> str:
+    """The rows of every benchmark in ``report`` (see :func:`run_all`) as plain-text tables."""
     lines = []
     for bench in report["benchmarks"]:
         lines.append(f"== {bench['name']} ({bench['module']}, {bench['seconds']:.1f} s)")
         if bench.get("error"):
             lines.append(f"   FAILED: {bench['error']}")
             continue
-        cells = [head]
-        for row in bench["rows"]:
-            cells.append((str(row.get("case", "?")), _fmt(row.get("median_us"), ".2f"),
-                          str(row.get("baseline") or "-"), _fmt(row.get("baseline_us"), ".2f"),
-                          _fmt(row.get("ratio"), ".2f"), str(row.get("target") or "-"),
-                          {True: "yes", False: "NO", None: "-"}.get(row.get("met"), "?")))
-        widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
-        for c in cells:
-            lines.append("   " + "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num
-                                           in zip(c, widths, numeric, strict=True)).rstrip())
+        lines.append(format_rows(bench["rows"], indent="   "))
     return "\n".join(lines)

@@ -192,12 +192,14 @@ class EventState:
         rc = _mutex_lock(self._mutex)
         if rc:
             self._lock_failed(rc)
-        # Checked under the lock, so every loop below is bounded by WINDOW.
-        recorded, floor = self._recorded.value, self._floor.value
-        if self._nstragglers.value > STRAGGLERS or (recorded - floor) & _MASK > WINDOW:
-            _mutex_unlock(self._mutex)
-            raise _corrupt(f"recorded {recorded}, floor {floor}, "
-                           f"{self._nstragglers.value} stragglers")
+
+    def _checked(self) -> tuple[int, int, int]:
+        """(floor, recorded, stragglers), checked so that every loop over them is bounded."""
+        floor, recorded, count = (self._floor.value, self._recorded.value,
+                                  self._nstragglers.value)
+        if count > STRAGGLERS or (recorded - floor) & _MASK > WINDOW:
+            raise _corrupt(f"recorded {recorded}, floor {floor}, {count} stragglers")
+        return floor, recorded, count
 
     def _lock_failed(self, rc: int) -> None:
         if rc == _EOWNERDEAD:
@@ -220,9 +222,10 @@ class EventState:
         """
         self._lock()
         try:
-            seq = (self._recorded.value + 1) & _MASK
+            floor, recorded, _count = self._checked()
+            seq = (recorded + 1) & _MASK
             oldest = (seq - WINDOW) & _MASK  # the number whose slot seq takes over
-            if not _serial_ge(self._floor.value, oldest):
+            if not _serial_ge(floor, oldest):
                 self._pass_floor_to(oldest)
             self._done[(seq % WINDOW) >> 6] &= ~(1 << (seq & 63))
             version = self._version.value
@@ -238,9 +241,10 @@ class EventState:
 
     def _pass_floor_to(self, target: int) -> None:
         """Move the floor up to ``target``; pending numbers on the way become stragglers."""
-        floor, done, count = self._floor.value, self._done, self._nstragglers.value
+        floor, _recorded, count = self._checked()
+        done = self._done
         pending = []
-        while floor != target:  # at most WINDOW steps: checked in _lock
+        while floor != target:  # at most WINDOW steps: checked by the caller
             floor = (floor + 1) & _MASK
             if not done[(floor % WINDOW) >> 6] & (1 << (floor & 63)):
                 pending.append(floor)
@@ -259,8 +263,9 @@ class EventState:
 
     def _advance_floor(self) -> None:
         """Move the floor up over numbers already done."""
-        floor, done, recorded = self._floor.value, self._done, self._recorded.value
-        while floor != recorded:  # at most WINDOW steps: checked in _lock
+        floor, recorded, _count = self._checked()
+        done = self._done
+        while floor != recorded:  # at most WINDOW steps: _checked
             nxt = (floor + 1) & _MASK
             if not done[(nxt % WINDOW) >> 6] & (1 << (nxt & 63)):
                 break
@@ -273,7 +278,9 @@ class EventState:
         On the path of every cross-process wake-up, so the common case (the record completes
         in order and is the newest) touches no bitmap word and calls no helper.
         """
-        self._lock()
+        rc = _mutex_lock(self._mutex)  # inline _lock(): this is the hot path
+        if rc:
+            self._lock_failed(rc)
         try:
             floor, recorded = self._floor.value, self._recorded.value
             if (floor - seq) & _MASK < _HALF:
@@ -296,6 +303,8 @@ class EventState:
 
     def _drop_straggler(self, seq: int) -> bool:
         count = self._nstragglers.value
+        if count > STRAGGLERS:
+            raise _corrupt(f"{count} stragglers")
         for i in range(count):
             if self._stragglers[i] == seq:
                 self._stragglers[i] = self._stragglers[count - 1]
@@ -324,8 +333,8 @@ class EventState:
     def is_done(self, seq: int) -> bool:
         """Whether the work of record ``seq`` (handed out already) is done."""
         if _serial_ge(self._floor.value, seq):
-            count = min(self._nstragglers.value, STRAGGLERS)
-            return not count or seq not in self._stragglers[:count]
+            count = self._nstragglers.value
+            return not count or seq not in self._stragglers[:min(count, STRAGGLERS)]
         # Above the floor only numbers already handed out have a meaningful bit.
         return bool(self._done[(seq % WINDOW) >> 6] & (1 << (seq & 63)))
 
