@@ -20,8 +20,6 @@ Figures are medians of many repetitions; ratios are hipipc over the baseline.
 
 from __future__ import annotations
 
-import argparse
-import json
 import multiprocessing as mp
 import os
 import statistics
@@ -35,7 +33,7 @@ import numpy as np
 import posix_ipc
 
 import hipipc as hip
-from hipipc.bench import format_rows
+from hipipc.bench import script_main
 
 _ns = time.perf_counter_ns
 _PAUSE = 0.001  # the sender waits this long so that the receiver is surely asleep
@@ -296,18 +294,5 @@ def run(quick: bool = False, progress: Callable[[str], None] | None = None) -> d
     return {"name": "events", "rows": rows, "series": series}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
-    parser.add_argument("--json", metavar="PATH", help="also write the result as JSON")
-    args = parser.parse_args(argv)
-    result = run(args.quick, progress=lambda m: print(f"... {m}", file=sys.stderr))
-    print(format_rows(result["rows"]))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(script_main(run, __doc__.splitlines()[0]))

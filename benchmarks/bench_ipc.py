@@ -19,8 +19,6 @@ time over hipipc's (speed-up, throughput ratio) for (d) and (e).
 
 from __future__ import annotations
 
-import argparse
-import json
 import mmap
 import multiprocessing as mp
 import os
@@ -34,7 +32,7 @@ from multiprocessing import shared_memory
 import numpy as np
 
 import hipipc as hip
-from hipipc.bench import format_rows
+from hipipc.bench import script_main
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 _ns = time.perf_counter_ns
@@ -319,18 +317,5 @@ def run(quick: bool = False, progress: Callable[[str], None] | None = None) -> d
     return {"name": "ipc", "rows": rows, "series": series}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions and sizes")
-    parser.add_argument("--json", metavar="PATH", help="also write the result as JSON")
-    args = parser.parse_args(argv)
-    result = run(args.quick, progress=lambda m: print(f"... {m}", file=sys.stderr))
-    print(format_rows(result["rows"]))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(script_main(run, __doc__.splitlines()[0]))

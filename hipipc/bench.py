@@ -18,6 +18,7 @@ per series (log-x, one labelled line each) when matplotlib is installed
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import importlib.util
 import json
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 __all__ = ["BenchError", "default_dir", "discover", "run_all", "write_report", "write_plots",
-           "format_table", "format_rows", "ProgressBar", "human_size"]
+           "format_table", "format_rows", "script_main", "ProgressBar", "human_size"]
 
 PLOT_HINT = "plots need matplotlib: pip install hipipc[plot]"
 
@@ -339,3 +340,18 @@ def format_table(report: dict) -> str:
             continue
         lines.append(format_rows(bench["rows"], indent="   "))
     return "\n".join(lines)
+
+
+def script_main(run: Callable[..., dict], description: str,
+                argv: Sequence[str] | None = None) -> int:
+    """The command line of one ``benchmarks/bench_*.py``: ``[--quick] [--json PATH]``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions and sizes")
+    parser.add_argument("--json", metavar="PATH", help="also write the result as JSON")
+    args = parser.parse_args(argv)
+    result = run(args.quick, progress=lambda m: print(f"... {m}", file=sys.stderr))
+    print(format_rows(result["rows"]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2, default=_json_default)
+    return 0

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import uuid
 
 import pytest
+
+import hipipc as hip
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -19,3 +22,36 @@ def _private_store():
     left = os.listdir(store) if os.path.isdir(store) else []
     shutil.rmtree(store, ignore_errors=True)
     assert not left, f"the suite left {len(left)} segment(s) in {store}"
+
+
+@pytest.fixture
+def gate():
+    """A factory of gates; every gate is opened at teardown so no stream worker stays blocked."""
+    made: list[threading.Event] = []
+
+    def new() -> threading.Event:
+        made.append(threading.Event())
+        return made[-1]
+
+    yield new
+    for g in made:
+        g.set()
+
+
+@pytest.fixture
+def stream():
+    """``stream() -> a new stream``; destroyed and drained at teardown."""
+    made: list[hip.Stream] = []
+
+    def new() -> hip.Stream:
+        made.append(hip.hipStreamCreate())
+        return made[-1]
+
+    yield new
+    for s in made:
+        if not s.destroyed:
+            hip.hipStreamDestroy(s)
+    try:
+        hip.hipDeviceSynchronize(timeout=5)
+    except hip.HipError:
+        pass  # a test's deliberate failures are reported here; the test checked them already

@@ -114,38 +114,6 @@ def spawn():
 
 
 @pytest.fixture
-def gate():
-    """A factory of ``threading.Event`` gates, all opened at teardown."""
-    made: list[threading.Event] = []
-
-    def new() -> threading.Event:
-        made.append(threading.Event())
-        return made[-1]
-
-    yield new
-    for g in made:
-        g.set()
-
-
-@pytest.fixture
-def stream():
-    made: list[hip.Stream] = []
-
-    def new() -> hip.Stream:
-        made.append(hip.hipStreamCreate())
-        return made[-1]
-
-    yield new
-    for s in made:
-        if not s.destroyed:
-            hip.hipStreamDestroy(s)
-    try:
-        hip.hipDeviceSynchronize(timeout=5)
-    except hip.HipError:
-        pass
-
-
-@pytest.fixture
 def events():
     """``events(flags) -> event``; destroys what the test did not."""
     made: list[hip.Event] = []

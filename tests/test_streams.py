@@ -40,41 +40,6 @@ def _quiet_device():
 
 
 @pytest.fixture
-def gate():
-    """A factory of gates; every gate is opened at teardown so no worker stays blocked."""
-    made: list[threading.Event] = []
-
-    def new() -> threading.Event:
-        g = threading.Event()
-        made.append(g)
-        return g
-
-    yield new
-    for g in made:
-        g.set()
-
-
-@pytest.fixture
-def stream():
-    """A fresh stream, drained and destroyed at teardown (unless the test destroyed it)."""
-    made: list[hip.Stream] = []
-
-    def new() -> hip.Stream:
-        s = hip.hipStreamCreate()
-        made.append(s)
-        return s
-
-    yield new
-    for s in made:
-        if not s.destroyed:
-            hip.hipStreamDestroy(s)
-    try:
-        hip.hipDeviceSynchronize(timeout=5)
-    except hip.HipError:
-        pass
-
-
-@pytest.fixture
 def device_mem():
     """hipMalloc that frees at teardown."""
     ptrs: list[int] = []

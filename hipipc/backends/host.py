@@ -148,6 +148,10 @@ class HostBackend(Backend):
         return HostEvent(flags, device, state, handle, store=self.store, fd=fd)
 
     def open_event(self, handle: IpcEventHandle) -> HostEvent:
+        if handle.size != STATE_SIZE:
+            raise HipError(hipError_t.hipErrorInvalidResourceHandle,
+                           f"the event handle names {handle.size} bytes of state, this hipipc "
+                           f"uses {STATE_SIZE}: exporter and importer run different versions")
         state = _mapped_state(self._open_segment(handle), initialize=False)
         # An opened IPC event has the flags its creator had to use.
         return HostEvent(hipEventInterprocess | hipEventDisableTiming, handle.device, state,
