@@ -14,6 +14,7 @@ step) links it in, under :attr:`IpcHandle.segment_name`, a one-way digest of the
 
 from __future__ import annotations
 
+import atexit
 import errno
 import hmac
 import os
@@ -167,6 +168,17 @@ def own_process() -> tuple[int, int, int]:
             pidns = 0
         _own_start = (pid, max(process_start_time(pid) or 0, 0), pidns)
     return _own_start
+
+
+def _remove_if_empty(path: str) -> None:
+    """At exit of a process that exported, remove its store if nothing is left in it, so a
+    normal run leaves nothing in /dev/shm.  rmdir fails on a store in use (unnamed segments
+    do not count: they are linked on export), and a process that finds its cached store
+    removed recreates it."""
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
 
 
 def raise_fd_limit() -> bool:
@@ -326,10 +338,16 @@ class HandleStore:
         tmpfs fails here with ``hipErrorOutOfMemory``, never with SIGBUS on first touch.  The
         file has mode 0600 and no name; it vanishes with its last descriptor and mapping.
         """
+        flags = os.O_TMPFILE | os.O_RDWR | _O_CLOEXEC
         dfd = self._dir_fd(os.geteuid(), importing=False)
         try:
-            fd = _os_call("creating a segment", os.open, ".",
-                          os.O_TMPFILE | os.O_RDWR | _O_CLOEXEC, 0o600, dir_fd=dfd)
+            try:
+                fd = _os_call("creating a segment", os.open, ".", flags, 0o600, dir_fd=dfd)
+            except FileNotFoundError:
+                # The cached store was removed (another process's exit cleanup, an admin):
+                # recreate it, verified as usual.
+                dfd = self._dir_fd(os.geteuid(), importing=False, fresh=True)
+                fd = _os_call("creating a segment", os.open, ".", flags, 0o600, dir_fd=dfd)
         except OSError as exc:
             raise HipError(hipError_t.hipErrorOperatingSystem,
                            f"cannot create a segment in {self.own_path()}: {exc.strerror} "
@@ -364,6 +382,7 @@ class HandleStore:
         """Give the segment behind ``fd`` its name: the explicit export step."""
         if not self._swept:
             self._swept = True
+            atexit.register(_remove_if_empty, self.own_path())
             try:
                 self.collect()
             except OSError:

@@ -670,3 +670,60 @@ def test_descriptor_exhaustion_is_out_of_memory_naming_the_limit():
     assert "RLIMIT_NOFILE soft=64, hard=64" in message and "ulimit -Hn" in message
     assert 40 < got["allocated"] < 64
     assert got["after_export"] == "ok" and got["fd_growth"] <= 1  # the cached store directory
+
+
+# -- the store directory itself ---------------------------------------------------------
+
+_EXPORT_AND_EXIT = """
+import sys
+import hipipc as hip
+ptr = hip.hipMalloc(4096)
+hip.hipIpcGetMemHandle(ptr)
+if sys.argv[1] == "free":
+    hip.hipFree(ptr)
+"""
+
+
+def test_an_exporter_removes_its_empty_store_at_exit_and_keeps_a_used_one(tmp_path):
+    """A normal run leaves nothing in /dev/shm, not even an empty store directory; a store
+    that still holds an export stays (for its importers and for gc)."""
+    template = f"/dev/shm/hipipc-exit-{uuid.uuid4().hex[:8]}-{{uid}}"
+    path = template.replace("{uid}", str(os.geteuid()))
+    env = child_env(HIPIPC_STORE=template)
+    try:
+        for how, stays in (("free", False), ("keep", True)):
+            proc = subprocess.run([sys.executable, "-c", _EXPORT_AND_EXIT, how], env=env,
+                                  capture_output=True, timeout=60)
+            assert proc.returncode == 0, proc.stderr
+            assert os.path.isdir(path) == stays, how
+        assert len(os.listdir(path)) == 1
+        run_json("import json, hipipc.store as s; print(json.dumps(s.HandleStore().collect()))",
+                 env=env)
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_a_store_removed_by_another_process_is_recreated_by_exporters():
+    """Another exporter's exit cleanup can remove the store while this process holds its
+    directory descriptor: the next export recreates it, and importers find the new one."""
+    ptr = hip.hipMalloc(4096)
+    hip.hipIpcGetMemHandle(ptr)
+    hip.hipFree(ptr)  # the store is empty again
+    proc = subprocess.run([sys.executable, "-c", _EXPORT_AND_EXIT, "free"], env=child_env(),
+                          capture_output=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    path = HandleStore().own_path()
+    assert not os.path.isdir(path)
+    ptr = hip.hipMalloc(4096)
+    try:
+        handle = hip.hipIpcGetMemHandle(ptr)
+        assert store_names() == {handle.segment_name}
+        got = run_json(f"""
+import json, hipipc as hip
+p = hip.hipIpcOpenMemHandle(bytes.fromhex("{bytes(handle).hex()}"))
+hip.hipIpcCloseMemHandle(p)
+print(json.dumps("opened"))
+""")
+        assert got == "opened"
+    finally:
+        hip.hipFree(ptr)

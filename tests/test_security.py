@@ -17,7 +17,7 @@ import uuid
 
 import numpy as np
 import pytest
-from _proc import Exporter, child_env, in_fork, run_json, store_path
+from _proc import Exporter, child_env, in_fork, run_json, store_names, store_path
 
 import hipipc as hip
 from hipipc.handle import HandleKind
@@ -54,11 +54,11 @@ def segment_mode(handle: hip.IpcMemHandle) -> int:
 
 def test_store_is_0711_and_segments_are_0600_regular_files_by_default(exported, monkeypatch):
     monkeypatch.delenv("HIPIPC_SHARE", raising=False)
-    before = set(os.listdir(store_path())) if os.path.isdir(store_path()) else set()
+    before = store_names()
     private = hip.hipMalloc(4096)
     try:
         # Unexported memory has no name at all.
-        assert set(os.listdir(store_path())) == before
+        assert store_names() == before
     finally:
         hip.hipFree(private)
     _, handle = exported()
@@ -68,7 +68,7 @@ def test_store_is_0711_and_segments_are_0600_regular_files_by_default(exported, 
     seg = os.lstat(os.path.join(store_path(), handle.segment_name))
     assert stat.S_ISREG(seg.st_mode) and stat.S_IMODE(seg.st_mode) == 0o600
     assert seg.st_uid == os.geteuid()
-    assert set(os.listdir(store_path())) - before == {handle.segment_name}
+    assert store_names() - before == {handle.segment_name}
 
 
 def test_segment_names_maps_and_listings_never_show_handle_bytes(exported):
@@ -119,7 +119,7 @@ def test_an_unknown_share_policy_is_invalid_value_and_exports_nothing(share, mon
     monkeypatch.delenv("HIPIPC_SHARE", raising=False)
     ptr = hip.hipMalloc(64)
     try:
-        before = set(os.listdir(store_path())) if os.path.isdir(store_path()) else set()
+        before = store_names()
         with pytest.raises(hip.HipError) as exc:
             hip.hipIpcGetMemHandle(ptr, share=share)
         assert exc.value.code == E.hipErrorInvalidValue and "user, group, all" in str(exc.value)
@@ -129,7 +129,7 @@ def test_an_unknown_share_policy_is_invalid_value_and_exports_nothing(share, mon
                 hip.hipIpcGetMemHandle(ptr)
             assert exc.value.code == E.hipErrorInvalidValue and "HIPIPC_SHARE" in str(exc.value)
             monkeypatch.delenv("HIPIPC_SHARE")
-        assert set(os.listdir(store_path())) == before
+        assert store_names() == before
         # The allocation is still fine and exports once the policy is valid.
         handle = hip.hipIpcGetMemHandle(ptr)
         assert segment_mode(handle) == 0o600
