@@ -33,7 +33,7 @@ import numpy as np
 import posix_ipc
 
 import hipipc as hip
-from hipipc.bench import script_main
+from hipipc.bench import script_main, stop_child
 
 _ns = time.perf_counter_ns
 _PAUSE = 0.001  # the sender waits this long so that the receiver is surely asleep
@@ -151,14 +151,7 @@ class _Wakeups:
         return cpu
 
     def close(self) -> None:
-        try:
-            self.conn.send(None)
-        except OSError:
-            pass
-        self.proc.join(10)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join(5)
+        stop_child(self.conn, self.proc)
         self.sem.unlink()
         self.sem.close()
         hip.hipStreamDestroy(self.stream)

@@ -32,7 +32,7 @@ from multiprocessing import shared_memory
 import numpy as np
 
 import hipipc as hip
-from hipipc.bench import script_main
+from hipipc.bench import script_main, stop_child
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 _ns = time.perf_counter_ns
@@ -127,13 +127,7 @@ class _Peer:
         return out
 
     def close(self) -> None:
-        try:
-            self.conn.send(None)
-        except OSError:
-            pass
-        self.proc.join(10)
-        if self.proc.is_alive():
-            self.proc.kill()
+        stop_child(self.conn, self.proc)
 
 
 def _median_us(samples_ns: list[int]) -> float:

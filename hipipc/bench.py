@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 __all__ = ["BenchError", "default_dir", "discover", "run_all", "write_report", "write_plots",
-           "format_table", "format_rows", "script_main", "ProgressBar", "human_size"]
+           "format_table", "format_rows", "script_main", "stop_child", "ProgressBar",
+           "human_size"]
 
 PLOT_HINT = "plots need matplotlib: pip install hipipc[plot]"
 
@@ -340,6 +341,18 @@ def format_table(report: dict) -> str:
             continue
         lines.append(format_rows(bench["rows"], indent="   "))
     return "\n".join(lines)
+
+
+def stop_child(conn: Any, proc: Any) -> None:
+    """Stop a benchmark's helper process: ask it to quit (None), then kill it if it lingers."""
+    try:
+        conn.send(None)
+    except OSError:
+        pass
+    proc.join(10)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(5)
 
 
 def script_main(run: Callable[..., dict], description: str,
