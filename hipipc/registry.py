@@ -168,9 +168,22 @@ class Registry:
     def create_stream(self, blocking: bool = True) -> Stream:
         stream = self.backend.create_stream(self.device, blocking)
         with self._lock:
-            self._streams = {s for s in self._streams if not s.finished}
+            self._prune_streams()
             self._streams.add(stream)
         return stream
+
+    def _prune_streams(self) -> None:
+        """Forget destroyed streams that have drained and have nothing left to report."""
+        self._streams = {s for s in self._streams if not s.finished}
+
+    @staticmethod
+    def _wait_idle(streams: list[Stream], timeout: float | None) -> None:
+        """Wait for the work enqueued on ``streams``, one deadline for all."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for stream in streams:
+            if not stream.query():
+                stream.wait_idle(None if deadline is None
+                                 else max(0.0, deadline - time.monotonic()))
 
     def _blocking_streams(self) -> list[Stream]:
         with self._lock:
@@ -182,11 +195,7 @@ class Registry:
         ``hipErrorNotReady`` if ``timeout`` seconds pass first."""
         if not self._streams or running_on_stream():
             return
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for stream in self._blocking_streams():
-            if not stream.query():
-                stream.wait_idle(None if deadline is None
-                                 else max(0.0, deadline - time.monotonic()))
+        self._wait_idle(self._blocking_streams(), timeout)
 
     def blocking_streams_idle(self) -> bool:
         """``hipStreamQuery`` of the null stream: no blocking stream has pending work."""
@@ -196,18 +205,15 @@ class Registry:
         """``hipDeviceSynchronize``: wait for every stream of this process (one deadline for
         all), then report one failure not reported yet; others wait for the next call."""
         refuse_on_stream("hipDeviceSynchronize")
-        deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             streams = list(self._streams)
-        for stream in streams:
-            stream.wait_idle(None if deadline is None
-                             else max(0.0, deadline - time.monotonic()))
+        self._wait_idle(streams, timeout)
         try:
             for stream in streams:
                 stream.report_failure()
         finally:
             with self._lock:
-                self._streams = {s for s in self._streams if not s.finished}
+                self._prune_streams()
 
     def create_event(self, flags: int) -> Event:
         event = self.backend.create_event(flags, self.device)
@@ -236,16 +242,13 @@ class Registry:
         not cancel it), for at most ``timeout`` seconds; peers may be waiting on its records."""
         if os.getpid() != self._pid:
             return
-        deadline = time.monotonic() + timeout
         with self._lock:
             streams = list(self._streams)
-        for stream in streams:
-            try:
-                stream.wait_idle(max(0.0, deadline - time.monotonic()))
-            except HipError:
-                print(f"hipipc: work enqueued on {len(streams)} stream(s) did not finish "
-                      f"within {timeout:.0f} s of exit; abandoning it", file=sys.stderr)
-                return
+        try:
+            self._wait_idle(streams, timeout)
+        except HipError:
+            print(f"hipipc: work enqueued on {len(streams)} stream(s) did not finish within "
+                  f"{timeout:.0f} s of exit; abandoning it", file=sys.stderr)
 
     # -- process lifetime ----------------------------------------------------------------
 
