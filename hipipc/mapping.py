@@ -49,17 +49,30 @@ class Mapping:
         self._released = False
         self._lock = threading.Lock()
 
-    def buffer(self, offset: int, nbytes: int) -> ctypes.Array:
-        """A writable buffer over ``[addr+offset, addr+offset+nbytes)`` that pins the mapping."""
+    def pin(self, offset: int, nbytes: int) -> _Pin:
+        """An object that keeps ``[addr+offset, addr+offset+nbytes)`` mapped while it lives.
+
+        Raises ``hipErrorInvalidValue`` once the mapping was released with no pin left: the
+        check and the count are one step under the lock, so a concurrent :meth:`release`
+        either comes first (this raises, nothing is touched) or waits for the pin to go (the
+        caller works on the old pages, never on whatever is mapped at the address later).
+        """
         if offset < 0 or nbytes < 0 or offset + nbytes > self.length:
             raise HipError(hipError_t.hipErrorInvalidValue, "view outside the mapping")
         with self._lock:
             if self._released and self._live == 0:
-                raise HipError(hipError_t.hipErrorInvalidValue, "mapping already released")
+                raise HipError(hipError_t.hipErrorInvalidValue,
+                               "the memory was freed or closed (mapping already released)")
             self._live += 1
+        # Made after the count: if _Pin() itself failed the count would leak, not the pages.
+        return _Pin(self)
+
+    def buffer(self, offset: int, nbytes: int) -> ctypes.Array:
+        """A writable buffer over ``[addr+offset, addr+offset+nbytes)`` that pins the mapping."""
+        pin = self.pin(offset, nbytes)
         arr = (ctypes.c_char * nbytes).from_address(self.addr + offset)
         # The ctypes array is the object numpy's views reference; when it dies, so does the pin.
-        arr._pin = _Pin(self)
+        arr._pin = pin
         return arr
 
     def _unpin(self) -> None:

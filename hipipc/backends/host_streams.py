@@ -26,6 +26,7 @@ from ..events import Event, destroyed_event
 from ..handle import IpcEventHandle
 from ..store import HandleStore, own_process
 from ..streams import Stream, destroyed_stream, launch_failure, mark_stream_worker
+from ..timeouts import deadline as _deadline
 from .eventstate import LIVENESS_INTERVAL, EventState
 
 __all__ = ["HostStream", "NullStream", "HostEvent"]
@@ -336,9 +337,3 @@ class HostEvent(Event):
             self.destroy()
         except Exception:  # destructors never raise
             pass
-
-
-def _deadline(timeout: float | None) -> float | None:
-    if timeout is None:
-        return None
-    return time.monotonic() + max(0.0, float(timeout))
