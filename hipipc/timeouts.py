@@ -1,8 +1,8 @@
 """Timeouts: every ``timeout=`` of the package is checked here, once, the same way.
 
 The rule: a timeout is ``None`` (no limit) or a real number of seconds ``>= 0``; ``inf`` and
-any value at or past :data:`MAX_TIMEOUT` (what ``threading`` can wait for, about 292 years)
-also mean no limit, so that no wait deeper down overflows (``OverflowError`` from
+any value at or past :data:`MAX_TIMEOUT` (1e9 s, 31 years; ``threading`` accepts at most
+about 9.2e9 s) also mean no limit, so that no wait deeper down overflows (``OverflowError`` from
 ``threading``, ``select`` or a ``timespec``).  ``nan``, negative values, ``bool`` and
 non-numbers raise ``HipError(hipErrorInvalidValue)`` naming the value.
 
@@ -22,9 +22,11 @@ from .errors import HipError, hipError_t
 
 __all__: list[str] = []  # internal: not part of the flat public namespace
 
-# threading.TIMEOUT_MAX is the largest wait the interpreter accepts anywhere (Event.wait,
-# Lock.acquire, Thread.join); select() and posix_ipc accept at least as much.
-MAX_TIMEOUT = float(threading.TIMEOUT_MAX)
+# threading.TIMEOUT_MAX (about 9.2e9 s) is the largest wait threading accepts; deadlines
+# built on it can still overflow an int64 of nanoseconds once "now" is added (socket
+# timeouts, timespecs).  A billion seconds (31 years) is far below every such limit and far
+# above any real wait, so longer timeouts mean "no limit", exactly like inf.
+MAX_TIMEOUT = min(1e9, float(threading.TIMEOUT_MAX))
 
 
 def check_timeout(timeout: Any, what: str = "timeout") -> float | None:
