@@ -211,6 +211,9 @@ class DeviceBuffer:
         ptr = self._check_process("asarray")
         dt = np.dtype(dtype)
         if shape is None:
+            if not dt.itemsize:
+                raise HipError(hipError_t.hipErrorInvalidValue,
+                               f"asarray: dtype {dt} has no size; pass a shape")
             shape = self._size // dt.itemsize
         return runtime.asarray(ptr, shape, dt)
 

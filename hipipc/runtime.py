@@ -298,6 +298,9 @@ def hipMemcpyAsync(dst: Any, src: Any, nbytes: int, kind: int = hipMemcpyDefault
         s.memcpy(dst_addr, src_addr, nbytes, kind, keep)
 
 
+_MAX_DIM = int(np.iinfo(np.intp).max)
+
+
 def asarray(ptr: int, shape: int | tuple[int, ...], dtype: Any = np.uint8) -> Any:
     """A zero-copy array of ``shape``/``dtype`` over device memory at ``ptr``.
 
@@ -315,6 +318,8 @@ def asarray(ptr: int, shape: int | tuple[int, ...], dtype: Any = np.uint8) -> An
         raise _invalid(f"asarray: shape must be ints and dtype a numpy dtype ({exc})") from None
     if any(n < 0 for n in dims):
         raise _invalid(f"asarray: negative dimension in {tuple(dims)}")
+    if any(n > _MAX_DIM for n in dims):  # numpy's limit; reachable with a zero-size dtype
+        raise _invalid(f"asarray: a dimension of {tuple(dims)} exceeds {_MAX_DIM}")
     if dt.hasobject:
         raise _invalid(f"asarray: dtype {dt} holds Python objects, which raw memory cannot")
     shape = tuple(dims)

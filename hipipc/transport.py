@@ -465,6 +465,10 @@ def create_handle_queue(name: str | None = None, *, max_messages: int = 8
     capped by ``/proc/sys/fs/mqueue/msg_max`` (10 by default) for unprivileged users.
     """
     name = _check_name(name) if name is not None else f"/hipipc-mq-{secrets.token_hex(8)}"
+    if isinstance(max_messages, bool) or not isinstance(max_messages, int) or \
+            not 1 <= max_messages <= _MAX_SLOTS:
+        raise _invalid(f"max_messages must be an int in [1, {_MAX_SLOTS}], got "
+                       f"{max_messages!r}")
     try:
         return posix_ipc.MessageQueue(name, posix_ipc.O_CREX, 0o600, max_messages,
                                       HANDLE_SIZE)
