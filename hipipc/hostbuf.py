@@ -32,17 +32,23 @@ def _invalid(detail: str) -> HipError:
 def holds_objects(buf: Any) -> bool:
     """True if ``buf``'s memory holds Python object pointers (numpy's ``hasobject``, or an
     ``O`` in its buffer format)."""
-    if isinstance(buf, np.ndarray):  # the common case, without a memoryview
+    kind = type(buf)
+    if kind is bytearray or kind is bytes:  # the common cases, without a memoryview
+        return False
+    if isinstance(buf, np.ndarray):
         return buf.dtype.hasobject
     dtype = getattr(buf, "dtype", None)
     if isinstance(dtype, np.dtype) and dtype.hasobject:
         return True
     try:
-        with memoryview(buf) as view:
-            fmt = view.format
+        if kind is memoryview:
+            fmt = buf.format
+        else:
+            with memoryview(buf) as view:
+                fmt = view.format
     except (TypeError, ValueError, BufferError):
-        return False  # not a buffer: the caller's own check reports that
-    return "O" in _FIELD_NAMES.sub("", fmt)
+        return False  # not a buffer (or a released view): the caller's own check says so
+    return "O" in fmt and "O" in _FIELD_NAMES.sub("", fmt)
 
 
 def refuse_objects(buf: Any, what: str) -> None:

@@ -67,7 +67,9 @@ NUMPY = [np.int8(-1), np.uint8(255), np.int64(-2 ** 63), np.uint64(2 ** 64 - 1),
          np.complex64(1j), np.int32(4096)]
 STRINGS = ["", "x", "user", "group", "all", "/", "/hipipc-fuzz", "/a/b", "\x00", "a" * 300,
            "/" + "b" * 250, "0x10", "nan", "hipMemcpyDefault"]
-OTHER = [None, True, False, [], [1, 2], {}, (), (1, -1), object(), 1j, slice(1), Ellipsis,
+RELEASED = memoryview(bytes(64))
+RELEASED.release()
+OTHER = [None, True, False, RELEASED, [], [1, 2], {}, (), (1, -1), object(), 1j, slice(1), Ellipsis,
          b"", bytes(64), bytes(range(64)), bytearray(64), b"\xff" * 64, memoryview(b"q" * 64)]
 KINDS = list(hip.hipMemcpyKind) + [5, -1, 2 ** 64]
 TIMEOUTS_WAITS = [None, 0, 0.001, 0.01, math.inf, 1e300, 10 ** 400, 9.3e9, np.float32(0.01),
