@@ -236,6 +236,7 @@ def test_waits_refuse_bad_timeouts_and_take_huge_ones():
                  lambda t: hip.hipStreamSynchronize(s, timeout=t),
                  lambda t: hip.hipStreamSynchronize(None, timeout=t),
                  lambda t: hip.hipEventSynchronize(ev, timeout=t)]
+        waits.append(s.synchronize)  # the Stream method itself, not only the hip* call
         for wait in waits:
             for bad in BAD_TIMEOUTS:
                 with invalid("timeout"):

@@ -26,6 +26,7 @@ from ..events import Event, destroyed_event
 from ..handle import IpcEventHandle
 from ..store import HandleStore, own_process
 from ..streams import Stream, destroyed_stream, launch_failure, mark_stream_worker
+from ..timeouts import check_timeout
 from ..timeouts import deadline as _deadline
 from .eventstate import LIVENESS_INTERVAL, EventState
 
@@ -136,6 +137,7 @@ class HostStream(_HostStreamBase):
         return self._done == self._submitted
 
     def wait_idle(self, timeout: float | None) -> None:
+        timeout = check_timeout(timeout)  # threading overflows past ~9.2e9 s, nan loops
         if self._closed:
             self._worker.join(timeout)
             finished = not self._worker.is_alive()
