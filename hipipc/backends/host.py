@@ -130,7 +130,7 @@ class HostBackend(Backend):
     # -- streams and events --------------------------------------------------------------
 
     def create_stream(self, device: int, blocking: bool) -> HostStream:
-        return HostStream(device, blocking)
+        return HostStream(device, blocking, self._null_stream)
 
     def null_stream(self) -> NullStream:
         return self._null_stream
