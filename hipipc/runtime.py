@@ -136,7 +136,7 @@ def _is_pointer(value: Any) -> bool:
 def _pointer(value: Any, what: str) -> int:
     if not _is_pointer(value):
         raise _invalid(f"{what} needs an int pointer, not {type(value).__name__}")
-    return operator.index(value)
+    return _integer(value, what)
 
 
 def _host_address(buf: Any, nbytes: int, writable: bool, what: str) -> tuple[int, Any]:
@@ -253,7 +253,7 @@ def _copy_side(obj: Any, is_device: bool, nbytes: int, writable: bool, what: str
         if not _is_pointer(obj):
             raise _invalid(f"{what} must be a device pointer (int) for this copy kind, "
                            f"not {type(obj).__name__}")
-        ptr = operator.index(obj)
+        ptr = _integer(obj, what)
         reg = get_registry()
         region, offset = reg.check_range(ptr, nbytes)
         return ptr, reg.backend.pin(region, offset, nbytes) if pin and nbytes else None
@@ -352,9 +352,9 @@ def hipIpcGetMemHandle(ptr: int, *, share: str | None = None) -> IpcMemHandle:
     may open it, on the first export.  Raises ``hipErrorInvalidValue`` for a pointer that is
     not this process's own allocation.
     """
-    if not _is_pointer(ptr) or operator.index(ptr) == 0:
+    if not _is_pointer(ptr) or _integer(ptr, "hipIpcGetMemHandle pointer") == 0:
         raise _invalid(f"hipIpcGetMemHandle needs a device pointer, not {short_repr(ptr)}")
-    return get_registry().export(operator.index(ptr), share)
+    return get_registry().export(_integer(ptr, "hipIpcGetMemHandle pointer"), share)
 
 
 def hipIpcOpenMemHandle(handle: IpcMemHandle | bytes | bytearray | memoryview,
