@@ -79,7 +79,12 @@ class Registry:
         self._regions[region.ptr] = region
         if self._inherited:  # the address is this process's now, whatever it was at fork
             end = region.ptr + region.size
-            self._inherited = [r for r in self._inherited if r[1] <= region.ptr or r[0] >= end]
+            i = max(0, bisect.bisect_right(self._inherited, (region.ptr, float("inf"), 0)) - 1)
+            j = i
+            while j < len(self._inherited) and self._inherited[j][0] < end:
+                j += 1
+            kept = [r for r in self._inherited[i:j] if r[1] <= region.ptr or r[0] >= end]
+            self._inherited[i:j] = kept
 
     def _not_found(self, ptr: int, what: str) -> HipError:
         """The error for a pointer this process does not hold: a parent's pointer says so."""
