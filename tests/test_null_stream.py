@@ -381,3 +381,55 @@ def test_null_stream_work_keeps_its_buffers_alive_and_pinned(gate):
     g.set()
     hip.hipStreamSynchronize(None, timeout=LIMIT)
     assert (out == 0x42).all()
+
+
+def test_threads_enqueueing_on_null_and_blocking_streams_at_once_neither_deadlock_nor_reorder(
+        stream, nonblocking):
+    """Four threads mix the null stream, two blocking streams and a non-blocking one, with
+    host functions that enqueue more null-stream work; each thread's legacy order holds."""
+    s1, s2, nb = stream(), stream(), nonblocking()
+    targets = [None, s1, s2, nb]
+    ran: list[tuple[int, int]] = []
+    lock = threading.Lock()
+    plans: dict[int, list[int]] = {}
+    errors: list[BaseException] = []
+
+    def note(t: int, i: int) -> None:
+        with lock:
+            ran.append((t, i))
+
+    def worker(t: int) -> None:
+        try:
+            rng = np.random.default_rng(t)
+            plan = plans.setdefault(t, [])
+            for i in range(150):
+                which = int(rng.integers(4))
+                plan.append(which)
+                hip.hipLaunchHostFunc(targets[which], note, t, i)
+                if i % 25 == 0:  # stream work that itself enqueues on the null stream
+                    hip.hipLaunchHostFunc(targets[which], hip.hipLaunchHostFunc, None, int)
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(t,), daemon=True) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(LIMIT)
+    assert not any(th.is_alive() for th in threads) and not errors, errors
+    hip.hipDeviceSynchronize(timeout=LIMIT)
+    assert len(ran) == 600
+    position = {op: k for k, op in enumerate(ran)}
+    for t, plan in plans.items():
+        for j, which in enumerate(plan):
+            if which == 0:  # null: after the thread's earlier blocking/null work, before later
+                for i in range(150):
+                    if plan[i] == 3:
+                        continue  # non-blocking: not ordered with the null stream
+                    if i < j:
+                        assert position[t, i] < position[t, j], (t, i, j)
+                    elif i > j:
+                        assert position[t, i] > position[t, j], (t, i, j)
+        for which in (0, 1, 2, 3):
+            mine = [position[t, i] for i in range(150) if plan[i] == which]
+            assert mine == sorted(mine), (t, which)

@@ -48,8 +48,8 @@ def _memset(ptr: int, value: int, nbytes: int, keep: tuple[Any, ...]) -> None:
     ctypes.memset(ptr, value, nbytes)
 
 
-def _wait_for_null(done: threading.Event) -> None:
-    done.wait()  # a null-stream operation: unbounded, as a kernel on CUDA's default stream
+def _nothing() -> None:
+    pass
 
 
 class _HostStreamBase(Stream):
@@ -92,7 +92,7 @@ class HostStream(_HostStreamBase):
         self.blocking = blocking
         # A blocking stream follows the null stream (legacy default stream), both ways.
         self._null = null if blocking else None
-        self._followed: threading.Event | None = None  # the null operation last waited for
+        self._followed = 0  # the number of the null-stream operation last waited for
         self._queue: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...], str] | None]
         self._queue = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -140,12 +140,15 @@ class HostStream(_HostStreamBase):
         """Under ``_lock``, before new work: if a null-stream operation enqueued earlier is
         still pending, make this stream wait for it first (CUDA's legacy default stream)."""
         null = self._null
-        tail = null.tail if null is not None else None
-        if tail is None or tail is self._followed or tail.is_set():
+        if null is None:
             return
-        self._followed = tail
+        newest = null._submitted  # read without the null stream's lock (see NullStream)
+        if newest <= self._followed or null._done >= newest:
+            return
+        self._followed = newest
         self._submitted += 1
-        self._queue.put((_wait_for_null, (tail,), "the wait for the null stream"))
+        # Unbounded, as work on CUDA's default stream; the null stream never waits for this.
+        self._queue.put((null.wait_for, (newest,), "the wait for the null stream"))
 
     def _enqueue(self, fn: Callable[..., Any], args: tuple[Any, ...], what: str) -> None:
         with self._lock:
@@ -227,14 +230,16 @@ class NullStream(_HostStreamBase):
       stream: each busy one gets a marker (:meth:`HostStream._marker`) that the null worker
       waits for before it runs the operation;
     - work enqueued on a blocking stream after a null-stream operation waits for it: the
-      stream reads :attr:`tail` (the newest operation's completion) when it enqueues, and if
-      that is pending, enqueues a wait for it first.
+      stream reads the newest operation's number (``_submitted``) when it enqueues, and if
+      that operation has not run (``_done`` is below it), enqueues a :meth:`wait_for` first.
 
     No cycle is possible: markers never wait for the null stream, and an operation's markers
-    are in their queues before it is published as :attr:`tail`, so a stream that waits for it
-    has the marker it waits for ahead of that wait.  Locks are taken null first, then a
-    stream's; a stream reads :attr:`tail` without the null stream's lock.  A failure is kept
-    for the next synchronize of the null stream or the device, as on any stream.
+    are in their queues before its number is published (``_submitted`` grows after them), so a
+    stream that waits for it has the marker it waits for ahead of that wait.  Locks are taken
+    null first, then a stream's; a stream reads the numbers without the null stream's lock.
+    Operations carry no per-operation object: the worker counts ``_done`` and wakes waiters
+    through one condition, only when there are any.  A failure is kept for the next
+    synchronize of the null stream or the device, as on any stream.
     """
 
     is_null = True
@@ -243,13 +248,16 @@ class NullStream(_HostStreamBase):
         self.device = 0
         self._lock = threading.Lock()
         self._queue: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
-        self._submitted = 0  # under _lock
+        self._submitted = 0  # under _lock; operation n is the n-th submitted
         self._done = 0  # written only by the worker
+        self._ran = threading.Condition(threading.Lock())  # notified when _done grows
+        self._waiters = 0  # under _ran's lock
         self._failure: tuple[BaseException, str] | None = None  # under _lock
         self._worker: threading.Thread | None = None
-        self._peers: weakref.WeakSet[HostStream] = weakref.WeakSet()  # blocking streams
+        # The blocking streams, weakly: a tuple read without the lock (iterating a WeakSet on
+        # every operation and every hipMemcpy costs several microseconds).
+        self._peer_refs: tuple[weakref.ref[HostStream], ...] = ()
         self._forgotten = False
-        self.tail: threading.Event | None = None  # set when the newest operation has run
         self._caller = _CallerStream(self)
 
     @property
@@ -259,7 +267,11 @@ class NullStream(_HostStreamBase):
     def add_peer(self, stream: HostStream) -> None:
         """Order ``stream`` (a blocking stream) with this one."""
         with self._lock:
-            self._peers.add(stream)
+            live = tuple(r for r in self._peer_refs if r() is not None)
+            self._peer_refs = (*live, weakref.ref(stream))
+
+    def _peers(self) -> list[HostStream]:
+        return [s for s in (r() for r in self._peer_refs) if s is not None]
 
     def synchronous(self) -> Stream:
         return self._caller
@@ -271,7 +283,7 @@ class NullStream(_HostStreamBase):
             item = get()
             if item is None:
                 return
-            fn, args, what, waits, done = item
+            fn, args, what, waits = item
             try:
                 for wait in waits:
                     wait()
@@ -283,7 +295,22 @@ class NullStream(_HostStreamBase):
             # Drop the operation's references now: they may pin mappings or host buffers.
             item = fn = args = waits = None
             self._done += 1
-            done.set()
+            # A waiter counts itself before it reads _done, so either it sees this increment
+            # or this read sees it (the GIL orders both), and no wake-up is lost.
+            if self._waiters:
+                with self._ran:
+                    self._ran.notify_all()
+
+    def wait_for(self, number: int, timeout: float | None = None) -> bool:
+        """True once operation ``number`` has run; False after ``timeout`` seconds."""
+        if self._done >= number:
+            return True
+        with self._ran:
+            self._waiters += 1
+            try:
+                return self._ran.wait_for(lambda: self._done >= number, timeout)
+            finally:
+                self._waiters -= 1
 
     def _start_locked(self) -> None:
         if self._forgotten:
@@ -296,11 +323,9 @@ class NullStream(_HostStreamBase):
 
     def _submit_locked(self, fn: Callable[..., Any], args: tuple[Any, ...], what: str) -> None:
         self._start_locked()
-        waits = [w for w in (s._marker() for s in list(self._peers)) if w is not None]
-        done = threading.Event()
-        self._submitted += 1
-        self._queue.put((fn, args, what, waits, done))
-        self.tail = done  # published after the markers are in their queues (see above)
+        waits = [w for w in (s._marker() for s in self._peers()) if w is not None]
+        self._queue.put((fn, args, what, waits))
+        self._submitted += 1  # published after the markers are in their queues (see above)
 
     def _enqueue(self, fn: Callable[..., Any], args: tuple[Any, ...], what: str) -> None:
         with self._lock:
@@ -314,20 +339,18 @@ class NullStream(_HostStreamBase):
             self._submit_locked(state.complete, (seq, timing), "hipEventRecord")
 
     def query(self) -> bool:
-        if self._done != self._submitted:
-            return False
-        with self._lock:
-            peers = list(self._peers)
-        return all(s.query() for s in peers)
+        return self._done == self._submitted and all(s.query() for s in self._peers())
 
     def wait_idle(self, timeout: float | None) -> None:
         """Wait for this queue and, through it, for the work enqueued before now on every
         blocking stream (a null-stream synchronize)."""
-        if self._forgotten or self.query():
+        if self._forgotten:
             return
-        marker = threading.Event()
-        self._enqueue(marker.set, (), "synchronize")
-        if not marker.wait(timeout):
+        with self._lock:
+            if any(not s.query() for s in self._peers()):
+                self._submit_locked(_nothing, (), "synchronize")  # collects their markers
+            newest = self._submitted
+        if not self.wait_for(newest, timeout):
             raise HipError(hipError_t.hipErrorNotReady,
                            f"the null stream's work did not finish within {timeout} s")
 
@@ -346,7 +369,8 @@ class NullStream(_HostStreamBase):
         null stream, and this one refuses work."""
         self._forgotten = True
         self._lock = threading.Lock()  # another thread may have held it at fork time
-        self._peers = weakref.WeakSet()
+        self._ran = threading.Condition(threading.Lock())
+        self._peer_refs = ()
         self._failure = None
 
 
