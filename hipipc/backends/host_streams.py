@@ -324,8 +324,10 @@ class NullStream(_HostStreamBase):
     def _submit_locked(self, fn: Callable[..., Any], args: tuple[Any, ...], what: str) -> None:
         self._start_locked()
         waits = [w for w in (s._marker() for s in self._peers()) if w is not None]
+        # Published after the markers are in their queues (see above), and before the put, so
+        # that _done never passes _submitted.
+        self._submitted += 1
         self._queue.put((fn, args, what, waits))
-        self._submitted += 1  # published after the markers are in their queues (see above)
 
     def _enqueue(self, fn: Callable[..., Any], args: tuple[Any, ...], what: str) -> None:
         with self._lock:
