@@ -98,7 +98,8 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def null_stream(self) -> Stream:
-        """The null stream (synchronous)."""
+        """The null stream: CUDA's legacy default stream, asynchronous to the host; its
+        :meth:`~hipipc.streams.Stream.synchronous` view serves ``hipMemcpy``/``hipMemset``."""
 
     @abc.abstractmethod
     def create_event(self, flags: int, device: int) -> Event:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import HipError, hipError_t
+from ..errors import HipError, hipError_t, short_repr
 from ..events import hipEventDisableTiming, hipEventInterprocess
 from ..handle import HandleKind, IpcEventHandle, IpcHandle, IpcMemHandle
 from ..mapping import Mapping, map_file
@@ -58,7 +58,7 @@ class HostBackend(Backend):
             count = 0
         if count < 1:
             raise HipError(hipError_t.hipErrorNoDevice,
-                           f"${DEVICES_ENV}={raw!r} must be a positive integer")
+                           f"${DEVICES_ENV}={short_repr(raw)} must be a positive integer")
         return count
 
     def _new_segment(self, handle: IpcHandle) -> tuple[int, Mapping]:
@@ -130,7 +130,7 @@ class HostBackend(Backend):
     # -- streams and events --------------------------------------------------------------
 
     def create_stream(self, device: int, blocking: bool) -> HostStream:
-        return HostStream(device, blocking)
+        return HostStream(device, blocking, self._null_stream)
 
     def null_stream(self) -> NullStream:
         return self._null_stream
