@@ -260,8 +260,8 @@ class NodeComm:
         """
         own: DeviceBuffer | None = None
         error: BaseException | None = None
+        self._check_open()  # before any collective: a closed NodeComm has no communicators
         try:
-            self._check_open()
             own = DeviceBuffer.allocate(nbytes, device=device)
             handle = own.export()
         except BaseException as exc:
@@ -290,8 +290,8 @@ class NodeComm:
         """
         error: BaseException | None = None
         handle = None
+        self._check_open()  # before any collective: a closed NodeComm has no communicators
         try:
-            self._check_open()
             if isinstance(buf, DeviceBuffer):
                 handle = buf.export()
             else:
@@ -315,8 +315,8 @@ class NodeComm:
         """
         error: BaseException | None = None
         handle = None
+        self._check_open()  # before any collective: a closed NodeComm has no communicators
         try:
-            self._check_open()
             handle = runtime.hipIpcGetEventHandle(event)
         except BaseException as exc:
             error = exc
