@@ -59,11 +59,14 @@ def _under_mpiexec() -> bool:
 
 def _timed(steps: dict[str, Callable[[int], None]], block: int, rounds: int, node
            ) -> dict[str, float]:
-    """Median microseconds per step of each method; methods take turns in every round."""
+    """Median microseconds per step of each method; methods take turns in every round, in
+    an order that rotates from round to round (no method always runs first)."""
     samples: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
     counter = 0
-    for _ in range(rounds):
-        for name, step in steps.items():
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            step = steps[name]
             node.Barrier()
             t0 = _ns()
             for _ in range(block):
