@@ -455,9 +455,11 @@ def test_a_bad_hipipc_node_id_is_invalid_value_at_the_first_handle(value):
     assert out[0] == "hipErrorInvalidValue" and "HIPIPC_NODE_ID" in out[1], out
 
 
-def test_the_node_tag_cannot_change_once_fixed():
-    from hipipc.handle import set_node_tag
+def test_the_node_tag_cannot_change_once_fixed(monkeypatch):
+    from hipipc.handle import NODE_ENV, set_node_tag
+    monkeypatch.setenv(NODE_ENV, str(node_tag()))  # set_node_tag exports it: undone after
     set_node_tag(node_tag())  # the same tag again is fine
+    assert os.environ[NODE_ENV] == str(node_tag())
     for bad in (0, 0x10000, -1, True, "7"):
         with pytest.raises(hip.HipError) as exc:
             set_node_tag(bad)  # type: ignore[arg-type]
