@@ -84,7 +84,7 @@ def _machine_identity() -> bytes:
 
 
 def tag_of(identity: str | bytes) -> int:
-    """The 16-bit node tag (1..65535) of a node identity string: a keyed hash, never zero."""
+    """The 16-bit node tag (1..65535) of a node identity string: a hash of it, never zero."""
     if isinstance(identity, str):
         identity = identity.encode()
     digest = hashlib.blake2b(identity, digest_size=4, person=b"hipipc.node").digest()

@@ -123,12 +123,16 @@ class NodeComm:
         try:
             # Where every rank lives (its node's first rank) and with which tag, agreed on
             # comm-wide in one collective that also carries each rank's set-up error.
-            mine = np.array([int(error.code) if error else 0, -1, 0], dtype=np.int64)
+            # Every rank takes part in every collective here, failed or not.
+            tag = 0
             if error is None:
-                mine[2] = node_tag()
-                first = np.zeros(1, dtype=np.int64)
-                self.node.Allreduce(np.array([self.rank], dtype=np.int64), first, MPI.MIN)
-                mine[1] = first[0]
+                try:
+                    tag = node_tag()  # fixes this process's tag (a bad $HIPIPC_NODE_ID fails)
+                except HipError as exc:
+                    error = exc
+            first = np.zeros(1, dtype=np.int64)
+            self.node.Allreduce(np.array([self.rank], dtype=np.int64), first, MPI.MIN)
+            mine = np.array([int(error.code) if error else 0, first[0], tag], dtype=np.int64)
             table = np.zeros((self.size, 3), dtype=np.int64)
             self.comm.Allgather(mine, table)
             failed = [r for r in range(self.size) if table[r, 0]]

@@ -270,6 +270,49 @@ def test_node_comm_contract(clean_store, tmp_path):
     assert proc.returncode == 0 and proc.stdout.strip().endswith("API OK"), output(proc)
 
 
+SETUP_ERRORS = r"""
+import os
+from mpi4py import MPI
+import hipipc as hip
+from hipipc.handle import node_tag
+from hipipc.mpi import NodeComm
+
+E = hip.hipError_t
+comm = MPI.COMM_WORLD
+rank = comm.Get_rank()
+
+
+def refused(code, text):
+    try:
+        NodeComm(comm)
+    except hip.HipError as exc:
+        assert exc.code == code and text in str(exc), (rank, exc.code, str(exc))
+        return
+    raise AssertionError(f"rank {rank}: NodeComm did not raise")
+
+
+# A bad HIPIPC_NODE_ID on rank 1 only: every rank raises, none waits in a collective.
+if rank == 1:
+    os.environ["HIPIPC_NODE_ID"] = "0"
+refused(E.hipErrorInvalidValue, "HIPIPC_NODE_ID" if rank == 1 else "set-up failed on rank(s) [1]")
+# Rank 1 on a node of its own making, rank 0 on the machine's: the ranks of one node disagree.
+theirs = comm.bcast(node_tag() if rank == 0 else None)
+if rank == 1:
+    os.environ["HIPIPC_NODE_ID"] = str(theirs % 0xFFFF + 1)
+refused(E.hipErrorInvalidResourceHandle, "different node tags")
+comm.Barrier()
+if rank == 0:
+    print("SETUP OK", flush=True)
+"""
+
+
+def test_node_comm_setup_errors_raise_on_every_rank(clean_store, tmp_path):
+    script = tmp_path / "setup_errors.py"
+    script.write_text(SETUP_ERRORS)
+    proc = mpirun(2, "-m", "mpi4py", str(script))
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("SETUP OK"), output(proc)
+
+
 def test_hipipc_mpi_is_opt_in():
     # The base package never imports mpi4py: it works where mpi4py is absent.
     code = "import sys, hipipc; assert 'mpi4py' not in sys.modules; print('ok')"
