@@ -214,6 +214,10 @@ with NodeComm(comm) as nc:
     got = nc.exchange(extra, peers=mates)
     assert got[rank] is extra and list(got) == list(mates)
     assert all(int(b.asarray()[0]) == 100 + r for r, b in got.items())
+    raw = hip.hipMalloc(256)  # a bare hipMalloc pointer works too
+    hip.hipMemset(raw, rank + 1, 256)
+    got_raw = nc.exchange(raw)
+    assert [int(b.asarray()[0]) for b in got_raw.values()] == [r + 1 for r in got_raw]
 
     # exchange_events: the node's leader finishes slow work later; its mate waits on the
     # opened event, not on a barrier, before reading
@@ -249,8 +253,19 @@ nc.close()  # idempotent
 assert nc.closed
 hip.hipEventDestroy(ev)
 extra.close()
+hip.hipFree(raw)
 assert get_registry().live_counts() == (0, 0)
 refused(lambda: nc.exchange(extra), E.hipErrorInvalidValue, "closed")
+
+# A block that raises closes without collectives (others may never arrive): no hang, and
+# everything of this rank is closed and freed.
+try:
+    with NodeComm(comm) as nc2:
+        nc2.allocate_shared(4096)
+        raise KeyError("boom")
+except KeyError:
+    pass
+assert nc2.closed and get_registry().live_counts() == (0, 0)
 
 # The node tag is fixed now: other simulated nodes are refused on every rank (rank 0 keeps
 # its tag under 4 nodes, and still raises, naming the others).
