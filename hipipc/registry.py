@@ -252,6 +252,11 @@ class Registry:
 
     # -- process lifetime ----------------------------------------------------------------
 
+    def regions_on(self, device: int) -> list[Region]:
+        """This process's allocations and imports on ``device`` (for ``hipDeviceReset``)."""
+        with self._lock:
+            return [r for r in self._regions.values() if r.device == device]
+
     def live_counts(self) -> tuple[int, int]:
         """(allocations, imports) currently held."""
         with self._lock:
