@@ -80,9 +80,10 @@ def test_quickstart(run_example):
 
 
 def simple_ipc_lines(n: int) -> set[str]:
-    """The line each of ``n`` processes prints when its buffer holds every round's writer."""
-    return {f"process {rank}: buffer verified (writers by round: "
-            f"{[(rank - r) % n for r in range(n)]})" for rank in range(n)}
+    """The line each of ``n`` processes prints when its buffer holds the last round's writer
+    (the sibling just after it) in every byte."""
+    return {f"process {rank}: buffer verified (every byte written by process {(rank + 1) % n})"
+            for rank in range(n)}
 
 
 @pytest.mark.parametrize("devices", [4, 1])
@@ -95,7 +96,11 @@ def test_simple_ipc(run_example, devices):
     # One whole line per process (in any order): lines must never interleave.
     per_process = [line for line in out if line.startswith("process ")]
     assert sorted(per_process) == sorted(simple_ipc_lines(devices)), output(proc)
-    expected_len = 2 + devices + (1 if devices < 2 else 0)  # header, note, processes, verdict
+    # Process 0 reports each round once every process has enqueued it, in order.
+    assert [line for line in out if line.startswith("Step ")] == \
+        [f"Step {i} done" for i in range(devices)], output(proc)
+    # header, note, steps, processes, verdict
+    expected_len = 2 + 2 * devices + (1 if devices < 2 else 0)
     assert len(out) == expected_len, output(proc)
 
 
@@ -168,7 +173,7 @@ _kernel = example.kernel
 def kernel(ptr, rnd, writer, buffer_id, nprocs):
     _kernel(ptr, rnd, writer, buffer_id, nprocs)
     if writer == 1 and rnd == 2:
-        hipipc.asarray(ptr + rnd * example.CHUNK + 100, 1, np.uint8)[0] ^= 0xFF
+        hipipc.asarray(ptr + 100, 1, np.uint8)[0] ^= 0xFF
 
 example.kernel = kernel
 '''
@@ -260,9 +265,11 @@ def test_simple_ipc_fails_on_one_corrupted_byte(run_example, tmp_path):
     assert any(line.startswith("process 0: ") and "hipErrorLaunchFailure" in line
                and "round 3: buffer 3 was not finished by process 1" in line
                for line in out), output(proc)
-    assert "process 3: buffer WRONG (writers by round: [3, 2, 1, 0])" in out, output(proc)
-    assert {"process 1: buffer verified (writers by round: [1, 0, 3, 2])",
-            "process 2: buffer verified (writers by round: [2, 1, 0, 3])"} <= set(out)
+    # Process 0's kernel refused to overwrite buffer 3, so it still holds process 1's bytes.
+    assert "process 3: buffer WRONG (1048576 of 1048576 bytes differ from 0, the first at " \
+        "0: 1)" in out, output(proc)
+    assert {"process 1: buffer verified (every byte written by process 2)",
+            "process 2: buffer verified (every byte written by process 3)"} <= set(out)
     assert {"process 0: failed (exit code 1)", "process 3: failed (exit code 1)"} <= set(out)
     assert out[-1] == "simpleIPC: FAILED", output(proc)
     assert_mailboxes_unlinked(proc)
