@@ -575,7 +575,8 @@ def hipIpcGetEventHandle(event: Event) -> IpcEventHandle:
     Only processes of the exporter's user can open it (``HIPIPC_SHARE`` applies to memory,
     not to events: an event's shared page holds a process-shared lock that a writer could
     corrupt).  Dropping the creator's last reference to the event destroys it and revokes the
-    handle, as ``hipEventDestroy`` does.  Raises ``hipErrorInvalidValue`` unless the event was
+    handle, as ``hipEventDestroy`` does.  Raises ``hipErrorInvalidValue`` for a value that is
+    not an event and ``hipErrorInvalidConfiguration`` (HIP's code) unless the event was
     created with ``hipEventInterprocess | hipEventDisableTiming``.
     """
     return _event(event).export(_EVENT_MODE)

@@ -293,7 +293,8 @@ class HostEvent(Event):
     def export(self, mode: int) -> IpcEventHandle:
         _state_of(self)
         if self._handle is None:
-            raise HipError(hipError_t.hipErrorInvalidValue,
+            # HIP's code (CLR: Event::GetHandle); CUDA answers hipErrorInvalidResourceHandle.
+            raise HipError(hipError_t.hipErrorInvalidConfiguration,
                            "hipIpcGetEventHandle needs an event created with "
                            "hipEventInterprocess | hipEventDisableTiming")
         with self._lock:
