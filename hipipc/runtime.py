@@ -232,10 +232,16 @@ def hipMemsetAsync(ptr: int, value: int, nbytes: int, stream: Stream | None = No
 
 
 def hipMemGetAddressRange(ptr: int) -> tuple[int, int]:
-    """(base, size) of the allocation or import holding ``ptr``; interior pointers allowed."""
+    """(base, size) of the allocation or import holding ``ptr``; interior pointers allowed.
+
+    Raises ``hipErrorNotFound`` (HIP's code) for a pointer no allocation or import holds.
+    """
     if not _is_pointer(ptr):
         raise _invalid(f"hipMemGetAddressRange needs an int pointer, not {type(ptr).__name__}")
-    region, _ = get_registry().find(int(ptr))
+    try:
+        region, _ = get_registry().find(int(ptr))
+    except HipError as exc:
+        raise HipError(hipError_t.hipErrorNotFound, exc.detail) from None
     return region.ptr, region.size
 
 
