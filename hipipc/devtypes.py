@@ -9,7 +9,7 @@ out; the numbering around them is HIP's).
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 __all__ = [
     "hipDeviceProp_t",
@@ -248,10 +248,6 @@ class hipDeviceProp_t:
     maxSharedMemoryPerMultiProcessor: int = 0
     isLargeBar: int = 0
     asicRevision: int = 0
-
-    @classmethod
-    def field_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls))
 
 
 @dataclass(frozen=True)

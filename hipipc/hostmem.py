@@ -122,9 +122,10 @@ def _invalid(detail: str) -> HipError:
 
 
 def _flags(flags: Any, allowed: int, what: str) -> int:
-    if isinstance(flags, bool) or not isinstance(flags, int) or flags < 0 or flags & ~allowed:
+    if isinstance(flags, bool) or not isinstance(flags, (int, np.integer)) or flags < 0 or \
+            int(flags) & ~allowed:
         raise _invalid(f"{what}: invalid flags {flags!r}")
-    return flags
+    return int(flags)
 
 
 def _address(obj: Any, what: str) -> int | None:
