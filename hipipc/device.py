@@ -14,7 +14,7 @@ import threading
 from dataclasses import replace
 from typing import Any
 
-from .backends import ImportedMemory
+from .backends import Allocation, ImportedMemory
 from .devtypes import hipDeviceAttribute_t, hipDeviceProp_t
 from .errors import HipError, hipError_t
 from .registry import get_registry
@@ -306,7 +306,7 @@ def hipDeviceReset() -> None:
         if isinstance(region, ImportedMemory):  # one close per open
             for _ in range(region.refs):
                 reg.close(region.ptr)
-        else:
+        elif isinstance(region, Allocation):  # not pinned host memory: HIP keeps that
             reg.free(region.ptr)
     with _peer_lock:
         _peers.difference_update({p for p in _peers if p[0] == device})

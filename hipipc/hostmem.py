@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from .backends import Allocation, ImportedMemory, Region
 from .devtypes import (
     hipMemoryTypeDevice,
     hipMemoryTypeHost,
@@ -70,6 +71,17 @@ _REGISTER_FLAGS = (hipHostRegisterPortable | hipHostRegisterMapped | hipHostRegi
                    | hipHostRegisterReadOnly)
 
 
+class _ViewPins:
+    """``Mapping.buffer``'s interface over a registered buffer: what the backend's ``pin``
+    and ``asarray`` call on a region's state."""
+
+    def __init__(self, view: memoryview) -> None:
+        self.view = view
+
+    def buffer(self, offset: int, nbytes: int) -> memoryview:
+        return self.view[offset:offset + nbytes]  # a new view: valid after unregister too
+
+
 @dataclass(eq=False)
 class _HostRange:
     base: int
@@ -78,6 +90,7 @@ class _HostRange:
     device: int
     locked: bool
     keep: Any  # hipHostMalloc: its Mapping; hipHostRegister: a memoryview of the buffer
+    region: Region | None = None  # its entry in the registry (device-pointer use)
 
     @property
     def malloced(self) -> bool:
@@ -143,6 +156,22 @@ def _address(obj: Any, what: str) -> int | None:
     return arr.__array_interface__["data"][0] or None
 
 
+def _publish_locked(r: _HostRange, state: Any) -> None:
+    """Enter ``r`` in this process's table (whose lock the caller holds) and, with a
+    ``state`` to pin it by, in the registry: then its device pointer (its address) works in
+    ``asarray`` and the copy calls as device memory does."""
+    _table.add(r)
+    if state is not None:
+        # No handle: the range cannot be exported, freed with hipFree or closed.
+        r.region = Region(r.base, r.size, r.device, None, state)  # type: ignore[arg-type]
+        get_registry().add_host_range(r.region)
+
+
+def _unpublish(r: _HostRange) -> None:
+    if r.region is not None:
+        get_registry().remove_host_range(r.region)
+
+
 def hipHostMalloc(nbytes: int, flags: int = hipHostMallocDefault) -> np.ndarray | None:
     """``nbytes`` of pinned host memory as a writable ``numpy.uint8`` array (None for 0
     bytes, HIP's nullptr).
@@ -164,9 +193,9 @@ def hipHostMalloc(nbytes: int, flags: int = hipHostMallocDefault) -> np.ndarray 
     mapping, locked = reg.backend.host_alloc(int(nbytes), flags)
     try:
         array = np.frombuffer(mapping.buffer(0, int(nbytes)), dtype=np.uint8)
+        r = _HostRange(mapping.addr, int(nbytes), flags, reg.device, locked, mapping)
         with _table.lock:
-            _table.add(_HostRange(mapping.addr, int(nbytes), flags, reg.device, locked,
-                                  mapping))
+            _publish_locked(r, mapping)
     except BaseException:
         mapping.release()
         raise
@@ -188,6 +217,7 @@ def hipHostFree(ptr: Any) -> None:
             raise _invalid(f"hipHostFree: {addr:#x} is not memory hipHostMalloc returned "
                            "(freed already, interior, registered or device memory?)")
         _table.remove(r)
+    _unpublish(r)
     r.keep.release()  # unmapped (and so unlocked) once the last numpy view is gone
 
 
@@ -225,7 +255,9 @@ def hipHostRegister(buf: Any, nbytes: int, flags: int = hipHostRegisterDefault) 
             raise HipError(hipError_t.hipErrorHostMemoryAlreadyRegistered,
                            f"[{base:#x}, +{nbytes}) overlaps registered or pinned memory")
         locked = reg.backend.host_lock(base, int(nbytes))
-        _table.add(_HostRange(base, int(nbytes), flags, reg.device, locked, view))
+        r = _HostRange(base, int(nbytes), flags, reg.device, locked, view)
+        # A read-only buffer gets no device pointer: a copy to it would write into it.
+        _publish_locked(r, None if view.readonly else _ViewPins(view))
 
 
 def hipHostUnregister(ptr: Any) -> None:
@@ -246,15 +278,17 @@ def hipHostUnregister(ptr: Any) -> None:
         _table.remove(r)
         if r.locked:
             get_registry().backend.host_unlock(r.base, r.size)
+    _unpublish(r)
     r.keep.release()
 
 
 def hipHostGetDevicePointer(ptr: Any, flags: int = 0) -> int:
     """The device address of pinned or registered host memory (interior addresses allowed).
 
-    With unified addressing (every host-backend device) it is the host address itself.
-    Raises ``hipErrorInvalidValue`` for ``flags`` other than 0 or memory that is neither
-    pinned nor registered.  The copy calls take the host buffer itself, not this address.
+    With unified addressing (every host-backend device) it is the host address itself, and
+    it works as a device pointer: in ``asarray``, ``hipMemcpy``'s ``int`` side, a host-function
+    kernel (not for ``hipHostRegisterReadOnly`` memory).  Raises ``hipErrorInvalidValue`` for
+    ``flags`` other than 0 or memory that is neither pinned nor registered.
     """
     if type(flags) is not int or flags != 0:
         raise _invalid(f"hipHostGetDevicePointer flags must be 0, got {flags!r}")
@@ -289,6 +323,8 @@ def hipPointerGetAttributes(ptr: Any) -> hipPointerAttribute_t:
                                      r.base, r.size)
     try:
         region, _ = get_registry().find(addr)
+        if not isinstance(region, (Allocation, ImportedMemory)):
+            raise HipError(hipError_t.hipErrorInvalidValue, "a host range just removed")
     except HipError:
         raise _invalid(f"hipPointerGetAttributes: {addr:#x} is not memory this process "
                        "allocated, imported, pinned or registered (freed or closed "

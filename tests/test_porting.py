@@ -513,3 +513,46 @@ def test_wrapped_functions_are_the_modules_and_pickle_by_name():
     assert hip.hipMalloc.__name__ == "hipMalloc" and "hipMalloc(0)" in hip.hipMalloc.__doc__
     assert pickle.loads(pickle.dumps(hip.hipGetDeviceProperties)) is \
         hip.hipGetDeviceProperties
+
+
+def test_the_device_pointer_of_host_memory_is_a_device_pointer(devices):
+    """hip-tests' Unit_hipHostGetDevicePointer_UseCase: a kernel writes through it."""
+    devices(1)
+    pinned = hip.hipHostMalloc(4096, hip.hipHostMallocMapped)
+    res = bytearray(8)
+    hip.hipHostRegister(res, 8, 0)
+    try:
+        for host, n in ((pinned, 4096), (res, 8)):
+            d_ptr = hip.hipHostGetDevicePointer(host, 0)
+            hip.hipLaunchHostFunc(None, lambda p, n=n: hip.asarray(p, n).__setitem__(
+                slice(None), 10), d_ptr)
+            hip.hipDeviceSynchronize(timeout=30)
+            assert bytes(memoryview(host)[:n]) == b"\x0a" * n
+            dev = hip.hipMalloc(n)
+            hip.hipMemset(dev, 3, n)
+            hip.hipMemcpy(d_ptr, dev, n, hip.hipMemcpyDeviceToDevice)  # an int side
+            hip.hipFree(dev)
+            assert bytes(memoryview(host)[:n]) == b"\x03" * n
+            for fn in (hip.hipFree, hip.hipIpcGetMemHandle, hip.hipIpcCloseMemHandle):
+                assert code_of(fn, d_ptr) == E.hipErrorInvalidValue
+        hip.hipDeviceReset()  # leaves pinned and registered memory alone
+        assert hip.hipPointerGetAttributes(pinned).type == hip.hipMemoryTypeHost
+    finally:
+        hip.hipHostUnregister(res)
+        ptr = hip.hipHostGetDevicePointer(pinned)
+        hip.hipHostFree(pinned)
+    for p in (ptr, np.frombuffer(res, np.uint8).ctypes.data):
+        assert code_of(hip.asarray, p, 8) == E.hipErrorInvalidValue
+    gc.collect()
+    res.extend(b"x")  # unregistered: resizable again
+
+
+def test_read_only_registration_has_no_device_pointer_use():
+    data = b"immutable bytes, must stay so"
+    hip.hipHostRegister(data, len(data), hip.hipHostRegisterReadOnly)
+    try:
+        addr = hip.hipHostGetDevicePointer(data)
+        assert code_of(hip.hipMemset, addr, 0, 4) == E.hipErrorInvalidValue
+        assert data == b"immutable bytes, must stay so"
+    finally:
+        hip.hipHostUnregister(data)
