@@ -45,7 +45,11 @@ class hipError_t(enum.IntEnum):
     hipErrorIllegalAddress = 700
     hipErrorLaunchOutOfResources = 701
     hipErrorLaunchTimeOut = 702
+    hipErrorPeerAccessAlreadyEnabled = 704
+    hipErrorPeerAccessNotEnabled = 705
     hipErrorContextIsDestroyed = 709
+    hipErrorHostMemoryAlreadyRegistered = 712
+    hipErrorHostMemoryNotRegistered = 713
     hipErrorLaunchFailure = 719
     hipErrorNotSupported = 801
     hipErrorUnknown = 999
@@ -142,7 +146,13 @@ _STRINGS = {
     hipError_t.hipErrorIllegalAddress: "an illegal memory access was encountered",
     hipError_t.hipErrorLaunchOutOfResources: "too many resources requested for launch",
     hipError_t.hipErrorLaunchTimeOut: "the launch timed out and was terminated",
+    hipError_t.hipErrorPeerAccessAlreadyEnabled: "peer access is already enabled",
+    hipError_t.hipErrorPeerAccessNotEnabled: "peer access has not been enabled",
     hipError_t.hipErrorContextIsDestroyed: "context is destroyed",
+    hipError_t.hipErrorHostMemoryAlreadyRegistered:
+        "part or all of the requested memory range is already mapped",
+    hipError_t.hipErrorHostMemoryNotRegistered:
+        "pointer does not correspond to a registered memory region",
     hipError_t.hipErrorLaunchFailure: "unspecified launch failure",
     hipError_t.hipErrorNotSupported: "operation not supported",
     hipError_t.hipErrorUnknown: "unknown error",

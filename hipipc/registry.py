@@ -269,6 +269,23 @@ class Registry:
 
     # -- process lifetime ----------------------------------------------------------------
 
+    def add_host_range(self, region: Region) -> None:
+        """Make pinned or registered host memory addressable by pointer (``asarray``, the
+        copy calls) like device memory; it is neither an allocation nor an import, so
+        ``hipFree``/``hipIpcGetMemHandle``/``hipIpcCloseMemHandle`` still refuse it."""
+        with self._lock:
+            self._insert(region)
+
+    def remove_host_range(self, region: Region) -> None:
+        with self._lock:
+            if self._regions.get(region.ptr) is region:
+                self._remove(region)
+
+    def regions_on(self, device: int) -> list[Region]:
+        """This process's allocations and imports on ``device`` (for ``hipDeviceReset``)."""
+        with self._lock:
+            return [r for r in self._regions.values() if r.device == device]
+
     def live_counts(self) -> tuple[int, int]:
         """(allocations, imports) currently held."""
         with self._lock:

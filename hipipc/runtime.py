@@ -241,8 +241,15 @@ def hipMemsetAsync(ptr: int, value: int, nbytes: int, stream: Stream | None = No
 
 
 def hipMemGetAddressRange(ptr: int) -> tuple[int, int]:
-    """(base, size) of the allocation or import holding ``ptr``; interior pointers allowed."""
-    region, _ = get_registry().find(_pointer(ptr, "hipMemGetAddressRange"))
+    """(base, size) of the allocation or import holding ``ptr``; interior pointers allowed.
+
+    Raises ``hipErrorNotFound`` (HIP's code) for a pointer no allocation or import holds.
+    """
+    ptr = _pointer(ptr, "hipMemGetAddressRange")
+    try:
+        region, _ = get_registry().find(ptr)
+    except HipError as exc:
+        raise HipError(hipError_t.hipErrorNotFound, exc.detail) from None
     return region.ptr, region.size
 
 
@@ -591,8 +598,15 @@ def hipIpcGetEventHandle(event: Event) -> IpcEventHandle:
     Only processes of the exporter's user can open it (``HIPIPC_SHARE`` applies to memory,
     not to events: an event's shared page holds a process-shared lock that a writer could
     corrupt).  Dropping the creator's last reference to the event destroys it and revokes the
-    handle, as ``hipEventDestroy`` does.  Raises ``hipErrorInvalidConfiguration`` (what HIP's
-    runtime returns) unless the event was created with ``hipEventInterprocess``.
+    """(base, size) of the allocation or import holding ``ptr``; interior pointers allowed.
+
+    Raises ``hipErrorNotFound`` (HIP's code) for a pointer no allocation or import holds.
+    """
+    ptr = _pointer(ptr, "hipMemGetAddressRange")
+    try:
+        region, _ = get_registry().find(ptr)
+    except HipError as exc:
+        raise HipError(hipError_t.hipErrorNotFound, exc.detail) from None
     """
     return _event(event).export(_EVENT_MODE)
 

@@ -22,6 +22,7 @@ from ..mapping import Mapping, map_file
 from ..store import PAGE_SIZE, HandleStore
 from .base import Allocation, Backend, ImportedMemory, Region
 from .eventstate import STATE_SIZE, EventState
+from .host_device import HostDeviceMixin
 from .host_streams import HostEvent, HostStream, NullStream
 
 __all__ = ["HostBackend"]
@@ -40,7 +41,7 @@ class _Owned:
     fd: int  # the unnamed segment's descriptor, needed until it is linked; then -1
 
 
-class HostBackend(Backend):
+class HostBackend(HostDeviceMixin, Backend):
     """Memory in store segments, mapped shared; copies are ``memmove`` (GIL released)."""
 
     name = "host"
