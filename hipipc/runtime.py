@@ -598,15 +598,9 @@ def hipIpcGetEventHandle(event: Event) -> IpcEventHandle:
     Only processes of the exporter's user can open it (``HIPIPC_SHARE`` applies to memory,
     not to events: an event's shared page holds a process-shared lock that a writer could
     corrupt).  Dropping the creator's last reference to the event destroys it and revokes the
-    """(base, size) of the allocation or import holding ``ptr``; interior pointers allowed.
-
-    Raises ``hipErrorNotFound`` (HIP's code) for a pointer no allocation or import holds.
-    """
-    ptr = _pointer(ptr, "hipMemGetAddressRange")
-    try:
-        region, _ = get_registry().find(ptr)
-    except HipError as exc:
-        raise HipError(hipError_t.hipErrorNotFound, exc.detail) from None
+    handle, as ``hipEventDestroy`` does.  Raises ``hipErrorInvalidValue`` for a value that is
+    not an event and ``hipErrorInvalidConfiguration`` (HIP's code) unless the event was
+    created with ``hipEventInterprocess | hipEventDisableTiming``.
     """
     return _event(event).export(_EVENT_MODE)
 
