@@ -87,10 +87,18 @@ hipErrorContextIsDestroyed = hipError_t.hipErrorContextIsDestroyed
 hipErrorLaunchFailure = hipError_t.hipErrorLaunchFailure
 hipErrorNotSupported = hipError_t.hipErrorNotSupported
 hipErrorUnknown = hipError_t.hipErrorUnknown
+hipErrorPeerAccessAlreadyEnabled = hipError_t.hipErrorPeerAccessAlreadyEnabled
+hipErrorPeerAccessNotEnabled = hipError_t.hipErrorPeerAccessNotEnabled
+hipErrorHostMemoryAlreadyRegistered = hipError_t.hipErrorHostMemoryAlreadyRegistered
+hipErrorHostMemoryNotRegistered = hipError_t.hipErrorHostMemoryNotRegistered
 hipErrorMemoryAllocation = hipError_t.hipErrorMemoryAllocation
 hipErrorInvalidResourceHandle = hipError_t.hipErrorInvalidResourceHandle
 
 __all__ += [
+    "hipErrorPeerAccessAlreadyEnabled",
+    "hipErrorPeerAccessNotEnabled",
+    "hipErrorHostMemoryAlreadyRegistered",
+    "hipErrorHostMemoryNotRegistered",
     "hipSuccess",
     "hipErrorInvalidValue",
     "hipErrorOutOfMemory",

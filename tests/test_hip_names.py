@@ -147,8 +147,11 @@ def test_a_parent_pointer_used_in_a_forked_child_says_it_comes_from_the_parent()
     parent = f"parent process {os.getpid()}"
 
     def check(out: list) -> None:
-        for code, detail in out[:8]:
-            assert code == "hipErrorInvalidValue" and parent in detail, (code, detail)
+        for i, (code, detail) in enumerate(out[:8]):
+            # hipMemGetAddressRange (call 4) answers HIP's hipErrorNotFound for any pointer
+            # no allocation holds; the message still says where the pointer came from.
+            want = "hipErrorNotFound" if i == 4 else "hipErrorInvalidValue"
+            assert code == want and parent in detail, (code, detail)
             assert "hipIpcOpenMemHandle" in detail
         code, detail = out[8]
         assert code == "hipErrorInvalidValue" and "parent" not in detail, detail

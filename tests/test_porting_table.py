@@ -169,6 +169,7 @@ def _row_events(monkeypatch):
     untimed = hip.hipEventCreateWithFlags(hip.hipEventDisableTiming)
     hip.hipEventRecord(ev)
     hip.hipEventRecord(untimed)
+    hip.hipStreamSynchronize(None)  # the null stream is asynchronous to the host
     expect(E.hipErrorInvalidResourceHandle, hip.hipEventElapsedTime, ev, untimed)
     assert hip.hipEventElapsedTime(ev, ev) == 0.0
     hip.hipEventDestroy(untimed)
