@@ -5,11 +5,27 @@ sends its bytes anywhere; another opens it (``hipIpcOpenMemHandle``) and works o
 memory, with no copy.  See ``hipipc.runtime`` for the calling convention.
 """
 
-from . import buffer, errors, events, handle, runtime, streams, transport
+from . import (
+           buffer,
+           device,
+           devtypes,
+           errors,
+           events,
+           handle,
+           hostmem,
+           lasterror,
+           runtime,
+           streams,
+           transport,
+)
 from .buffer import *  # noqa: F403
+from .device import *  # noqa: F403
+from .devtypes import *  # noqa: F403
 from .errors import *  # noqa: F403
 from .events import *  # noqa: F403
 from .handle import *  # noqa: F403
+from .hostmem import *  # noqa: F403
+from .lasterror import *  # noqa: F403
 from .runtime import *  # noqa: F403
 from .streams import *  # noqa: F403
 from .transport import *  # noqa: F403
@@ -17,4 +33,8 @@ from .transport import *  # noqa: F403
 __version__ = "0.1.0"
 
 __all__ = [*errors.__all__, *handle.__all__, *events.__all__, *streams.__all__,
-           *runtime.__all__, *buffer.__all__, *transport.__all__]
+           *runtime.__all__, *buffer.__all__, *transport.__all__, *devtypes.__all__,
+           *device.__all__, *hostmem.__all__, *lasterror.__all__]
+
+# Last: every public hip* function records the error it raises (hipGetLastError).
+lasterror.record_errors(globals())

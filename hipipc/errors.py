@@ -17,7 +17,13 @@ __all__ = ["hipError_t", "HipError", "hipGetErrorName", "hipGetErrorString"]
 
 
 class hipError_t(enum.IntEnum):
-    """HIP's status codes, with HIP's values.  Aliases keep HIP's older spellings."""
+    """HIP's status codes, with HIP's values.  Aliases keep HIP's older spellings.
+
+    Each member is also a module-level name (``hipipc.hipErrorNotReady``), as in HIP's header.
+    400 is ``hipErrorInvalidHandle``, the name HIP's header and ``hipGetErrorName`` give it;
+    ``hipErrorInvalidResourceHandle`` (CUDA's spelling, deprecated in HIP) is an alias of the
+    same member, so ``.name``, ``repr`` and every message say ``hipErrorInvalidHandle``.
+    """
 
     hipSuccess = 0
     hipErrorInvalidValue = 1
@@ -42,7 +48,11 @@ class hipError_t(enum.IntEnum):
     hipErrorIllegalAddress = 700
     hipErrorLaunchOutOfResources = 701
     hipErrorLaunchTimeOut = 702
+    hipErrorPeerAccessAlreadyEnabled = 704
+    hipErrorPeerAccessNotEnabled = 705
     hipErrorContextIsDestroyed = 709
+    hipErrorHostMemoryAlreadyRegistered = 712
+    hipErrorHostMemoryNotRegistered = 713
     hipErrorLaunchFailure = 719
     hipErrorNotSupported = 801
     hipErrorUnknown = 999
@@ -51,6 +61,77 @@ class hipError_t(enum.IntEnum):
     hipErrorMemoryAllocation = 2
     hipErrorInvalidResourceHandle = 400
 
+
+# Every code as a module-level name, as HIP's header has them (aliases included).
+hipSuccess = hipError_t.hipSuccess
+hipErrorInvalidValue = hipError_t.hipErrorInvalidValue
+hipErrorOutOfMemory = hipError_t.hipErrorOutOfMemory
+hipErrorNotInitialized = hipError_t.hipErrorNotInitialized
+hipErrorDeinitialized = hipError_t.hipErrorDeinitialized
+hipErrorInvalidConfiguration = hipError_t.hipErrorInvalidConfiguration
+hipErrorInvalidDevicePointer = hipError_t.hipErrorInvalidDevicePointer
+hipErrorInvalidMemcpyDirection = hipError_t.hipErrorInvalidMemcpyDirection
+hipErrorNoDevice = hipError_t.hipErrorNoDevice
+hipErrorInvalidDevice = hipError_t.hipErrorInvalidDevice
+hipErrorInvalidContext = hipError_t.hipErrorInvalidContext
+hipErrorMapFailed = hipError_t.hipErrorMapFailed
+hipErrorUnmapFailed = hipError_t.hipErrorUnmapFailed
+hipErrorAlreadyMapped = hipError_t.hipErrorAlreadyMapped
+hipErrorNotMapped = hipError_t.hipErrorNotMapped
+hipErrorOperatingSystem = hipError_t.hipErrorOperatingSystem
+hipErrorInvalidHandle = hipError_t.hipErrorInvalidHandle
+hipErrorIllegalState = hipError_t.hipErrorIllegalState
+hipErrorNotFound = hipError_t.hipErrorNotFound
+hipErrorNotReady = hipError_t.hipErrorNotReady
+hipErrorIllegalAddress = hipError_t.hipErrorIllegalAddress
+hipErrorLaunchOutOfResources = hipError_t.hipErrorLaunchOutOfResources
+hipErrorLaunchTimeOut = hipError_t.hipErrorLaunchTimeOut
+hipErrorContextIsDestroyed = hipError_t.hipErrorContextIsDestroyed
+hipErrorLaunchFailure = hipError_t.hipErrorLaunchFailure
+hipErrorNotSupported = hipError_t.hipErrorNotSupported
+hipErrorUnknown = hipError_t.hipErrorUnknown
+hipErrorPeerAccessAlreadyEnabled = hipError_t.hipErrorPeerAccessAlreadyEnabled
+hipErrorPeerAccessNotEnabled = hipError_t.hipErrorPeerAccessNotEnabled
+hipErrorHostMemoryAlreadyRegistered = hipError_t.hipErrorHostMemoryAlreadyRegistered
+hipErrorHostMemoryNotRegistered = hipError_t.hipErrorHostMemoryNotRegistered
+hipErrorMemoryAllocation = hipError_t.hipErrorMemoryAllocation
+hipErrorInvalidResourceHandle = hipError_t.hipErrorInvalidResourceHandle
+
+__all__ += [
+    "hipErrorPeerAccessAlreadyEnabled",
+    "hipErrorPeerAccessNotEnabled",
+    "hipErrorHostMemoryAlreadyRegistered",
+    "hipErrorHostMemoryNotRegistered",
+    "hipSuccess",
+    "hipErrorInvalidValue",
+    "hipErrorOutOfMemory",
+    "hipErrorNotInitialized",
+    "hipErrorDeinitialized",
+    "hipErrorInvalidConfiguration",
+    "hipErrorInvalidDevicePointer",
+    "hipErrorInvalidMemcpyDirection",
+    "hipErrorNoDevice",
+    "hipErrorInvalidDevice",
+    "hipErrorInvalidContext",
+    "hipErrorMapFailed",
+    "hipErrorUnmapFailed",
+    "hipErrorAlreadyMapped",
+    "hipErrorNotMapped",
+    "hipErrorOperatingSystem",
+    "hipErrorInvalidHandle",
+    "hipErrorIllegalState",
+    "hipErrorNotFound",
+    "hipErrorNotReady",
+    "hipErrorIllegalAddress",
+    "hipErrorLaunchOutOfResources",
+    "hipErrorLaunchTimeOut",
+    "hipErrorContextIsDestroyed",
+    "hipErrorLaunchFailure",
+    "hipErrorNotSupported",
+    "hipErrorUnknown",
+    "hipErrorMemoryAllocation",
+    "hipErrorInvalidResourceHandle",
+]
 
 _STRINGS = {
     hipError_t.hipSuccess: "no error",
@@ -76,11 +157,32 @@ _STRINGS = {
     hipError_t.hipErrorIllegalAddress: "an illegal memory access was encountered",
     hipError_t.hipErrorLaunchOutOfResources: "too many resources requested for launch",
     hipError_t.hipErrorLaunchTimeOut: "the launch timed out and was terminated",
+    hipError_t.hipErrorPeerAccessAlreadyEnabled: "peer access is already enabled",
+    hipError_t.hipErrorPeerAccessNotEnabled: "peer access has not been enabled",
     hipError_t.hipErrorContextIsDestroyed: "context is destroyed",
+    hipError_t.hipErrorHostMemoryAlreadyRegistered:
+        "part or all of the requested memory range is already mapped",
+    hipError_t.hipErrorHostMemoryNotRegistered:
+        "pointer does not correspond to a registered memory region",
     hipError_t.hipErrorLaunchFailure: "unspecified launch failure",
     hipError_t.hipErrorNotSupported: "operation not supported",
     hipError_t.hipErrorUnknown: "unknown error",
 }
+
+
+def short_repr(value: object, limit: int = 80) -> str:
+    """``repr(value)`` in at most ``limit`` characters, for messages that show an argument.
+
+    Arguments may be huge (a buffer passed where a pointer belongs) or hostile (a ``__repr__``
+    that raises), so no message embeds more than ``limit`` characters of one.
+    """
+    if isinstance(value, (str, bytes, bytearray)) and len(value) > limit:
+        value = value[:limit]  # do not build the repr of a huge string only to cut it
+    try:
+        text = repr(value)
+    except Exception:
+        text = f"<{type(value).__name__} object>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _as_code(code: Any) -> hipError_t:
@@ -103,14 +205,32 @@ def _as_code(code: Any) -> hipError_t:
 _BY_VALUE = {int(member): member for member in hipError_t}
 
 
+def _code_argument(code: object) -> hipError_t:
+    """A status code given by the caller: any integer (numpy integers too), never a bool."""
+    try:
+        if isinstance(code, bool):
+            raise TypeError
+        value = operator.index(code)  # type: ignore[arg-type]
+    except TypeError:
+        raise HipError(hipError_t.hipErrorInvalidValue,
+                       f"a hipError_t must be an integer, not {type(code).__name__}") from None
+    return _as_code(value)
+
+
 def hipGetErrorName(code: int) -> str:
-    """Return HIP's name for ``code`` (``"hipErrorUnknown"`` for a value HIP does not define)."""
-    return _as_code(code).name
+    """Return HIP's name for ``code`` (``"hipErrorUnknown"`` for a value HIP does not define).
+
+    Raises ``hipErrorInvalidValue`` for a ``code`` that is not an integer (or is a bool).
+    """
+    return _code_argument(code).name
 
 
 def hipGetErrorString(code: int) -> str:
-    """Return HIP's description of ``code`` (``"unknown error"`` for an undefined value)."""
-    return _STRINGS[_as_code(code)]
+    """Return HIP's description of ``code`` (``"unknown error"`` for an undefined value).
+
+    Raises ``hipErrorInvalidValue`` for a ``code`` that is not an integer (or is a bool).
+    """
+    return _STRINGS[_code_argument(code)]
 
 
 class HipError(RuntimeError):

@@ -5,7 +5,7 @@ Layout (little-endian, 64 bytes, the size of ``hipIpcMemHandle_t`` and ``cudaIpc
     0  magic     4s   b"HIPC"
     4  version   u8   1
     5  kind      u8   HandleKind
-    6  reserved  u16  0
+    6  node      u16  the exporter's node tag (1..65535, see :func:`node_tag`)
     8  secret    16s  128 bits from the OS CSPRNG, fresh per allocation or event
    24  size      u64  bytes of the allocation (memory) or of the event state (events)
    32  device    u32  device ordinal of the exporter
@@ -15,6 +15,11 @@ Layout (little-endian, 64 bytes, the size of ``hipIpcMemHandle_t`` and ``cudaIpc
 A handle names its store segment only through one-way digests of all 64 bytes
 (:attr:`IpcHandle.segment_name`, :attr:`IpcHandle.verifier`), so a flip of any bit names
 another (absent) segment, and no file name, log line or ``repr`` reveals the secret.
+
+The node tag lets an importer refuse a handle made on another machine (or another simulated
+node of :mod:`hipipc.mpi`) with a message that says so, before it looks in its store.  It is
+16 bits: two real nodes share a tag with probability 1/65536, and then the importer's store
+says the handle names nothing, as it did before tags existed.  The 24-byte tail stays zero.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import enum
 import hashlib
 import hmac
 import operator
+import os
 import secrets
 import struct
 from typing import Any
@@ -36,6 +42,8 @@ __all__ = [
     "IpcMemHandle",
     "IpcEventHandle",
 ]
+
+NODE_ENV = "HIPIPC_NODE_ID"
 
 HANDLE_SIZE = 64
 _MAGIC = b"HIPC"
@@ -59,6 +67,85 @@ def _invalid(detail: str) -> HipError:
     return HipError(hipError_t.hipErrorInvalidValue, detail)
 
 
+def _machine_identity() -> bytes:
+    """What tells this machine from the others: the kernel's boot id, else the host name.
+
+    The boot id is per kernel, not per UTS namespace, so containers of one host that share
+    /dev/shm under different host names still count as one node (their handles must open).
+    """
+    try:
+        with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+            boot_id = f.read().strip()
+        if boot_id:
+            return b"boot:" + boot_id
+    except OSError:
+        pass
+    return b"host:" + os.uname().nodename.encode()
+
+
+def tag_of(identity: str | bytes) -> int:
+    """The 16-bit node tag (1..65535) of a node identity string: a hash of it, never zero."""
+    if isinstance(identity, str):
+        identity = identity.encode()
+    digest = hashlib.blake2b(identity, digest_size=4, person=b"hipipc.node").digest()
+    return int.from_bytes(digest, "little") % 0xFFFF + 1
+
+
+def machine_tag() -> int:
+    """This machine's own tag, ignoring ``$HIPIPC_NODE_ID``."""
+    return tag_of(_machine_identity())
+
+
+def _tag_from_env() -> int:
+    value = os.environ.get(NODE_ENV, "").strip()
+    if not value:
+        return machine_tag()
+    try:
+        number = int(value, 0)
+    except ValueError:
+        return tag_of(value)  # any other string names a node by its hash
+    if not 1 <= number <= 0xFFFF:
+        raise _invalid(f"${NODE_ENV}={value!r}: a number must be a node tag in 1..65535 "
+                       "(any other string is hashed to one)")
+    return number
+
+
+_node_tag: int | None = None
+
+
+def node_tag() -> int:
+    """This process's node tag, written into every handle it makes and checked on import.
+
+    Fixed at first use (the first handle made or opened) from ``$HIPIPC_NODE_ID``: a number
+    1..65535 is the tag itself, any other string is hashed to one; unset, the machine's
+    identity (the kernel boot id, else the host name) is.  Every process of one node must
+    agree, so set the variable for a whole node or not at all; :class:`hipipc.mpi.NodeComm`
+    sets it for simulated nodes.  A forked child inherits the parent's tag.
+    """
+    global _node_tag
+    tag = _node_tag
+    if tag is None:
+        tag = _node_tag = _tag_from_env()
+    return tag
+
+
+def set_node_tag(tag: int) -> None:
+    """Make ``tag`` (1..65535) this process's node tag and export it as ``$HIPIPC_NODE_ID``
+    for child processes.  Raises ``hipErrorInvalidValue`` for a tag out of range, and
+    ``hipErrorInvalidContext`` once this process already made or opened a handle under
+    another tag (a node identity cannot change under live handles)."""
+    global _node_tag
+    if isinstance(tag, bool) or not isinstance(tag, int) or not 1 <= tag <= 0xFFFF:
+        raise _invalid(f"a node tag is an integer in 1..65535, got {tag!r}")
+    if _node_tag is not None and _node_tag != tag:
+        raise HipError(hipError_t.hipErrorInvalidContext,
+                       f"this process already fixed its node tag ({_node_tag:#06x}, at its first "
+                       f"handle); choose the node ({NODE_ENV}, hipipc.mpi.NodeComm) before the "
+                       "first hipMalloc, IPC event or open")
+    os.environ[NODE_ENV] = str(tag)
+    _node_tag = tag
+
+
 class IpcHandle:
     """Common base of :class:`IpcMemHandle` and :class:`IpcEventHandle`.
 
@@ -67,7 +154,7 @@ class IpcHandle:
     compare and hash by value, pickle as their bytes, and never show the secret in ``repr``.
     """
 
-    __slots__ = ("_data", "_kind", "_size", "_device", "_uid", "_name", "_verifier")
+    __slots__ = ("_data", "_kind", "_size", "_device", "_uid", "_node", "_name", "_verifier")
     _KINDS: dict[int, HandleKind] = {}  # value -> kind; a dict lookup is cheaper than Enum()
 
     def __init__(self, data: Any) -> None:
@@ -85,7 +172,7 @@ class IpcHandle:
                 ) from exc
         if len(raw) != HANDLE_SIZE:
             raise _invalid(f"an IPC handle is {HANDLE_SIZE} bytes, got {len(raw)}")
-        magic, version, kind_value, reserved, _secret, size, device, uid, tail = (
+        magic, version, kind_value, node, _secret, size, device, uid, tail = (
             _LAYOUT.unpack(raw)
         )
         if magic != _MAGIC:
@@ -95,8 +182,10 @@ class IpcHandle:
         kind = self._KINDS.get(kind_value)
         if kind is None:
             raise _invalid(f"not a {type(self).__name__} (kind {kind_value})")
-        if reserved != 0 or tail != _ZERO_TAIL:
+        if tail != _ZERO_TAIL:
             raise _invalid("reserved bytes of the handle are not zero")
+        if node == 0:
+            raise _invalid("the handle carries no node tag (made by an older hipipc?)")
         if size == 0:
             raise _invalid("handle names an empty allocation")
         self._data = raw
@@ -104,6 +193,7 @@ class IpcHandle:
         self._size = size
         self._device = device
         self._uid = uid
+        self._node = node
         self._name: str | None = None
         self._verifier: bytes | None = None
 
@@ -114,10 +204,12 @@ class IpcHandle:
     size = property(operator.attrgetter("_size"), doc="Bytes of the allocation or event state.")
     device = property(operator.attrgetter("_device"), doc="The exporter's device ordinal.")
     uid = property(operator.attrgetter("_uid"), doc="The exporter's effective uid.")
+    node = property(operator.attrgetter("_node"), doc="The exporter's node tag (node_tag()).")
 
     @classmethod
     def new(cls, kind: HandleKind, size: int, device: int, uid: int) -> IpcHandle:
-        """A fresh handle with a new 128-bit secret (never reused).
+        """A fresh handle with a new 128-bit secret (never reused), tagged with
+        :func:`node_tag`.
 
         Raises ``HipError(hipErrorInvalidValue)`` when a field does not fit its slot (a size
         of 2**64 bytes or more, a negative or 32-bit-overflowing device or uid).
@@ -128,7 +220,7 @@ class IpcHandle:
             raise _invalid(f"{kind!r} is not a HandleKind") from None
         try:
             raw = _LAYOUT.pack(
-                _MAGIC, _VERSION, int(kind), 0, secrets.token_bytes(_SECRET_BYTES),
+                _MAGIC, _VERSION, int(kind), node_tag(), secrets.token_bytes(_SECRET_BYTES),
                 size, device, uid, _ZERO_TAIL,
             )
         except struct.error:

@@ -13,6 +13,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import sys
 import threading
 
 from .errors import HipError, hipError_t
@@ -20,10 +21,10 @@ from .errors import HipError, hipError_t
 __all__ = ["Mapping", "map_file"]
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_mmap = _libc.mmap
-_mmap.restype = ctypes.c_void_p
-_mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                  ctypes.c_long]
+_raw_mmap = _libc.mmap
+_raw_mmap.restype = ctypes.c_void_p
+_raw_mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_long]
 _munmap = _libc.munmap
 _munmap.restype = ctypes.c_int
 _munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
@@ -31,6 +32,17 @@ _munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _PROT_RW = 0x1 | 0x2
 _MAP_SHARED = 0x01
 _MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def _mmap(addr: int | None, length: int, prot: int, flags: int, fd: int, offset: int
+          ) -> int | None:
+    """libc's mmap, refusing (ENOMEM) a length or offset its C types cannot hold: ctypes
+    would silently keep the low 64 bits, mapping a few pages for a huge request while the
+    caller believes it has the whole length."""
+    if not 0 < length <= sys.maxsize or not 0 <= offset <= sys.maxsize:
+        ctypes.set_errno(errno.ENOMEM)
+        return _MAP_FAILED
+    return _raw_mmap(addr, length, prot, flags, fd, offset)
 
 
 class Mapping:

@@ -6,7 +6,9 @@ and knows which handles are this process's own (opening one is ``hipErrorInvalid
 In-process maps are keyed by :attr:`IpcHandle.segment_name`, a digest, never by the secret.
 
 One registry exists per process (:func:`get_registry`); a forked child starts a fresh one,
-so it can import its parent's handles but cannot free its parent's memory.
+so it can import its parent's handles but cannot free its parent's memory.  The child keeps
+only the parent's address ranges (plain numbers, no descriptor), so that a parent's pointer
+used in the child gets an error that says where it comes from.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from .errors import HipError, hipError_t
 from .events import Event
 from .handle import IpcEventHandle, IpcMemHandle
 from .store import HandleStore, share_mode
-from .streams import Stream, refuse_on_stream, running_on_stream
+from .streams import Stream, refuse_on_stream
 
 __all__ = ["Registry", "get_registry"]
 
@@ -44,6 +46,8 @@ class Registry:
         self._regions: dict[int, Region] = {}
         self._own: dict[str, Allocation] = {}  # by segment name, exported or not
         self._imports: dict[str, ImportedMemory] = {}
+        # In a forked child: (base, end, pid) of the regions an ancestor held at fork, by base.
+        self._inherited: list[tuple[int, int, int]] = []
         self._device = threading.local()
         # Streams stay listed after destroy until drained and their failures reported.
         self._streams: set[Stream] = set()
@@ -73,6 +77,24 @@ class Registry:
     def _insert(self, region: Region) -> None:
         bisect.insort(self._bases, region.ptr)
         self._regions[region.ptr] = region
+        if self._inherited:  # the address is this process's now, whatever it was at fork
+            end = region.ptr + region.size
+            i = max(0, bisect.bisect_right(self._inherited, (region.ptr, float("inf"), 0)) - 1)
+            j = i
+            while j < len(self._inherited) and self._inherited[j][0] < end:
+                j += 1
+            kept = [r for r in self._inherited[i:j] if r[1] <= region.ptr or r[0] >= end]
+            self._inherited[i:j] = kept
+
+    def _not_found(self, ptr: int, what: str) -> HipError:
+        """The error for a pointer this process does not hold: a parent's pointer says so."""
+        i = bisect.bisect_right(self._inherited, (ptr, float("inf"), 0)) - 1
+        if i >= 0 and ptr < self._inherited[i][1]:
+            return _invalid(f"{ptr:#x} comes from the parent process {self._inherited[i][2]} "
+                            "(hipMalloc or hipIpcOpenMemHandle there, before fork); a forked "
+                            "child has its own context: open the parent's hipIpcGetMemHandle "
+                            "handle with hipIpcOpenMemHandle")
+        return _invalid(what)
 
     def _remove(self, region: Region) -> None:
         del self._regions[region.ptr]
@@ -86,8 +108,9 @@ class Registry:
                 region = self._regions[self._bases[i]]
                 if ptr < region.ptr + region.size:
                     return region, ptr - region.ptr
-        raise _invalid(f"{ptr:#x} is not a pointer hipMalloc or hipIpcOpenMemHandle returned "
-                       "in this process (freed or closed already?)")
+            raise self._not_found(ptr, f"{ptr:#x} is not a pointer hipMalloc or "
+                                  "hipIpcOpenMemHandle returned in this process (freed or "
+                                  "closed already?)")
 
     def check_range(self, ptr: int, nbytes: int) -> tuple[Region, int]:
         """Like :meth:`find`, and ``[ptr, ptr+nbytes)`` must lie inside the region."""
@@ -109,6 +132,9 @@ class Registry:
     def _own_allocation(self, ptr: int, what: str) -> Allocation:
         region, offset = self.find(ptr)
         if not isinstance(region, Allocation):
+            if what == "hipFree":
+                raise _invalid(f"hipFree: {ptr:#x} was opened with hipIpcOpenMemHandle; close "
+                               "it with hipIpcCloseMemHandle (only the exporter frees it)")
             raise _invalid(f"{what}: {ptr:#x} was opened from another process's handle; "
                            "only the exporter may do this")
         return region
@@ -154,8 +180,11 @@ class Registry:
         with self._lock:
             region = self._regions.get(ptr)
             if not isinstance(region, ImportedMemory):
-                raise _invalid(f"hipIpcCloseMemHandle: {ptr:#x} is not a pointer "
-                               "hipIpcOpenMemHandle returned (or it was closed already)")
+                detail = f"hipIpcCloseMemHandle: {ptr:#x} is not a pointer " \
+                    "hipIpcOpenMemHandle returned (or it was closed already)"
+                if isinstance(region, Allocation):
+                    detail += "; this process allocated it: free it with hipFree"
+                raise self._not_found(ptr, detail) if region is None else _invalid(detail)
             region.refs -= 1
             if region.refs:
                 return
@@ -185,28 +214,17 @@ class Registry:
                 stream.wait_idle(None if deadline is None
                                  else max(0.0, deadline - time.monotonic()))
 
-    def _blocking_streams(self) -> list[Stream]:
+    def _all_streams(self) -> list[Stream]:
+        """The null stream first (its queue orders itself after the blocking streams), then
+        every stream not yet pruned, destroyed ones included."""
         with self._lock:
-            return [s for s in self._streams if s.blocking]
-
-    def join_blocking_streams(self, timeout: float | None = None) -> None:
-        """The legacy null stream's implicit wait: for the work enqueued so far on every
-        blocking stream (skipped on a stream's own thread, which would wait for itself).
-        ``hipErrorNotReady`` if ``timeout`` seconds pass first."""
-        if not self._streams or running_on_stream():
-            return
-        self._wait_idle(self._blocking_streams(), timeout)
-
-    def blocking_streams_idle(self) -> bool:
-        """``hipStreamQuery`` of the null stream: no blocking stream has pending work."""
-        return all(s.query() for s in self._blocking_streams())
+            return [self.backend.null_stream(), *self._streams]
 
     def synchronize(self, timeout: float | None = None) -> None:
         """``hipDeviceSynchronize``: wait for every stream of this process (one deadline for
         all), then report one failure not reported yet; others wait for the next call."""
         refuse_on_stream("hipDeviceSynchronize")
-        with self._lock:
-            streams = list(self._streams)
+        streams = self._all_streams()
         self._wait_idle(streams, timeout)
         try:
             for stream in streams:
@@ -242,8 +260,7 @@ class Registry:
         not cancel it), for at most ``timeout`` seconds; peers may be waiting on its records."""
         if os.getpid() != self._pid:
             return
-        with self._lock:
-            streams = list(self._streams)
+        streams = self._all_streams()
         try:
             self._wait_idle(streams, timeout)
         except HipError:
@@ -252,15 +269,39 @@ class Registry:
 
     # -- process lifetime ----------------------------------------------------------------
 
+    def add_host_range(self, region: Region) -> None:
+        """Make pinned or registered host memory addressable by pointer (``asarray``, the
+        copy calls) like device memory; it is neither an allocation nor an import, so
+        ``hipFree``/``hipIpcGetMemHandle``/``hipIpcCloseMemHandle`` still refuse it."""
+        with self._lock:
+            self._insert(region)
+
+    def remove_host_range(self, region: Region) -> None:
+        with self._lock:
+            if self._regions.get(region.ptr) is region:
+                self._remove(region)
+
+    def regions_on(self, device: int) -> list[Region]:
+        """This process's allocations and imports on ``device`` (for ``hipDeviceReset``)."""
+        with self._lock:
+            return [r for r in self._regions.values() if r.device == device]
+
     def live_counts(self) -> tuple[int, int]:
         """(allocations, imports) currently held."""
         with self._lock:
             return len(self._own), len(self._imports)
 
-    def forget_all(self) -> None:
-        """In a forked child: drop the parent's descriptors, keep its memory untouched."""
+    def forget_all(self) -> list[tuple[int, int, int]]:
+        """In a forked child: drop the parent's descriptors, keep its memory untouched.
+
+        Returns the address ranges the parent held (with those it inherited), for the child's
+        registry to recognize the parent's pointers by; the child's null stream is fresh.
+        """
+        inherited = self._inherited + [(r.ptr, r.ptr + r.size, self._pid)
+                                       for r in self._regions.values()]
         for region in list(self._regions.values()):
             self.backend.forget(region)
+        self.backend.null_stream().forget()
         for stream in self._streams:
             stream.forget()
         for event in list(self._events):
@@ -272,10 +313,12 @@ class Registry:
         self._bases.clear()
         self._own.clear()
         self._imports.clear()
+        return sorted(inherited)
 
 
 _registry: Registry | None = None
 _registry_lock = threading.Lock()
+_inherited: list[tuple[int, int, int]] = []  # ancestors' address ranges, in a forked child
 
 
 def get_registry() -> Registry:
@@ -285,16 +328,18 @@ def get_registry() -> Registry:
     if reg is None:
         with _registry_lock:
             if _registry is None:
-                _registry = Registry(create_backend(HandleStore()))
+                new = Registry(create_backend(HandleStore()))
+                new._inherited = list(_inherited)
+                _registry = new
             reg = _registry
     return reg
 
 
 def _after_fork_in_child() -> None:
-    global _registry, _registry_lock
+    global _registry, _registry_lock, _inherited
     _registry_lock = threading.Lock()
     if _registry is not None:
-        _registry.forget_all()
+        _inherited = _registry.forget_all()
     _registry = None
 
 

@@ -7,9 +7,12 @@ out-parameters; failures raise :class:`~hipipc.errors.HipError` (its ``.code`` i
 
 Each function validates its arguments, then makes one call into the per-process registry, the
 backend, or the stream or event object the backend made.  ``stream=None`` (or ``0``) is the
-null stream, which is synchronous.  The waiting calls (``hipStreamSynchronize``,
-``hipEventSynchronize``, ``hipDeviceSynchronize``) take an optional keyword ``timeout`` in
-seconds, an extension: ``hipErrorNotReady`` when it passes.
+null stream: CUDA's legacy default stream, asynchronous to the host (see
+:mod:`hipipc.streams`); ``hipMemcpy`` and ``hipMemset`` are the synchronous calls.  Every
+integer argument (sizes, values, devices, flags, kinds, pointers) takes any integer type
+(``operator.index``: numpy integers too) and refuses ``bool``.  The waiting calls
+(``hipStreamSynchronize``, ``hipEventSynchronize``, ``hipDeviceSynchronize``) take an optional
+keyword ``timeout`` in seconds, an extension: ``hipErrorNotReady`` when it passes.
 
 A device pointer is an ``int`` (interior pointers allowed, bounds checked); a host buffer is
 any object with the buffer protocol (numpy array, bytearray, memoryview, bytes for sources).
@@ -25,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import HipError, hipError_t
+from .errors import HipError, hipError_t, short_repr
 from .events import Event, check_event_flags, hipEventDefault
 from .handle import IpcEventHandle, IpcMemHandle
 from .hostbuf import host_address
@@ -107,20 +110,35 @@ def _invalid(detail: str) -> HipError:
     return HipError(hipError_t.hipErrorInvalidValue, detail)
 
 
-def _count(value: Any, what: str) -> int:
+def _integer(value: Any, what: str, code: hipError_t = hipError_t.hipErrorInvalidValue) -> int:
+    """``value`` as an int: any integer type (``operator.index``, so numpy integers), never a
+    bool (``True`` is no size, flag or pointer); else ``HipError(code)``."""
     try:
         if isinstance(value, bool):
             raise TypeError
-        n = operator.index(value)
+        return operator.index(value)
     except TypeError:
-        raise _invalid(f"{what} must be an integer, not {type(value).__name__}") from None
+        raise HipError(code, f"{what} must be an integer, not {type(value).__name__}"
+                       ) from None
+
+
+def _count(value: Any, what: str) -> int:
+    n = _integer(value, what)
     if n < 0:
         raise _invalid(f"{what} must not be negative ({n})")
     return n
 
 
 def _is_pointer(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, np.integer))
+    """True for what a device pointer may be (any integer type but bool); arrays are host
+    buffers even when they hold one integer."""
+    return not isinstance(value, (bool, np.ndarray)) and hasattr(type(value), "__index__")
+
+
+def _pointer(value: Any, what: str) -> int:
+    if not _is_pointer(value):
+        raise _invalid(f"{what} needs an int pointer, not {type(value).__name__}")
+    return _integer(value, what)
 
 
 # -- devices ---------------------------------------------------------------------------
@@ -133,11 +151,8 @@ def hipGetDeviceCount() -> int:
 
 def hipSetDevice(device: int) -> None:
     """Make ``device`` current for this thread; ``hipErrorInvalidDevice`` if out of range."""
-    try:
-        device = operator.index(device)
-    except TypeError:
-        raise HipError(hipError_t.hipErrorInvalidDevice, f"device {device!r}") from None
-    get_registry().set_device(device)
+    get_registry().set_device(_integer(device, "hipSetDevice device",
+                                       hipError_t.hipErrorInvalidDevice))
 
 
 def hipGetDevice() -> int:
@@ -175,31 +190,25 @@ def hipFree(ptr: int) -> None:
     """Free an allocation.  ``hipFree(0)`` does nothing.
 
     Revokes its export: later ``hipIpcOpenMemHandle`` calls anywhere fail with
-    ``hipErrorInvalidResourceHandle``; processes that already opened it keep valid memory
-    until they close it (CUDA leaves this undefined).  An interior or unknown pointer raises
-    ``hipErrorInvalidValue``.
+    ``hipErrorInvalidHandle``; processes that already opened it keep valid memory until they
+    close it (CUDA leaves this undefined).  An interior, unknown or imported pointer raises
+    ``hipErrorInvalidValue`` (an import is closed with ``hipIpcCloseMemHandle``).
     """
-    if not _is_pointer(ptr):
-        raise _invalid(f"hipFree needs an int pointer, not {type(ptr).__name__}")
+    ptr = _pointer(ptr, "hipFree")
     if ptr == 0:
         return
-    get_registry().free(int(ptr))
+    get_registry().free(ptr)
 
 
 def _memset_args(ptr: Any, value: Any, nbytes: Any, what: str) -> tuple[int, int, int]:
     nbytes = _count(nbytes, f"{what} size")
-    if not _is_pointer(ptr):
-        raise _invalid(f"{what} needs an int pointer, not {type(ptr).__name__}")
-    try:
-        value = operator.index(value) & 0xFF
-    except TypeError:
-        raise _invalid(f"{what} value must be an integer, not {type(value).__name__}") from None
-    return int(ptr), value, nbytes
+    ptr = _pointer(ptr, what)
+    return ptr, _integer(value, f"{what} value") & 0xFF, nbytes
 
 
 def hipMemset(ptr: int, value: int, nbytes: int) -> None:
-    """Set ``nbytes`` bytes at ``ptr`` to ``value & 0xff`` (bounds checked), on the null
-    stream like ``hipMemcpy``."""
+    """Set ``nbytes`` bytes at ``ptr`` to ``value & 0xff`` (bounds checked); synchronous and
+    ordered like ``hipMemcpy``."""
     ptr, value, nbytes = _memset_args(ptr, value, nbytes, "hipMemset")
     if nbytes:
         # Pinned as on the async path: a hipFree/close racing in another thread either comes
@@ -207,7 +216,7 @@ def hipMemset(ptr: int, value: int, nbytes: int) -> None:
         reg = get_registry()
         region, offset = reg.check_range(ptr, nbytes)
         pin = reg.backend.pin(region, offset, nbytes)
-        _stream(None).memset(ptr, value, nbytes, (pin,))
+        _null_sync().memset(ptr, value, nbytes, (pin,))
 
 
 def hipMemsetAsync(ptr: int, value: int, nbytes: int, stream: Stream | None = None) -> None:
@@ -224,10 +233,15 @@ def hipMemsetAsync(ptr: int, value: int, nbytes: int, stream: Stream | None = No
 
 
 def hipMemGetAddressRange(ptr: int) -> tuple[int, int]:
-    """(base, size) of the allocation or import holding ``ptr``; interior pointers allowed."""
-    if not _is_pointer(ptr):
-        raise _invalid(f"hipMemGetAddressRange needs an int pointer, not {type(ptr).__name__}")
-    region, _ = get_registry().find(int(ptr))
+    """(base, size) of the allocation or import holding ``ptr``; interior pointers allowed.
+
+    Raises ``hipErrorNotFound`` (HIP's code) for a pointer no allocation or import holds.
+    """
+    ptr = _pointer(ptr, "hipMemGetAddressRange")
+    try:
+        region, _ = get_registry().find(ptr)
+    except HipError as exc:
+        raise HipError(hipError_t.hipErrorNotFound, exc.detail) from None
     return region.ptr, region.size
 
 
@@ -238,9 +252,10 @@ def _copy_side(obj: Any, is_device: bool, nbytes: int, writable: bool, what: str
         if not _is_pointer(obj):
             raise _invalid(f"{what} must be a device pointer (int) for this copy kind, "
                            f"not {type(obj).__name__}")
+        ptr = _integer(obj, what)
         reg = get_registry()
-        region, offset = reg.check_range(int(obj), nbytes)
-        return int(obj), reg.backend.pin(region, offset, nbytes) if pin and nbytes else None
+        region, offset = reg.check_range(ptr, nbytes)
+        return ptr, reg.backend.pin(region, offset, nbytes) if pin and nbytes else None
     if _is_pointer(obj):
         raise _invalid(f"{what} is an int but this copy kind says it is host memory; "
                        "pass a buffer or use hipMemcpyDefault")
@@ -250,11 +265,12 @@ def _copy_side(obj: Any, is_device: bool, nbytes: int, writable: bool, what: str
 def _copy_args(dst: Any, src: Any, nbytes: Any, kind: Any, what: str, pin: bool
                ) -> tuple[int, int, int, hipMemcpyKind, tuple[Any, Any]]:
     nbytes = _count(nbytes, f"{what} size")
+    direction = hipError_t.hipErrorInvalidMemcpyDirection
     try:
-        kind = hipMemcpyKind(kind)
+        kind = hipMemcpyKind(_integer(kind, f"{what} kind", direction))
     except ValueError:
-        raise HipError(hipError_t.hipErrorInvalidMemcpyDirection,
-                       f"{what} kind {kind!r} is not a hipMemcpyKind") from None
+        raise HipError(direction, f"{what} kind {short_repr(kind)} is not a hipMemcpyKind"
+                       ) from None
     if kind == hipMemcpyDefault:
         dst_dev, src_dev = _is_pointer(dst), _is_pointer(src)
         kind = _KIND_OF_SIDES[dst_dev, src_dev]
@@ -266,8 +282,9 @@ def _copy_args(dst: Any, src: Any, nbytes: Any, kind: Any, what: str, pin: bool
 
 
 def hipMemcpy(dst: Any, src: Any, nbytes: int, kind: int = hipMemcpyDefault) -> None:
-    """Copy ``nbytes`` from ``src`` to ``dst`` on the null stream: after the work already
-    enqueued on blocking streams (CUDA's legacy default stream), done when it returns.
+    """Copy ``nbytes`` from ``src`` to ``dst``, synchronously: as ``cudaMemcpy`` on CUDA's
+    legacy default stream, it first waits for the null stream's work (which waits for the
+    work enqueued before it on blocking streams), and the copy is done when it returns.
 
     A device side is an ``int`` pointer from this process's ``hipMalloc`` or
     ``hipIpcOpenMemHandle`` (interior pointers allowed; the range must stay inside the
@@ -280,7 +297,7 @@ def hipMemcpy(dst: Any, src: Any, nbytes: int, kind: int = hipMemcpyDefault) -> 
     dst_addr, src_addr, nbytes, kind, keep = _copy_args(dst, src, nbytes, kind, "hipMemcpy",
                                                         pin=True)
     if nbytes:
-        _stream(None).memcpy(dst_addr, src_addr, nbytes, kind, keep)
+        _null_sync().memcpy(dst_addr, src_addr, nbytes, kind, keep)
 
 
 def hipMemcpyAsync(dst: Any, src: Any, nbytes: int, kind: int = hipMemcpyDefault,
@@ -308,24 +325,24 @@ def asarray(ptr: int, shape: int | tuple[int, ...], dtype: Any = np.uint8) -> An
     ``hipIpcCloseMemHandle`` (the memory is unmapped when the last view goes).  The range must
     lie inside one allocation, else ``hipErrorInvalidValue``.
     """
-    if not _is_pointer(ptr):
-        raise _invalid(f"asarray needs an int pointer, not {type(ptr).__name__}")
+    ptr = _pointer(ptr, "asarray")
+    if not hasattr(shape, "__iter__"):
+        shape = (shape,)
+    dims = [_integer(n, "asarray: each dimension of shape") for n in shape]
     try:
-        dims = [operator.index(shape)] if not hasattr(shape, "__iter__") else \
-            [operator.index(n) for n in shape]
         dt = np.dtype(dtype)
     except TypeError as exc:
-        raise _invalid(f"asarray: shape must be ints and dtype a numpy dtype ({exc})") from None
+        raise _invalid(f"asarray: dtype must be a numpy dtype ({exc})") from None
     if any(n < 0 for n in dims):
-        raise _invalid(f"asarray: negative dimension in {tuple(dims)}")
+        raise _invalid(f"asarray: negative dimension in {short_repr(tuple(dims))}")
     if any(n > _MAX_DIM for n in dims):  # numpy's limit; reachable with a zero-size dtype
-        raise _invalid(f"asarray: a dimension of {tuple(dims)} exceeds {_MAX_DIM}")
+        raise _invalid(f"asarray: a dimension of {short_repr(tuple(dims))} exceeds {_MAX_DIM}")
     if dt.hasobject:
         raise _invalid(f"asarray: dtype {dt} holds Python objects, which raw memory cannot")
     shape = tuple(dims)
     nbytes = math.prod(dims) * dt.itemsize  # Python ints: no wrap-around for huge shapes
     reg = get_registry()
-    region, offset = reg.check_range(int(ptr), nbytes)
+    region, offset = reg.check_range(ptr, nbytes)
     return reg.backend.asarray(region, offset, shape, dt)
 
 
@@ -341,9 +358,9 @@ def hipIpcGetMemHandle(ptr: int, *, share: str | None = None) -> IpcMemHandle:
     may open it, on the first export.  Raises ``hipErrorInvalidValue`` for a pointer that is
     not this process's own allocation.
     """
-    if not _is_pointer(ptr) or ptr == 0:
-        raise _invalid(f"hipIpcGetMemHandle needs a device pointer, not {ptr!r}")
-    return get_registry().export(int(ptr), share)
+    if not _is_pointer(ptr) or _integer(ptr, "hipIpcGetMemHandle pointer") == 0:
+        raise _invalid(f"hipIpcGetMemHandle needs a device pointer, not {short_repr(ptr)}")
+    return get_registry().export(_integer(ptr, "hipIpcGetMemHandle pointer"), share)
 
 
 def hipIpcOpenMemHandle(handle: IpcMemHandle | bytes | bytearray | memoryview,
@@ -354,12 +371,12 @@ def hipIpcOpenMemHandle(handle: IpcMemHandle | bytes | bytearray | memoryview,
     in one process returns the same pointer and needs one more close.  Raises
     ``hipErrorInvalidValue`` for malformed bytes or ``flags`` other than
     ``hipIpcMemLazyEnablePeerAccess``; ``hipErrorInvalidContext`` in the exporting process;
-    ``hipErrorInvalidResourceHandle`` when the handle names nothing this user may open (freed,
+    ``hipErrorInvalidHandle`` when the handle names nothing this user may open (freed,
     exporter gone, another user's unshared memory, or a handle altered in transit).
     """
-    if isinstance(flags, bool) or flags != hipIpcMemLazyEnablePeerAccess:
+    if _integer(flags, "hipIpcOpenMemHandle flags") != hipIpcMemLazyEnablePeerAccess:
         raise _invalid(f"hipIpcOpenMemHandle flags must be hipIpcMemLazyEnablePeerAccess "
-                       f"({hipIpcMemLazyEnablePeerAccess}), got {flags!r}")
+                       f"({hipIpcMemLazyEnablePeerAccess}), got {short_repr(flags)}")
     return get_registry().open(IpcMemHandle.coerce(handle))
 
 
@@ -369,9 +386,7 @@ def hipIpcCloseMemHandle(ptr: int) -> None:
     Raises ``hipErrorInvalidValue`` (as HIP does) for a pointer that was not returned by
     ``hipIpcOpenMemHandle`` or is already fully closed.
     """
-    if not _is_pointer(ptr):
-        raise _invalid(f"hipIpcCloseMemHandle needs an int pointer, not {type(ptr).__name__}")
-    get_registry().close(int(ptr))
+    get_registry().close(_pointer(ptr, "hipIpcCloseMemHandle"))
 
 
 # -- streams ---------------------------------------------------------------------------
@@ -392,17 +407,22 @@ def _is_null(stream: Any) -> bool:
 
 
 def _stream(stream: Any) -> Stream:
-    """``stream`` itself; for None/0 the null stream, once blocking streams are idle.
+    """``stream`` itself; for None/0 this process's null stream (asynchronous: it orders its
+    work after the blocking streams' itself).
 
-    Raises ``hipErrorInvalidResourceHandle`` for a destroyed stream.
+    Raises ``hipErrorInvalidHandle`` for a destroyed stream.
     """
     if not _is_null(stream):
         if stream.destroyed:
             raise destroyed_stream()
         return stream
-    reg = get_registry()
-    reg.join_blocking_streams()
-    return reg.backend.null_stream()
+    return get_registry().backend.null_stream()
+
+
+def _null_sync() -> Stream:
+    """The null stream for ``hipMemcpy``/``hipMemset``: it waits for the null stream's work,
+    then runs the operation in the caller before returning."""
+    return get_registry().backend.null_stream().synchronous()
 
 
 def hipStreamCreate() -> Stream:
@@ -417,23 +437,24 @@ def hipStreamCreateWithFlags(flags: int) -> Stream:
     Raises ``hipErrorInvalidValue`` for flags other than ``hipStreamDefault`` and
     ``hipStreamNonBlocking``.
     """
-    if type(flags) is not int or flags not in (hipStreamDefault, hipStreamNonBlocking):
+    value = _integer(flags, "hipStreamCreateWithFlags flags")
+    if value not in (hipStreamDefault, hipStreamNonBlocking):
         raise _invalid(f"stream flags must be hipStreamDefault or hipStreamNonBlocking, "
-                       f"got {flags!r}")
-    return get_registry().create_stream(blocking=flags != hipStreamNonBlocking)
+                       f"got {short_repr(flags)}")
+    return get_registry().create_stream(blocking=value != hipStreamNonBlocking)
 
 
 def hipStreamDestroy(stream: Stream) -> None:
     """Destroy ``stream``; returns at once and enqueued work still runs (CUDA's rule).
 
     A failure that work reports later is raised by ``hipDeviceSynchronize``.  Raises
-    ``hipErrorInvalidResourceHandle`` for the null stream or a stream destroyed already.
+    ``hipErrorInvalidHandle`` for the null stream or a stream destroyed already.
     """
     if _is_null(stream):
-        raise HipError(hipError_t.hipErrorInvalidResourceHandle,
+        raise HipError(hipError_t.hipErrorInvalidHandle,
                        "hipStreamDestroy: the null stream cannot be destroyed")
     if stream.destroyed:
-        raise HipError(hipError_t.hipErrorInvalidResourceHandle,
+        raise HipError(hipError_t.hipErrorInvalidHandle,
                        "hipStreamDestroy: the stream was destroyed already")
     stream.destroy()
 
@@ -443,19 +464,18 @@ def hipStreamSynchronize(stream: Stream | None, *, timeout: float | None = None)
 
     Raises ``hipErrorLaunchFailure`` (the original exception chained) if some of that work
     failed since the last synchronize, ``hipErrorNotReady`` after ``timeout`` seconds, and
-    ``hipErrorInvalidResourceHandle`` for a destroyed stream.  For the null stream: wait for
-    the work enqueued on blocking streams (see ``hipStreamCreate``).
+    ``hipErrorInvalidHandle`` for a destroyed stream.  For the null stream: its own queue and,
+    through it, the work enqueued before now on blocking streams (see ``hipStreamCreate``).
+    From stream work (a host function) it is refused with ``hipErrorNotSupported``.
     """
-    if _is_null(stream):
-        get_registry().join_blocking_streams(_timeout(timeout))
-    else:
-        stream.synchronize(_timeout(timeout))
+    _stream(stream).synchronize(_timeout(timeout))
 
 
 def hipStreamQuery(stream: Stream | None) -> hipError_t:
-    """``hipSuccess`` if all work enqueued on ``stream`` has run, else ``hipErrorNotReady``."""
-    done = get_registry().blocking_streams_idle() if _is_null(stream) else \
-        _stream(stream).query()
+    """``hipSuccess`` if all work enqueued on ``stream`` has run, else ``hipErrorNotReady``.
+
+    For the null stream: its own queue and the work on blocking streams."""
+    done = _stream(stream).query()
     return hipError_t.hipSuccess if done else hipError_t.hipErrorNotReady
 
 
@@ -466,22 +486,23 @@ def hipStreamWaitEvent(stream: Stream | None, event: Event, flags: int = 0) -> N
     """Make work enqueued on ``stream`` from now on wait for ``event``'s newest record as of
     this call, which may have been made in another process (IPC events).
 
-    The caller does not wait (unless ``stream`` is the null stream).  A never-recorded event
+    The caller does not wait, also on the null stream.  A never-recorded event
     imposes no wait.  If the recording process exits before its work completes, the wait
     ends within about 0.1 s and the stream reports ``hipErrorLaunchFailure``.  ``flags`` must
     be 0 (``hipErrorInvalidValue``).
     """
-    if type(flags) is not int or flags != 0:
-        raise _invalid(f"hipStreamWaitEvent flags must be 0, got {flags!r}")
+    if _integer(flags, "hipStreamWaitEvent flags") != 0:
+        raise _invalid(f"hipStreamWaitEvent flags must be 0, got {short_repr(flags)}")
     _stream(stream).wait_event(_event(event))
 
 
 def hipLaunchHostFunc(stream: Stream | None, fn: Callable[..., Any], *args: Any) -> None:
     """Enqueue ``fn(*args)`` on ``stream``: the host backend's kernel launch.
 
-    An exception ``fn`` raises is reported by the next ``hipStreamSynchronize`` of ``stream``
-    (or ``hipDeviceSynchronize``) as ``hipErrorLaunchFailure`` with the exception chained; on
-    the null stream ``fn`` runs before this call returns and its exception is raised so.
+    Returns at once, also on the null stream (where ``fn`` runs after the blocking streams'
+    earlier work).  An exception ``fn`` raises is reported by the next
+    ``hipStreamSynchronize`` of ``stream`` (or ``hipDeviceSynchronize``) as
+    ``hipErrorLaunchFailure`` with the exception chained, once.
     """
     if not callable(fn):
         raise _invalid(f"hipLaunchHostFunc needs a callable, not {type(fn).__name__}")
@@ -510,15 +531,17 @@ def hipEventCreateWithFlags(flags: int) -> Event:
     ``hipEventInterprocess``; an interprocess event needs ``hipEventDisableTiming`` too.
     Raises ``hipErrorInvalidValue`` for other flags or ``hipEventInterprocess`` alone.
     """
-    return get_registry().create_event(check_event_flags(flags))
+    return get_registry().create_event(
+        check_event_flags(_integer(flags, "hipEventCreateWithFlags flags")))
 
 
 def hipEventRecord(event: Event, stream: Stream | None = None) -> None:
-    """Make ``event`` stand for the work enqueued on ``stream`` so far (null stream: done).
+    """Make ``event`` stand for the work enqueued on ``stream`` so far; returns at once, also
+    on the null stream (the event completes when the null stream reaches the record).
 
-    Raises ``hipErrorNotReady`` in the rare case that too many records of ``event`` are
-    still pending (thousands; see ``hipipc.backends.eventstate``), and
-    ``hipErrorInvalidResourceHandle`` for a destroyed event or stream.
+    Raises ``hipErrorLaunchOutOfResources`` in the rare case that too many records of
+    ``event`` are still pending (thousands; see ``hipipc.backends.eventstate``), and
+    ``hipErrorInvalidHandle`` for a destroyed event or stream.
     """
     _event(event).record(_stream(stream))
 
@@ -543,7 +566,7 @@ def hipEventSynchronize(event: Event, *, timeout: float | None = None) -> None:
 def hipEventElapsedTime(start: Event, stop: Event) -> float:
     """Milliseconds between the completions of ``start`` and ``stop``.
 
-    Raises ``hipErrorInvalidResourceHandle`` if either was created with
+    Raises ``hipErrorInvalidHandle`` if either was created with
     ``hipEventDisableTiming`` or never recorded, ``hipErrorNotReady`` if either is pending.
     """
     return _event(start).elapsed_ms(_event(stop))
@@ -554,11 +577,11 @@ def hipEventDestroy(event: Event) -> None:
 
     For an exported interprocess event the handle is revoked: new ``hipIpcOpenEventHandle``
     calls fail, processes that opened it keep a working event.  Raises
-    ``hipErrorInvalidResourceHandle`` if it was destroyed already.
+    ``hipErrorInvalidHandle`` if it was destroyed already.
     """
     ev = _event(event)
     if ev.destroyed:
-        raise HipError(hipError_t.hipErrorInvalidResourceHandle,
+        raise HipError(hipError_t.hipErrorInvalidHandle,
                        "hipEventDestroy: the event was destroyed already")
     ev.destroy()
 
@@ -569,7 +592,8 @@ def hipIpcGetEventHandle(event: Event) -> IpcEventHandle:
     Only processes of the exporter's user can open it (``HIPIPC_SHARE`` applies to memory,
     not to events: an event's shared page holds a process-shared lock that a writer could
     corrupt).  Dropping the creator's last reference to the event destroys it and revokes the
-    handle, as ``hipEventDestroy`` does.  Raises ``hipErrorInvalidValue`` unless the event was
+    handle, as ``hipEventDestroy`` does.  Raises ``hipErrorInvalidValue`` for a value that is
+    not an event and ``hipErrorInvalidConfiguration`` (HIP's code) unless the event was
     created with ``hipEventInterprocess | hipEventDisableTiming``.
     """
     return _event(event).export(_EVENT_MODE)
@@ -580,7 +604,7 @@ def hipIpcOpenEventHandle(handle: IpcEventHandle | bytes | bytearray | memoryvie
     ``hipEventDestroy``.
 
     Raises ``hipErrorInvalidValue`` for malformed bytes, ``hipErrorInvalidContext`` in the
-    creating process, and ``hipErrorInvalidResourceHandle`` when the handle names nothing this
+    creating process, and ``hipErrorInvalidHandle`` when the handle names nothing this
     user may open (destroyed, creator gone, not shared, altered in transit).
     """
     return get_registry().open_event(IpcEventHandle.coerce(handle))

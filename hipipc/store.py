@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .errors import HipError, hipError_t
-from .handle import HandleKind, IpcHandle
+from .handle import NODE_ENV, HandleKind, IpcHandle, node_tag
 
 __all__ = [
     "HandleStore",
@@ -414,12 +414,23 @@ class HandleStore:
     def open(self, handle: IpcHandle) -> int:
         """Open the segment ``handle`` names and return its descriptor (``O_RDWR``).
 
-        Never creates.  Checks, on the opened descriptor (no TOCTOU): a regular file owned by
+        Never creates.  First, before the store is touched, the handle's node tag must be this
+        process's (:func:`hipipc.handle.node_tag`): a handle exported on another node (a real
+        one, or a simulated one of :mod:`hipipc.mpi`) is refused as such, since no store here
+        could hold it.  Then, on the opened descriptor (no TOCTOU): a regular file owned by
         the handle's uid with no mode bits beyond 0666, long enough, and a header whose
         identity equals the handle's, compared in constant time.  Raises
         ``hipErrorInvalidResourceHandle`` when no such segment exists (never exported, freed,
         exporter gone) or it may not be opened, with the reason.
         """
+        if handle.node != node_tag():
+            raise HipError(
+                hipError_t.hipErrorInvalidResourceHandle,
+                f"the handle was exported on another node (node tag {handle.node:#06x}, this "
+                f"process runs on {node_tag():#06x}); memory and events are shared only "
+                f"within a node: move data between nodes with MPI (hipipc.mpi), or give every "
+                f"process of one node the same ${NODE_ENV}",
+            )
         name = handle.segment_name
         fd = -1
         for fresh in (False, True):

@@ -4,14 +4,20 @@ CUDA/HIP rules kept by every backend:
 
 - Work on one stream runs in the order it was enqueued, off the caller's thread; enqueueing
   never waits for earlier work.
-- The null stream (``stream=None`` or ``0`` in every hip* call) is synchronous here: its work
-  has finished when the call returns.  It is CUDA's and HIP's *legacy* default stream: before
-  it runs anything (a null-stream operation, or a plain ``hipMemcpy``/``hipMemset``) it waits
-  for the work already enqueued on every blocking stream of the process, i.e. every stream
-  not made with ``hipStreamNonBlocking``.  Code running on a stream's own thread (a host
-  function) skips that wait, since it would wait for itself (CUDA forbids API calls there).
+- The null stream (``stream=None`` or ``0`` in every hip* call) is CUDA's and HIP's *legacy*
+  default stream, asynchronous to the host as in CUDA: ``hipLaunchHostFunc``,
+  ``hipMemcpyAsync``, ``hipMemsetAsync``, ``hipEventRecord`` and ``hipStreamWaitEvent`` on it
+  enqueue and return at once.  Its ordering with the *blocking* streams (every stream not made
+  with ``hipStreamNonBlocking``) holds both ways: a null-stream operation runs after the work
+  enqueued before it on every blocking stream, and work enqueued on a blocking stream after a
+  null-stream operation runs after that operation.  Non-blocking streams do neither.
+- ``hipMemcpy`` and ``hipMemset`` stay synchronous, as ``cudaMemcpy`` is: they wait for the
+  null stream's work (and through it for the blocking streams' earlier work), then copy in the
+  caller before returning.  Code running on a stream's own thread (a host function) skips
+  that wait, since it could wait for itself (CUDA forbids API calls there).
 - A failure in enqueued work (an exception raised by a ``hipLaunchHostFunc`` function, a wait
-  whose recorder died) is not lost: the next synchronize of that stream, or of the device,
+  whose recorder died), on any stream including the null stream, is not raised by the call
+  that enqueued it and not lost: the next synchronize of that stream, or of the device,
   raises ``HipError(hipErrorLaunchFailure)`` with the first such exception since the last
   report chained, once.  Work enqueued after the failure still runs, so events recorded later
   still complete and no peer process hangs on them.
@@ -61,7 +67,7 @@ def refuse_on_stream(call: str) -> None:
 
 
 def destroyed_stream() -> HipError:
-    return HipError(hipError_t.hipErrorInvalidResourceHandle,
+    return HipError(hipError_t.hipErrorInvalidHandle,
                     "the stream was destroyed (hipStreamDestroy); create a new one")
 
 
@@ -111,7 +117,7 @@ class Stream(abc.ABC):
         """Block until all work enqueued so far has run; report a failure (see module doc).
 
         Raises ``hipErrorNotReady`` after ``timeout`` seconds (None: no limit) and
-        ``hipErrorInvalidResourceHandle`` for a destroyed stream.
+        ``hipErrorInvalidHandle`` for a destroyed stream.
         """
         if self.destroyed:
             raise destroyed_stream()
@@ -147,6 +153,12 @@ class Stream(abc.ABC):
 
     def forget(self) -> None:  # noqa: B027 - optional hook
         """In a forked child: the parent's stream has no worker here; make it refuse work."""
+
+    def synchronous(self) -> Stream:
+        """The null stream only: a view whose operations wait for the null stream's work (and
+        the blocking streams' earlier work), then run in the caller (``hipMemcpy``)."""
+        raise HipError(hipError_t.hipErrorNotSupported,
+                       "only the null stream has a synchronous view")
 
     def __repr__(self) -> str:
         if self.is_null:

@@ -111,6 +111,7 @@ def _use_inherited(stream, local, ipc) -> list:
         except hip.HipError as exc:
             out.append([exc.code.name, "before fork" in exc.detail])
     hip.hipEventRecord(ipc, None)  # shared memory: an inherited IPC event still works
+    hip.hipEventSynchronize(ipc, timeout=10)  # the child's (fresh) null stream runs it
     out.append(hip.hipEventQuery(ipc) == E.hipSuccess)
     return out
 

@@ -173,10 +173,12 @@ def test_query_and_synchronize_follow_a_record_behind_a_blocked_stream(flags, ev
     hip.hipEventSynchronize(ev, timeout=LIMIT)
     assert ran == [1], "synchronize returned before the recorded work ran"
     assert hip.hipEventQuery(ev) == E.hipSuccess
-    # Recording on the null stream completes at once.
+    # Recording on the null stream returns at once; the record completes in null-stream order.
     hip.hipEventRecord(ev)
+    hip.hipEventSynchronize(ev, timeout=LIMIT)
     assert hip.hipEventQuery(ev) == E.hipSuccess
     hip.hipEventRecord(ev, 0)
+    hip.hipStreamSynchronize(0, timeout=LIMIT)
     hip.hipEventSynchronize(ev, timeout=0)
 
 
@@ -272,8 +274,11 @@ def test_many_records_after_one_long_pending_record_are_accepted(events, gate):
     try:
         hip.hipLaunchHostFunc(slow, hold, g)
         hip.hipEventRecord(ev, slow)  # this one record stays pending
-        for _ in range(20000):
-            hip.hipEventRecord(ev)  # on the null stream: each completes at once
+        for i in range(20000):
+            hip.hipEventRecord(ev)  # on the null stream, which does not wait for `slow`
+            if i % 1000 == 999:  # the null stream is asynchronous: keep it close behind
+                hip.hipStreamSynchronize(None, timeout=LIMIT)
+        hip.hipStreamSynchronize(None, timeout=LIMIT)
         assert hip.hipEventQuery(ev) == E.hipSuccess
     finally:
         g.set()
@@ -345,6 +350,7 @@ def test_elapsed_time_refuses_untimed_unrecorded_and_destroyed_events(events):
         events(hip.hipEventBlockingSync)
     for ev in (timed, untimed, ipc):
         hip.hipEventRecord(ev)
+    hip.hipStreamSynchronize(None, timeout=LIMIT)  # the null stream is asynchronous
     for a, b in ((timed, untimed), (untimed, timed), (timed, ipc), (ipc, timed),
                  (untimed, untimed), (timed, unrecorded), (unrecorded, timed)):
         with pytest.raises(hip.HipError) as exc:
@@ -389,11 +395,12 @@ def test_good_event_flags(flags):
 
 @pytest.mark.parametrize("flags", [hip.hipEventDefault, hip.hipEventDisableTiming,
                                    hip.hipEventBlockingSync])
-def test_handle_of_a_non_ipc_event_is_invalid_value(flags, events):
+def test_handle_of_a_non_ipc_event_is_invalid_configuration(flags, events):
+    """HIP's runtime returns hipErrorInvalidConfiguration (issue 11 §6; it was InvalidValue)."""
     ev = events(flags)
     with pytest.raises(hip.HipError) as exc:
         hip.hipIpcGetEventHandle(ev)
-    assert code_of(exc) == E.hipErrorInvalidValue
+    assert code_of(exc) == E.hipErrorInvalidConfiguration
     for bad in (None, 0, b"x" * 64):
         with pytest.raises(hip.HipError) as exc:
             hip.hipIpcGetEventHandle(bad)
@@ -658,6 +665,7 @@ def test_every_single_bit_flip_of_a_live_event_handle_is_refused(spawn):
     # The unflipped handle does open here (so the refusals above are not for another reason).
     ev = hip.hipIpcOpenEventHandle(live)
     hip.hipEventRecord(ev)
+    hip.hipEventSynchronize(ev, timeout=LIMIT)
     assert hip.hipEventQuery(ev) == E.hipSuccess
     hip.hipEventDestroy(ev)
     owner.send("exit")
@@ -921,7 +929,8 @@ def test_a_process_that_dies_inside_the_event_lock_does_not_wedge_the_others(spa
         steps.append(int(hip.hipEventQuery(ev)))
         g.set()
         hip.hipEventSynchronize(ev, timeout=5)
-        hip.hipEventRecord(ev)
+        hip.hipEventRecord(ev)  # on the (asynchronous) null stream
+        hip.hipEventSynchronize(ev, timeout=5)
         steps.append(int(hip.hipEventQuery(ev)))
 
     t = threading.Thread(target=use, daemon=True)  # a wedged lock must not hang pytest

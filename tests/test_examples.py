@@ -60,11 +60,12 @@ def lines(proc: subprocess.CompletedProcess) -> list[str]:
     return proc.stdout.splitlines()
 
 
-COVERED = {"quickstart", "simple_ipc", "producer_consumer", "mp_pool"}
+COVERED = {"quickstart", "simple_ipc", "producer_consumer", "mp_pool", "hip_tests_ipc"}
+ELSEWHERE = {"mpi_halo"}  # runs under mpiexec: tests/test_mpi.py
 
 
 def test_every_example_is_covered_here():
-    assert {p.stem for p in EXAMPLES.glob("*.py")} == COVERED
+    assert {p.stem for p in EXAMPLES.glob("*.py")} == COVERED | ELSEWHERE
 
 
 # -- the examples, as shipped ----------------------------------------------------------
@@ -80,9 +81,10 @@ def test_quickstart(run_example):
 
 
 def simple_ipc_lines(n: int) -> set[str]:
-    """The line each of ``n`` processes prints when its buffer holds every round's writer."""
-    return {f"process {rank}: buffer verified (writers by round: "
-            f"{[(rank - r) % n for r in range(n)]})" for rank in range(n)}
+    """The line each of ``n`` processes prints when its buffer holds the last round's writer
+    (the sibling just after it) in every byte."""
+    return {f"process {rank}: buffer verified (every byte written by process {(rank + 1) % n})"
+            for rank in range(n)}
 
 
 @pytest.mark.parametrize("devices", [4, 1])
@@ -95,8 +97,32 @@ def test_simple_ipc(run_example, devices):
     # One whole line per process (in any order): lines must never interleave.
     per_process = [line for line in out if line.startswith("process ")]
     assert sorted(per_process) == sorted(simple_ipc_lines(devices)), output(proc)
-    expected_len = 2 + devices + (1 if devices < 2 else 0)  # header, note, processes, verdict
+    # Process 0 reports each round once every process has enqueued it, in order.
+    assert [line for line in out if line.startswith("Step ")] == \
+        [f"Step {i} done" for i in range(devices)], output(proc)
+    # header, note, steps, processes, verdict
+    expected_len = 2 + 2 * devices + (1 if devices < 2 else 0)
     assert len(out) == expected_len, output(proc)
+
+
+HIP_TESTS = ["Unit_hipIpcEventHandle_Functional", "Unit_hipIpcMemAccess_Semaphores",
+             "Unit_hipIpcMemAccess_ParameterValidation",
+             "Unit_hipIpcEventHandle_ParameterValidation"]
+
+
+@pytest.mark.parametrize("devices", [2, 1])
+def test_hip_tests_ipc(run_example, devices):
+    proc = run_example(EXAMPLES / "hip_tests_ipc.py", devices=devices)
+    assert proc.returncode == 0, output(proc)
+    verdicts = {line.split(": ", 1)[0]: line.split(": ", 1)[1] for line in lines(proc)
+                if line.startswith("Unit_")}
+    assert list(verdicts) == HIP_TESTS, output(proc)
+    expected = {name: "PASSED" for name in HIP_TESTS}
+    if devices < 2:  # the event test needs two devices and says so, as the original does
+        expected["Unit_hipIpcEventHandle_Functional"] = \
+            "SKIPPED (Test requires atleast two GPUs with P2P access. Skipping test.)"
+    assert verdicts == expected, output(proc)
+    assert lines(proc)[-1] == "hip_tests_ipc: PASSED", output(proc)
 
 
 def test_producer_consumer(run_example):
@@ -168,7 +194,7 @@ _kernel = example.kernel
 def kernel(ptr, rnd, writer, buffer_id, nprocs):
     _kernel(ptr, rnd, writer, buffer_id, nprocs)
     if writer == 1 and rnd == 2:
-        hipipc.asarray(ptr + rnd * example.CHUNK + 100, 1, np.uint8)[0] ^= 0xFF
+        hipipc.asarray(ptr + 100, 1, np.uint8)[0] ^= 0xFF
 
 example.kernel = kernel
 '''
@@ -227,14 +253,14 @@ def assert_mailboxes_unlinked(proc: subprocess.CompletedProcess) -> None:
             assert not os.path.exists(path), f"{path} was not unlinked\n{output(proc)}"
 
 
-DEVICES = {"simple_ipc": 4}  # HIPIPC_HOST_DEVICES for the fault runs
+DEVICES = {"simple_ipc": 4, "hip_tests_ipc": 2}  # HIPIPC_HOST_DEVICES for the fault runs
 VERDICT = {"quickstart": "producer: consumer's writes MISSING",
            "simple_ipc": "simpleIPC: FAILED",
            "producer_consumer": "producer_consumer: FAILED",
            "mp_pool": "mp_pool: FAILED"}
 
 
-@pytest.mark.parametrize("module", sorted(COVERED))
+@pytest.mark.parametrize("module", sorted(COVERED - {"hip_tests_ipc"}))  # forks: see below
 def test_examples_fail_when_memory_is_not_shared(run_example, tmp_path, module):
     """Each example's own check notices when receivers' writes do not reach the others."""
     proc = run_example(write_wrapper(tmp_path, module, PRIVATE_COPIES, REPORT_MAILBOXES),
@@ -260,9 +286,11 @@ def test_simple_ipc_fails_on_one_corrupted_byte(run_example, tmp_path):
     assert any(line.startswith("process 0: ") and "hipErrorLaunchFailure" in line
                and "round 3: buffer 3 was not finished by process 1" in line
                for line in out), output(proc)
-    assert "process 3: buffer WRONG (writers by round: [3, 2, 1, 0])" in out, output(proc)
-    assert {"process 1: buffer verified (writers by round: [1, 0, 3, 2])",
-            "process 2: buffer verified (writers by round: [2, 1, 0, 3])"} <= set(out)
+    # Process 0's kernel refused to overwrite buffer 3, so it still holds process 1's bytes.
+    assert "process 3: buffer WRONG (1048576 of 1048576 bytes differ from 0, the first at " \
+        "0: 1)" in out, output(proc)
+    assert {"process 1: buffer verified (every byte written by process 2)",
+            "process 2: buffer verified (every byte written by process 3)"} <= set(out)
     assert {"process 0: failed (exit code 1)", "process 3: failed (exit code 1)"} <= set(out)
     assert out[-1] == "simpleIPC: FAILED", output(proc)
     assert_mailboxes_unlinked(proc)
@@ -298,3 +326,30 @@ def test_examples_fail_without_the_event_waits(run_example, tmp_path, module):
         assert re.search(r"consumer verified ([0-9]|[12][0-9]|3[01])/32", proc.stdout), \
             output(proc)
         assert lines(proc)[-1] == "producer_consumer: FAILED", output(proc)
+
+
+# hip_tests_ipc forks its processes (no multiprocessing), so its fault is injected at the
+# open: every handle a process opens gives it private memory of the same size instead.
+PRIVATE_OPENS = '''
+_open = hipipc.hipIpcOpenMemHandle
+
+def _open_private(handle, flags=hipipc.hipIpcMemLazyEnablePeerAccess):
+    ptr = _open(handle, flags)
+    size = hipipc.hipMemGetAddressRange(ptr)[1]
+    hipipc.hipIpcCloseMemHandle(ptr)
+    return hipipc.hipMalloc(size)
+
+hipipc.hipIpcOpenMemHandle = _open_private
+'''
+
+
+def test_hip_tests_ipc_fails_when_memory_is_not_shared(run_example, tmp_path):
+    proc = run_example(write_wrapper(tmp_path, "hip_tests_ipc", PRIVATE_OPENS), devices=2)
+    assert proc.returncode == 1, output(proc)
+    out = lines(proc)
+    for name in ("Unit_hipIpcEventHandle_Functional", "Unit_hipIpcMemAccess_Semaphores"):
+        assert any(line.startswith(f"{name}: FAILED") for line in out), output(proc)
+    for name in ("Unit_hipIpcMemAccess_ParameterValidation",
+                 "Unit_hipIpcEventHandle_ParameterValidation"):
+        assert f"{name}: PASSED" in out, output(proc)
+    assert out[-1] == "hip_tests_ipc: FAILED", output(proc)

@@ -22,19 +22,22 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import hipipc as hip
-from hipipc.handle import HANDLE_SIZE, HandleKind
+from hipipc.handle import HANDLE_SIZE, HandleKind, node_tag
 
 E = hip.hipError_t
 REFUSED = {E.hipErrorInvalidValue, E.hipErrorInvalidResourceHandle}
 SECRET = slice(8, 24)
+NODE = slice(6, 8)
 
 
 def made_handle(secret: bytes = b"S3cr3t-Bytes!!42", size: int = 4096, device: int = 0,
-                uid: int | None = None, kind: HandleKind = HandleKind.HOST_MEMORY) -> bytes:
+                uid: int | None = None, kind: HandleKind = HandleKind.HOST_MEMORY,
+                node: int | None = None, tail: bytes = bytes(24)) -> bytes:
     """Handle bytes laid out by hand (see hipipc/handle.py), independent of the parser."""
     uid = os.geteuid() if uid is None else uid
-    return struct.pack("<4sBBH16sQII24s", b"HIPC", 1, int(kind), 0, secret, size, device, uid,
-                       bytes(24))
+    node = node_tag() if node is None else node
+    return struct.pack("<4sBBH16sQII24s", b"HIPC", 1, int(kind), node, secret, size, device,
+                       uid, tail)
 
 
 def encodings(secret: bytes) -> list[str]:
@@ -289,7 +292,8 @@ def check_live_handles_open(exporter: Exporter) -> None:
 
 def test_every_single_bit_flip_of_a_live_handle_is_refused(live):
     # Exhaustive, not sampled: all 512 flips of each live handle.  Reserved bytes are
-    # checked and every other field feeds the segment name, so none may open anything.
+    # checked and every other field feeds the segment name, so none may open anything.  A
+    # flipped node-tag bit names another node, and is refused as one before any lookup.
     failures = []
     for h_index, raw in enumerate(live.handles):
         secret = raw[SECRET]
@@ -300,6 +304,8 @@ def test_every_single_bit_flip_of_a_live_handle_is_refused(live):
             result = open_must_be_refused(source)
             if not isinstance(result, hip.HipError):
                 failures.append((h_index, bit, result))
+            elif (NODE.start * 8 <= bit < NODE.stop * 8) != ("another node" in str(result)):
+                failures.append((h_index, bit, f"node-tag message wrong: {result}"))
             elif any(leak in str(result) for leak in encodings(secret)):
                 failures.append((h_index, bit, f"message shows the secret: {result}"))
     assert failures == []
@@ -326,10 +332,10 @@ def test_arbitrary_bytes_of_any_length_are_refused(live, data):
 
 # Well-formed headers with arbitrary fields get past the parser into the store lookup.
 plausible = st.builds(
-    lambda kind, reserved, secret, size, device, uid, tail: struct.pack(
-        "<4sBBH16sQII24s", b"HIPC", 1, kind, reserved, secret, size, device, uid, tail),
+    lambda kind, node, secret, size, device, uid, tail: struct.pack(
+        "<4sBBH16sQII24s", b"HIPC", 1, kind, node, secret, size, device, uid, tail),
     kind=st.sampled_from([0, 1, 2, 3, 4, 5, 255]),
-    reserved=st.sampled_from([0, 0, 0, 1, 0x8000]),
+    node=st.sampled_from([node_tag(), node_tag(), node_tag(), 0, node_tag() ^ 1, 0xFFFF]),
     secret=st.binary(min_size=16, max_size=16),
     size=st.one_of(st.sampled_from([0, 1, 4096, 2**63, 2**64 - 1]),
                    st.integers(0, 2**64 - 1)),
@@ -364,6 +370,103 @@ def test_objects_that_are_not_bytes_are_invalid_value(obj):
     with pytest.raises(hip.HipError) as exc:
         hip.hipIpcOpenMemHandle(obj)
     assert exc.value.code == E.hipErrorInvalidValue
+
+
+# -- the node tag (bytes 6..7) ---------------------------------------------------------
+
+
+def test_a_handle_carries_this_nodes_tag_and_re_exports_byte_identical(exported):
+    ptr, handle = exported
+    assert 1 <= handle.node == node_tag() <= 0xFFFF
+    assert struct.unpack_from("<H", bytes(handle), 6)[0] == node_tag()
+    assert bytes(hip.hipIpcGetMemHandle(ptr)) == bytes(handle)
+    assert bytes(hip.hipIpcGetMemHandle(ptr + 100)) == bytes(handle)
+
+
+def test_a_zero_node_tag_or_a_nonzero_tail_does_not_parse():
+    # Tags are 1..65535: zero is what a pre-tag handle held, and the 24-byte tail stays zero.
+    cases = [({"node": 0}, "no node tag"), ({"tail": b"\x01" + bytes(23)}, "reserved bytes"),
+             ({"tail": bytes(23) + b"\x80"}, "reserved bytes")]
+    for fields, why in cases:
+        for cls, kind, size in ((hip.IpcMemHandle, HandleKind.HOST_MEMORY, 4096),
+                                (hip.IpcEventHandle, HandleKind.HOST_EVENT, 64)):
+            with pytest.raises(hip.HipError) as exc:
+                cls(made_handle(kind=kind, size=size, **fields))
+            assert exc.value.code == E.hipErrorInvalidValue and why in str(exc.value)
+
+
+def test_a_live_handle_with_another_nodes_tag_is_refused_as_foreign(live):
+    # Every other tag (a sample of them, and each single-bit neighbour) names another node:
+    # refused with a message that says so, never opened and never "names nothing".
+    raw = live.handles[0]
+    tags = {node_tag() ^ (1 << b) for b in range(16)} | {1, 0xFFFF, 0x1234} - {node_tag()}
+    for tag in sorted(tags):
+        forged = raw[:6] + struct.pack("<H", tag) + raw[8:]
+        result = open_must_be_refused(forged)
+        assert isinstance(result, hip.HipError), (tag, result)
+        assert result.code == E.hipErrorInvalidResourceHandle
+        assert "another node" in str(result) and f"{tag:#06x}" in str(result)
+        assert "no exported allocation" not in str(result)
+
+
+NODE_CHILD = """
+import json, sys
+import hipipc as hip
+from hipipc.handle import node_tag
+result = {"tag": node_tag()}
+try:
+    ptr = hip.hipIpcOpenMemHandle(bytes.fromhex(sys.argv[1]))
+    result["sum"] = int(hip.asarray(ptr, 4096).sum())
+    hip.hipIpcCloseMemHandle(ptr)
+except hip.HipError as exc:
+    result["error"] = [int(exc.code), str(exc)]
+print(json.dumps(result))
+"""
+
+
+def test_hipipc_node_id_puts_a_process_on_another_node(live):
+    from _proc import child_env
+    raw = live.handles[0].hex()
+    here = run_json(NODE_CHILD, raw, env=child_env(HIPIPC_NODE_ID=None))
+    assert here["tag"] == node_tag() and "error" not in here
+    assert here["sum"] == sum(pattern(0, 4096))
+    same = run_json(NODE_CHILD, raw, env=child_env(HIPIPC_NODE_ID=str(node_tag())))
+    assert same["tag"] == node_tag() and "error" not in same
+    other_tag = node_tag() % 0xFFFF + 1
+    for value, tag in ((hex(other_tag), other_tag), ("rack7-node3", None)):
+        away = run_json(NODE_CHILD, raw, env=child_env(HIPIPC_NODE_ID=value))
+        assert away["tag"] != node_tag() and (tag is None or away["tag"] == tag)
+        assert away["error"][0] == E.hipErrorInvalidResourceHandle
+        assert "exported on another node" in away["error"][1]
+
+
+@pytest.mark.parametrize("value", ["0", "65536", "-3", "0x10000"])
+def test_a_bad_hipipc_node_id_is_invalid_value_at_the_first_handle(value):
+    from _proc import child_env
+    out = run_json("""
+        import json
+        import hipipc as hip
+        try:
+            hip.hipMalloc(4096)
+            print(json.dumps("allocated"))
+        except hip.HipError as exc:
+            print(json.dumps([exc.code.name, str(exc)]))
+    """, env=child_env(HIPIPC_NODE_ID=value))
+    assert out[0] == "hipErrorInvalidValue" and "HIPIPC_NODE_ID" in out[1], out
+
+
+def test_the_node_tag_cannot_change_once_fixed(monkeypatch):
+    from hipipc.handle import NODE_ENV, set_node_tag
+    monkeypatch.setenv(NODE_ENV, str(node_tag()))  # set_node_tag exports it: undone after
+    set_node_tag(node_tag())  # the same tag again is fine
+    assert os.environ[NODE_ENV] == str(node_tag())
+    for bad in (0, 0x10000, -1, True, "7"):
+        with pytest.raises(hip.HipError) as exc:
+            set_node_tag(bad)  # type: ignore[arg-type]
+        assert exc.value.code == E.hipErrorInvalidValue
+    with pytest.raises(hip.HipError) as exc:
+        set_node_tag(node_tag() % 0xFFFF + 1)
+    assert exc.value.code == E.hipErrorInvalidContext and "node tag" in str(exc.value)
 
 
 def test_live_handles_still_open_after_the_fuzzing(live):

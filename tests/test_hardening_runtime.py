@@ -428,15 +428,33 @@ def test_socket_peer_reset_is_eof():
 
 
 def test_error_names_of_any_number():
-    for code in (math.inf, -math.inf, math.nan, 10 ** 100, -10 ** 100, 2 ** 64, -1, 1.5,
-                 np.float64("nan"), np.int64(-5), 12345):
+    # HIP's rule: an integer HIP does not define is hipErrorUnknown, however large; what is
+    # no integer (inf, nan, a string) is refused with hipErrorInvalidValue, never OverflowError.
+    for code in (10 ** 100, -10 ** 100, 2 ** 64, -1, np.int64(-5), 12345):
         assert hip.hipGetErrorName(code) == "hipErrorUnknown"
         assert hip.hipGetErrorString(code) == "unknown error"
+    for code in (math.inf, -math.inf, math.nan, np.float64("nan"), 1.5, "1", None, b"\x01"):
+        for fn in (hip.hipGetErrorName, hip.hipGetErrorString):
+            with invalid("integer") as exc:
+                fn(code)
+            assert exc.value.code == INVALID
+    # A HipError made from any number has a code (it is raised from error paths).
+    for code in (math.inf, math.nan, 10 ** 100, -1, 1.5):
         assert hip.HipError(code).code == hip.hipError_t.hipErrorUnknown
+    assert hip.HipError(2.0).code == hip.hipError_t.hipErrorOutOfMemory
     assert hip.hipGetErrorName(np.int32(600)) == "hipErrorNotReady"
-    assert hip.hipGetErrorName(1.0) == "hipErrorInvalidValue"
-    for code in ("1", None, b"\x01", [1]):
-        with pytest.raises(TypeError):
-            hip.hipGetErrorName(code)
-        with pytest.raises(TypeError):
-            hip.hipGetErrorString(code)
+
+
+def test_mmap_lengths_past_64_bits_are_refused_not_truncated():
+    # ctypes keeps the low 64 bits of a size_t: 2**64 + 8192 used to map two pages while the
+    # mapping claimed the whole length (found by the fuzzer).
+    for n in (2 ** 64 + 8192, 2 ** 64 + 1, 2 ** 70):
+        with pytest.raises(hip.HipError) as exc:
+            hip.hipHostMalloc(n)
+        assert exc.value.code == hip.hipError_t.hipErrorOutOfMemory
+
+
+def test_host_register_refuses_object_buffers():
+    for buf in object_buffers():
+        with invalid("Python objects"):
+            hip.hipHostRegister(buf, 8)

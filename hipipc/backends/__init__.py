@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from ..errors import HipError, hipError_t
+from ..errors import HipError, hipError_t, short_repr
 from ..store import HandleStore
 from .base import Allocation, Backend, ImportedMemory, Region
 from .host import HostBackend
@@ -32,4 +32,4 @@ def create_backend(store: HandleStore, name: str | None = None) -> Backend:
                        "the cupy (GPU) backend is not part of this release; "
                        f"unset ${BACKEND_ENV} or set it to host")
     raise HipError(hipError_t.hipErrorInvalidValue,
-                   f"${BACKEND_ENV}={choice!r}: expected host, cupy or auto")
+                   f"${BACKEND_ENV}={short_repr(choice)}: expected host, cupy or auto")

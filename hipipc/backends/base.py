@@ -11,8 +11,11 @@ import abc
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from ..devtypes import hipDeviceProp_t
+from ..errors import HipError, hipError_t
 from ..events import Event
 from ..handle import HandleKind, IpcEventHandle, IpcMemHandle
+from ..mapping import Mapping
 from ..store import HandleStore
 from ..streams import Stream
 
@@ -98,7 +101,8 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def null_stream(self) -> Stream:
-        """The null stream (synchronous)."""
+        """The null stream: CUDA's legacy default stream, asynchronous to the host; its
+        :meth:`~hipipc.streams.Stream.synchronous` view serves ``hipMemcpy``/``hipMemset``."""
 
     @abc.abstractmethod
     def create_event(self, flags: int, device: int) -> Event:
@@ -110,3 +114,36 @@ class Backend(abc.ABC):
 
     def forget(self, region: Region) -> None:  # noqa: B027 - optional hook
         """Drop per-process resources of ``region`` in a forked child without freeing it."""
+
+    # -- device and host-memory queries (hipipc.device, hipipc.hostmem) -------------------
+    # Not abstract: a backend that lacks one says so with hipErrorNotSupported.  A GPU backend
+    # maps each to the runtime call named in its docstring.
+
+    def device_properties(self, device: int) -> hipDeviceProp_t:
+        """``hipGetDeviceProperties(device)`` (``device`` already range-checked)."""
+        raise _unsupported("hipGetDeviceProperties")
+
+    def mem_info(self, device: int) -> tuple[int, int]:
+        """``hipMemGetInfo``: (free, total) bytes that ``hipMalloc`` on ``device`` can use."""
+        raise _unsupported("hipMemGetInfo")
+
+    def can_access_peer(self, device: int, peer: int) -> bool:
+        """``hipDeviceCanAccessPeer`` for two distinct, range-checked devices."""
+        raise _unsupported("hipDeviceCanAccessPeer")
+
+    def host_alloc(self, nbytes: int, flags: int) -> tuple[Mapping, bool]:
+        """``hipHostMalloc``: ``nbytes`` (> 0) of host memory, page aligned, and whether it
+        is locked in RAM (see the backend for what "pinned" means there)."""
+        raise _unsupported("hipHostMalloc")
+
+    def host_lock(self, addr: int, nbytes: int) -> bool:
+        """Pin ``[addr, addr+nbytes)`` for ``hipHostRegister``; False if it stays pageable."""
+        raise _unsupported("hipHostRegister")
+
+    def host_unlock(self, addr: int, nbytes: int) -> None:
+        """Undo :meth:`host_lock` (``hipHostUnregister``, ``hipHostFree``)."""
+        raise _unsupported("hipHostUnregister")
+
+
+def _unsupported(call: str) -> HipError:
+    return HipError(hipError_t.hipErrorNotSupported, f"{call} is not implemented by this backend")

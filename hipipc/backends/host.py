@@ -15,13 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import HipError, hipError_t
+from ..errors import HipError, hipError_t, short_repr
 from ..events import hipEventDisableTiming, hipEventInterprocess
 from ..handle import HandleKind, IpcEventHandle, IpcHandle, IpcMemHandle
 from ..mapping import Mapping, map_file
 from ..store import PAGE_SIZE, HandleStore
 from .base import Allocation, Backend, ImportedMemory, Region
 from .eventstate import STATE_SIZE, EventState
+from .host_device import HostDeviceMixin
 from .host_streams import HostEvent, HostStream, NullStream
 
 __all__ = ["HostBackend"]
@@ -40,7 +41,7 @@ class _Owned:
     fd: int  # the unnamed segment's descriptor, needed until it is linked; then -1
 
 
-class HostBackend(Backend):
+class HostBackend(HostDeviceMixin, Backend):
     """Memory in store segments, mapped shared; copies are ``memmove`` (GIL released)."""
 
     name = "host"
@@ -58,7 +59,7 @@ class HostBackend(Backend):
             count = 0
         if count < 1:
             raise HipError(hipError_t.hipErrorNoDevice,
-                           f"${DEVICES_ENV}={raw!r} must be a positive integer")
+                           f"${DEVICES_ENV}={short_repr(raw)} must be a positive integer")
         return count
 
     def _new_segment(self, handle: IpcHandle) -> tuple[int, Mapping]:
@@ -129,7 +130,7 @@ class HostBackend(Backend):
     # -- streams and events --------------------------------------------------------------
 
     def create_stream(self, device: int, blocking: bool) -> HostStream:
-        return HostStream(device, blocking)
+        return HostStream(device, blocking, self._null_stream)
 
     def null_stream(self) -> NullStream:
         return self._null_stream
