@@ -73,14 +73,16 @@ _REGISTER_FLAGS = (hipHostRegisterPortable | hipHostRegisterMapped | hipHostRegi
 
 
 class _ViewPins:
-    """``Mapping.buffer``'s interface over a registered buffer: what the backend's ``pin``
-    and ``asarray`` call on a region's state."""
+    """``Mapping.buffer``/``Mapping.pin``'s interface over a registered buffer: what the
+    backend's ``pin`` and ``asarray`` call on a region's state."""
 
     def __init__(self, view: memoryview) -> None:
         self.view = view
 
     def buffer(self, offset: int, nbytes: int) -> memoryview:
         return self.view[offset:offset + nbytes]  # a new view: valid after unregister too
+
+    pin = buffer  # Mapping.pin: the slice keeps the registered buffer alive as long
 
 
 @dataclass(eq=False)
