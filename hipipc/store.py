@@ -314,6 +314,26 @@ def untrusted_reason(info: SegmentInfo, st: os.stat_result) -> str | None:
     return None
 
 
+def exporter_gone(info: SegmentInfo, st: os.stat_result,
+                  cache: list[set[tuple[int, int]]] | None = None) -> bool:
+    """Whether the segment (header ``info``, stat ``st``) is an orphan gc may remove.
+
+    Never for an untrusted header.  A header others may write (group/other write bits) is
+    believed only if no process we can inspect maps the file: its "my exporter is dead"
+    might be a grantee's forgery, and a live exporter maps its segment.  ``cache`` (a list
+    holding at most one set) keeps that scan of /proc to once per sweep.
+    """
+    if untrusted_reason(info, st) is not None or info.exporter_alive():
+        return False
+    if st.st_mode & 0o022:
+        if cache is None:
+            cache = []
+        if not cache:
+            cache.append(_mapped_files())
+        return (st.st_dev, st.st_ino) not in cache[0]
+    return True
+
+
 def _mapped_files() -> set[tuple[int, int]]:
     """(st_dev, st_ino) of every file mapped by a process whose /proc maps we may read."""
     found: set[tuple[int, int]] = set()
@@ -415,8 +435,8 @@ class HandleStore:
             except NotADirectoryError:
                 raise self._refuse(path, _not_a_dir_reason(path), importing) from None
             except PermissionError as exc:
-                raise self._refuse(path, f"cannot reach it ({exc.strerror})",
-                                   importing) from None
+                raise self._refuse(path, f"uid {os.geteuid()} cannot reach it "
+                                   f"({exc.strerror})", importing) from None
             except OSError as exc:
                 raise self._refuse(path, f"cannot open it ({exc.strerror})",
                                    importing) from None
@@ -737,7 +757,7 @@ class HandleStore:
         except HipError:
             return removed
         uid = os.geteuid()
-        mapped: set[tuple[int, int]] | None = None
+        mapped: list[set[tuple[int, int]]] = []
         for name, info, st in list(self.entries()):
             if info is None or st.st_uid != uid:
                 continue
@@ -746,16 +766,8 @@ class HandleStore:
                 if skipped is not None:
                     skipped.append((name, problem))
                 continue
-            if info.exporter_alive():
+            if not exporter_gone(info, st, mapped):
                 continue
-            if st.st_mode & 0o022:
-                # Others may write this header: "my exporter is dead" might be a grantee's
-                # forgery.  A live exporter maps its segment, so believe it only if no
-                # process we can inspect maps the file.
-                if mapped is None:
-                    mapped = _mapped_files()
-                if (st.st_dev, st.st_ino) in mapped:
-                    continue
             try:
                 os.unlink(name, dir_fd=dfd)
                 removed.append(name)
