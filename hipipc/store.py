@@ -5,10 +5,11 @@ visible to every user, the DRM flink flaw the amdkfd IPC review warned about.  I
 user has a directory (default ``/dev/shm/hipipc-{uid}``, mode 0711) on the same tmpfs: others
 may open a file whose exact name they know, nobody else may list.
 
-A *segment* is one file: a one-page header (who exported it, a verifier of the handle, sizes)
-followed by the payload (the memory itself for host allocations, event state, or a GPU IPC
-handle).  ``create`` makes it unnamed (``O_TMPFILE``); only ``publish`` (the explicit export
-step) links it in, under :attr:`IpcHandle.segment_name`, a one-way digest of the handle.
+A *segment* is one file: a one-page header (:mod:`.segment`: who exported it, a verifier of
+the handle, sizes) followed by the payload (the memory itself for host allocations, event
+state, or a GPU IPC handle).  ``create`` makes it unnamed (``O_TMPFILE``); only ``publish``
+(the explicit export step) links it in, under :attr:`IpcHandle.segment_name`, a one-way
+digest of the handle.
 ``revoke`` unlinks the name: new opens fail, existing mappings stay valid.
 """
 
@@ -17,18 +18,20 @@ from __future__ import annotations
 import atexit
 import errno
 import hmac
-import math
 import os
 import resource
 import stat
-import struct
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 from .errors import HipError, hipError_t
-from .handle import HandleKind, IpcHandle
+from .handle import IpcHandle
+from .segment import _EXPORTER as _EXPORTER  # re-exported: tests write headers with it
+from .segment import _HEADER_SIZE, _IDENTITY, SegmentInfo, _identity, exporter_gone, own_process
+from .segment import process_alive as process_alive  # re-exported (older import path)
+from .segment import process_start_time as process_start_time  # re-exported
+from .segment import untrusted_reason as untrusted_reason  # re-exported
 
 __all__ = [
     "HandleStore",
@@ -45,20 +48,6 @@ SHARE_ENV = "HIPIPC_SHARE"
 
 _SHARE_MODES = {"user": 0o600, "group": 0o660, "all": 0o666}
 
-# The header is the segment's identity (everything the handle determines: magic, version,
-# kind, verifier, size, device, uid), then its exporter (pid, pid namespace, start time,
-# created).
-_IDENTITY = struct.Struct("<8sII32sQII")
-_EXPORTER = struct.Struct("<IIQd")
-_HEADER_SIZE = _IDENTITY.size + _EXPORTER.size
-_HEADER_MAGIC = b"hipipcSG"
-_HEADER_VERSION = 1
-
-
-def _identity(handle: IpcHandle) -> bytes:
-    return _IDENTITY.pack(_HEADER_MAGIC, _HEADER_VERSION, int(handle.kind), handle.verifier,
-                          handle.size, handle.device, handle.uid)
-
 _O_CLOEXEC = os.O_CLOEXEC
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | _O_CLOEXEC
 _IMPORT_FLAGS = os.O_RDWR | os.O_NOFOLLOW | _O_CLOEXEC
@@ -66,12 +55,6 @@ _EMFILE_HINT = "too many open files"
 # How often one operation reopens (recreates) this user's store when it vanishes under it:
 # another process's exit cleanup may remove an empty store at any moment.
 _STORE_ATTEMPTS = 5
-# Header values a live exporter can have written (a grantee with write access may write any).
-_PID_LIMIT = 1 << 31  # pid 0 and pids >= 2**31 are not processes (kill(2) takes an int)
-_START_LIMIT = 1 << 63
-_FUTURE_SLACK = 86400.0  # seconds a creation time may lie ahead of this clock
-
-
 def share_mode(share: str | None = None) -> int:
     """File mode for a published segment: ``share`` or ``$HIPIPC_SHARE`` (default ``user``).
 
@@ -86,121 +69,6 @@ def share_mode(share: str | None = None) -> int:
             f"sharing policy {value!r} is not one of user, group, all "
             f"(set by the share argument or ${SHARE_ENV})",
         ) from None
-
-
-@dataclass(frozen=True)
-class SegmentInfo:
-    """The parsed header of a segment."""
-
-    kind: HandleKind
-    size: int
-    device: int
-    uid: int
-    pid: int
-    start_time: int
-    created: float
-    verifier: bytes
-    pid_namespace: int = 0
-    # Why the exporter fields cannot be trusted (out of range: written by someone else), or
-    # None.  Such a segment is never "dead" by its own word: gc and the sweep skip it.
-    problem: str | None = None
-
-    @classmethod
-    def parse(cls, raw: bytes) -> SegmentInfo | None:
-        """The header in ``raw`` (untrusted bytes), or None if it is not a segment header.
-
-        Every exporter field is range-checked; an impossible value sets :attr:`problem`
-        rather than raising, so no byte pattern makes ``hipipc ls/gc`` or a sweep fail.
-        """
-        if len(raw) < _HEADER_SIZE:
-            return None
-        magic, version, kind, verifier, size, device, uid = _IDENTITY.unpack_from(raw)
-        pid, pidns, start, created = _EXPORTER.unpack_from(raw, _IDENTITY.size)
-        if magic != _HEADER_MAGIC or version != _HEADER_VERSION:
-            return None
-        try:
-            kind = HandleKind(kind)
-        except ValueError:
-            return None
-        problem = None
-        if not 0 < pid < _PID_LIMIT:
-            problem = f"exporter pid {pid} is not a process id"
-        elif not 0 <= start < _START_LIMIT:
-            problem = f"exporter start time {start} is out of range"
-        elif not (math.isfinite(created) and 0 <= created <= time.time() + _FUTURE_SLACK):
-            problem = f"creation time {created!r} is not a plausible time"
-        if problem is not None:
-            pid, start, created = 0, 0, 0.0
-        return cls(kind, size, device, uid, pid, start, created, verifier, pidns, problem)
-
-    def exporter_alive(self) -> bool:
-        """Whether the exporting process still runs (pid plus start time: safe against reuse).
-
-        True for a header whose exporter fields cannot be trusted (:attr:`problem`): what
-        might be live is never declared dead.
-        """
-        if self.problem is not None:
-            return True
-        return process_alive(self.pid, self.start_time, self.pid_namespace)
-
-
-def process_alive(pid: int, start_time: int, pid_namespace: int) -> bool:
-    """Whether process (pid, start time) of ``pid_namespace`` still runs.
-
-    Errs towards "alive" where it cannot tell: a process of another pid namespace (containers
-    sharing /dev/shm) or one that /proc hides (hidepid).  A reused pid has another start time.
-    """
-    if pid_namespace and pid_namespace != own_process()[2]:
-        return True
-    now = process_start_time(pid)
-    return now is not None and now in (-1, start_time)
-
-
-def process_start_time(pid: int) -> int | None:
-    """The start time of ``pid`` in clock ticks since boot, or None if it is not running.
-
-    A zombie (killed or exited, not yet reaped by its parent) counts as not running: it keeps
-    its pid and start time in /proc but can never run again, so its segments are orphans.
-    """
-    if not 0 < pid < _PID_LIMIT:
-        return None  # not a process id (kill(0) would even signal our own process group)
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        # hidepid=2 hides other users' processes entirely; signal 0 still tells they exist.
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except OSError:
-            return -1
-        return -1
-    except OSError:
-        # /proc mounted with hidepid=1: we cannot tell, so treat the process as alive.
-        return -1
-    # Field 2 (comm) may contain spaces and parentheses; fields resume after the last ')'.
-    fields = data[data.rindex(b")") + 2 :].split()
-    if fields[0] in (b"Z", b"X"):  # field 3, the state: zombie or dead
-        return None
-    return int(fields[19])
-
-
-_own_start: tuple[int, int, int] | None = None
-
-
-def own_process() -> tuple[int, int, int]:
-    """This process's (pid, start time, pid namespace inode): what segment headers and event
-    records name, so that liveness checks survive pid reuse and tell namespaces apart."""
-    global _own_start
-    pid = os.getpid()
-    if _own_start is None or _own_start[0] != pid:
-        try:
-            pidns = os.stat("/proc/self/ns/pid").st_ino & 0xFFFFFFFF
-        except OSError:
-            pidns = 0
-        _own_start = (pid, max(process_start_time(pid) or 0, 0), pidns)
-    return _own_start
 
 
 # Stores this process created: path -> (pid, st_dev, st_ino).  Only these are removed at exit.
@@ -303,57 +171,6 @@ def _not_a_dir_reason(path: str) -> str:
     if os.path.lexists(path):
         return "not a directory"
     return "a path component above it is not a directory"
-
-
-def untrusted_reason(info: SegmentInfo, st: os.stat_result) -> str | None:
-    """Why the header ``info`` of the segment with ``st`` cannot be trusted, or None."""
-    if info.problem is not None:
-        return info.problem
-    if info.uid != st.st_uid:
-        return f"header names uid {info.uid} but the file belongs to uid {st.st_uid}"
-    return None
-
-
-def exporter_gone(info: SegmentInfo, st: os.stat_result,
-                  cache: list[set[tuple[int, int]]] | None = None) -> bool:
-    """Whether the segment (header ``info``, stat ``st``) is an orphan gc may remove.
-
-    Never for an untrusted header.  A header others may write (group/other write bits) is
-    believed only if no process we can inspect maps the file: its "my exporter is dead"
-    might be a grantee's forgery, and a live exporter maps its segment.  ``cache`` (a list
-    holding at most one set) keeps that scan of /proc to once per sweep.
-    """
-    if untrusted_reason(info, st) is not None or info.exporter_alive():
-        return False
-    if st.st_mode & 0o022:
-        if cache is None:
-            cache = []
-        if not cache:
-            cache.append(_mapped_files())
-        return (st.st_dev, st.st_ino) not in cache[0]
-    return True
-
-
-def _mapped_files() -> set[tuple[int, int]]:
-    """(st_dev, st_ino) of every file mapped by a process whose /proc maps we may read."""
-    found: set[tuple[int, int]] = set()
-    try:
-        pids = [e.name for e in os.scandir("/proc") if e.name.isdigit()]
-    except OSError:
-        return found
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/maps", "rb") as f:
-                for line in f:
-                    # address perms offset major:minor inode [path]
-                    fields = line.split(None, 5)
-                    if len(fields) >= 5 and fields[4] != b"0":
-                        major, _, minor = fields[3].partition(b":")
-                        found.add((os.makedev(int(major, 16), int(minor, 16)),
-                                   int(fields[4])))
-        except (OSError, ValueError):
-            continue
-    return found
 
 
 def _same_live_dir(old: int, new: int) -> bool:
