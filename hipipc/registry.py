@@ -308,24 +308,29 @@ def get_registry() -> Registry:
 # How long fork waits for another thread to finish its registry call before forking anyway
 # (the child then copes with a call caught midway: forget_all tolerates it).
 _FORK_LOCK_WAIT = 5.0
-_held_across_fork: list = []
+# The locks the forking thread holds across fork (per thread: two threads may fork at once).
+_fork_locks = threading.local()
 
 
 def _before_fork() -> None:
     """Hold the registry's and its store's locks across fork, so that no other thread is
     inside an export, import or free when the child is made: the child never inherits a
     half-done one.  Same order as every call takes them (registry, then store)."""
+    held: list = []
+    _fork_locks.held = held
     reg = _registry
     if reg is None:
         return
     for lock in (reg._lock, getattr(reg.backend.store, "_lock", None)):
         if lock is not None and lock.acquire(timeout=_FORK_LOCK_WAIT):
-            _held_across_fork.append(lock)
+            held.append(lock)
 
 
 def _after_fork_in_parent() -> None:
-    while _held_across_fork:
-        _held_across_fork.pop().release()
+    held = getattr(_fork_locks, "held", [])
+    _fork_locks.held = []
+    for lock in reversed(held):
+        lock.release()
 
 
 def _after_fork_in_child() -> None:
@@ -335,7 +340,7 @@ def _after_fork_in_child() -> None:
     global _registry, _registry_lock
     reg, _registry = _registry, None
     _registry_lock = threading.Lock()
-    _held_across_fork.clear()  # the child's copies die with the old registry
+    _fork_locks.held = []  # the child's copies die with the old registry
     try:
         if reg is not None:
             reg.forget_all()

@@ -55,6 +55,8 @@ _EMFILE_HINT = "too many open files"
 # How often one operation reopens (recreates) this user's store when it vanishes under it:
 # another process's exit cleanup may remove an empty store at any moment.
 _STORE_ATTEMPTS = 5
+
+
 def share_mode(share: str | None = None) -> int:
     """File mode for a published segment: ``share`` or ``$HIPIPC_SHARE`` (default ``user``).
 
@@ -291,7 +293,7 @@ class HandleStore:
             raise HipError(hipError_t.hipErrorOperatingSystem,
                            f"cannot create handle store {path}: {_not_a_dir_reason(parent)}; "
                            f"set ${STORE_ENV} to a path in a directory") from None
-        except (PermissionError, OSError) as exc:
+        except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise _no_space(exc, "cannot create the handle store", parent) from None
             raise HipError(hipError_t.hipErrorOperatingSystem,
