@@ -116,8 +116,6 @@ def process_start_time(pid: int) -> int | None:
     A zombie (killed or exited, not yet reaped by its parent) counts as not running: it keeps
     its pid and start time in /proc but can never run again, so its segments are orphans.
     """
-    if not 0 < pid < _PID_LIMIT:
-        return None  # not a process id (kill(0) would even signal our own process group)
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
