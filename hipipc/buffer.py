@@ -38,6 +38,16 @@ __all__ = ["DeviceBuffer"]
 _owners: weakref.WeakValueDictionary[str, DeviceBuffer] = weakref.WeakValueDictionary()
 _owners_lock = threading.Lock()
 
+
+def _fresh_owners_lock() -> None:
+    # Another thread may have held the lock when the process forked: the child's copy would
+    # stay locked forever.
+    global _owners_lock
+    _owners_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_fresh_owners_lock)
+
 _OWNER, _IMPORT, _ALIAS = "owner", "import", "alias"
 
 

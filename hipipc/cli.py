@@ -31,21 +31,46 @@ def _human_age(seconds: float) -> str:
     return f"{s // 86400}d"
 
 
-def _segments() -> tuple[str, list[dict]]:
+def _usable_store():
+    """This user's store; HipError (exit 1) saying what is wrong with its path and the fix."""
+    from .errors import hipError_t
     from .store import HandleStore
 
     store = HandleStore()
+    problem = store.diagnose()
+    if problem is not None:
+        raise HipError(hipError_t.hipErrorOperatingSystem, problem)
+    return store
+
+
+def _warn(command: str, skipped: list[tuple[str, str]]) -> None:
+    """One line on stderr per segment whose header cannot be trusted (skipped, kept)."""
+    for name, why in skipped:
+        print(f"hipipc {command}: warning: skipped segment {name[:12]}: {why} (header "
+              "written by someone else?)", file=sys.stderr)
+
+
+def _segments(store=None) -> tuple[str, list[dict], list[tuple[str, str]]]:
+    from .store import exporter_gone, untrusted_reason
+
+    store = store or _usable_store()
     now = time.time()
-    rows = []
+    rows: list[dict] = []
+    skipped: list[tuple[str, str]] = []
+    mapped: list = []
     for name, info, st in store.entries():
         if info is None:
             rows.append({"name": name, "kind": None, "size": st.st_size, "pid": None,
                          "alive": None, "age_s": now - st.st_mtime, "foreign": True})
             continue
+        problem = untrusted_reason(info, st)
+        if problem is not None:
+            skipped.append((name, problem))
+            continue
         rows.append({"name": name, "kind": info.kind.name.lower(), "size": info.size,
-                     "pid": info.pid, "alive": info.exporter_alive(),
+                     "pid": info.pid, "alive": not exporter_gone(info, st, mapped),
                      "age_s": round(now - info.created, 3), "foreign": False})
-    return store.own_path(), rows
+    return store.own_path(), rows, skipped
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -54,10 +79,15 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
     reg = get_registry()
     store = reg.backend.store
-    path, rows = _segments()
+    problem = store.diagnose()
+    if problem is None:
+        path, rows, _ = _segments(store)
+    else:
+        path, rows = store.own_path(), []
     share = os.environ.get(SHARE_ENV, "user")
     mode = share_mode()
     alive = sum(1 for r in rows if r["alive"])
+    dead = sum(1 for r in rows if r["alive"] is False)
     info = {
         "version": __version__,
         "backend": reg.backend.name,
@@ -67,28 +97,35 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "store_exists": os.path.isdir(path),
         "sharing": share,
         "segment_mode": f"{mode:04o}",
+        "store_problem": problem,
         "exports_alive": alive,
-        "exports_dead": len(rows) - alive,
+        "exports_dead": dead,
     }
+    status = EXIT_OK
+    if problem is not None:
+        print(f"hipipc info: error: {problem}", file=sys.stderr)
+        status = EXIT_FAIL
     if args.json:
         print(json.dumps(info, indent=2))
-        return EXIT_OK
+        return status
     print(f"hipipc   {__version__}")
     print(f"backend  {info['backend']}")
     print(f"devices  {info['devices']}")
-    print(f"store    {path}{'' if info['store_exists'] else ' (not created yet)'}"
-          f"  (template {store.template})")
+    state = " (UNUSABLE, see the error)" if problem else \
+        "" if info["store_exists"] else " (not created yet)"
+    print(f"store    {path}{state}  (template {store.template})")
     print(f"sharing  {share} (exported segments get mode {mode:04o})")
     dead = f", {info['exports_dead']} of exited exporters (run 'hipipc gc')" \
         if info["exports_dead"] else ""
     print(f"exports  {alive} live{dead}")
-    return EXIT_OK
+    return status
 
 
 def _cmd_ls(args: argparse.Namespace) -> int:
     from .bench import human_size
 
-    path, rows = _segments()
+    path, rows, skipped = _segments()
+    _warn("ls", skipped)
     if args.json:
         print(json.dumps({"store": path, "segments": rows}, indent=2))
         return EXIT_OK
@@ -109,11 +146,11 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _cmd_gc(args: argparse.Namespace) -> int:
-    from .store import HandleStore
-
-    store = HandleStore()
+    store = _usable_store()
+    skipped: list[tuple[str, str]] = []
     # Nothing to collect without a store; collect() would create an empty one.
-    removed = store.collect() if os.path.isdir(store.own_path()) else []
+    removed = store.collect(skipped) if os.path.isdir(store.own_path()) else []
+    _warn("gc", skipped)
     for name in removed:
         print(f"removed {name[:12]}")
     print(f"removed {len(removed)} segment(s) of exited exporters from {store.own_path()}")

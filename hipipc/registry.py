@@ -296,23 +296,36 @@ class Registry:
 
         Returns the address ranges the parent held (with those it inherited), for the child's
         registry to recognize the parent's pointers by; the child's null stream is fresh.
+        Never fails halfway: the fork may have caught another thread of the parent inside a
+        call, so each step tolerates what it left (a descriptor closed already, a lock held),
+        and one object's failure does not keep the others from being forgotten.
         """
+        self._lock = threading.RLock()  # the parent's other threads may have held it
         inherited = self._inherited + [(r.ptr, r.ptr + r.size, self._pid)
                                        for r in self._regions.values()]
-        for region in list(self._regions.values()):
-            self.backend.forget(region)
-        self.backend.null_stream().forget()
-        for stream in self._streams:
-            stream.forget()
-        for event in list(self._events):
-            event.forget()
-        self._streams.clear()
-        self._own_events.clear()
-        self._events.clear()
-        self._regions.clear()
-        self._bases.clear()
-        self._own.clear()
-        self._imports.clear()
+        objects: list = [*self._regions.values(), self.backend.null_stream(), *self._streams,
+                         *self._events]
+        for obj in objects:
+            try:
+                if isinstance(obj, Region):
+                    self.backend.forget(obj)
+                else:
+                    obj.forget()
+            except Exception:  # a descriptor leaked in the child is harmless
+                continue
+        store = getattr(self.backend, "store", None)
+        if store is not None:
+            try:
+                store.forget()
+            except Exception:  # as above
+                pass
+        self._streams = set()
+        self._own_events = weakref.WeakValueDictionary()
+        self._events = weakref.WeakSet()
+        self._regions = {}
+        self._bases = []
+        self._own = {}
+        self._imports = {}
         return sorted(inherited)
 
 
@@ -335,12 +348,50 @@ def get_registry() -> Registry:
     return reg
 
 
+# How long fork waits for another thread to finish its registry call before forking anyway
+# (the child then copes with a call caught midway: forget_all tolerates it).
+_FORK_LOCK_WAIT = 5.0
+# The locks the forking thread holds across fork (per thread: two threads may fork at once).
+_fork_locks = threading.local()
+
+
+def _before_fork() -> None:
+    """Hold the registry's and its store's locks across fork, so that no other thread is
+    inside an export, import or free when the child is made: the child never inherits a
+    half-done one.  Same order as every call takes them (registry, then store)."""
+    held: list = []
+    _fork_locks.held = held
+    reg = _registry
+    if reg is None:
+        return
+    for lock in (reg._lock, getattr(reg.backend.store, "_lock", None)):
+        if lock is not None and lock.acquire(timeout=_FORK_LOCK_WAIT):
+            held.append(lock)
+
+
+def _after_fork_in_parent() -> None:
+    held = getattr(_fork_locks, "held", [])
+    _fork_locks.held = []
+    for lock in reversed(held):
+        lock.release()
+
+
 def _after_fork_in_child() -> None:
+    """The child starts a fresh registry: it can import its parent's handles but cannot
+    free, export or close its parent's memory.  Never fails halfway: the registry is reset in
+    ``finally`` whatever forgetting the parent's objects raised."""
     global _registry, _registry_lock, _inherited
+    reg, _registry = _registry, None
     _registry_lock = threading.Lock()
-    if _registry is not None:
-        _inherited = _registry.forget_all()
-    _registry = None
+    _fork_locks.held = []  # the child's copies die with the old registry
+    try:
+        if reg is not None:
+            _inherited = reg.forget_all()
+    except Exception:  # hooks never raise; the child's registry is fresh anyway
+        pass
+    finally:
+        _registry = None
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                    after_in_child=_after_fork_in_child)

@@ -10,6 +10,7 @@ exported, opened, revoked and collected exactly like memory.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +51,7 @@ class HostBackend(HostDeviceMixin, Backend):
     def __init__(self, store: HandleStore) -> None:
         super().__init__(store)
         self._null_stream = NullStream()
+        self._pid = os.getpid()
 
     def device_count(self) -> int:
         raw = os.environ.get(DEVICES_ENV, "1")
@@ -91,9 +93,10 @@ class HostBackend(HostDeviceMixin, Backend):
     def export(self, alloc: Allocation, mode: int) -> None:
         owned: _Owned = alloc.state
         self.store.publish(owned.fd, alloc.handle, mode)
-        # The name now keeps the file alive and the mapping needs no descriptor.
-        os.close(owned.fd)
-        owned.fd = -1
+        # The name now keeps the file alive and the mapping needs no descriptor.  Cleared
+        # before closed: a fork between the two must not leave the child a stale number.
+        fd, owned.fd = owned.fd, -1
+        os.close(fd)
 
     def free(self, alloc: Allocation) -> None:
         owned: _Owned = alloc.state
@@ -105,10 +108,20 @@ class HostBackend(HostDeviceMixin, Backend):
             owned.mapping.release()
 
     def forget(self, region: Region) -> None:
+        """Drop the unexported segment's descriptor (cleared first, so this never closes one
+        twice); in a forked child also give the mapping a fresh lock (another thread of the
+        parent may have held it at fork time)."""
         owned = region.state
-        if isinstance(owned, _Owned) and owned.fd >= 0:
-            os.close(owned.fd)
-            owned.fd = -1
+        mapping = owned.mapping if isinstance(owned, _Owned) else owned
+        if isinstance(mapping, Mapping) and os.getpid() != self._pid:
+            mapping._lock = threading.Lock()
+        if isinstance(owned, _Owned):
+            fd, owned.fd = owned.fd, -1
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:  # closed already (EBADF): nothing left to drop
+                    pass
 
     def open(self, handle: IpcMemHandle) -> ImportedMemory:
         mapping = self._open_segment(handle)
