@@ -6,6 +6,7 @@ memory, with no copy.  See ``hipipc.runtime`` for the calling convention.
 """
 
 from . import buffer, errors, events, handle, runtime, streams, transport
+from ._version import __version__ as __version__
 from .buffer import *  # noqa: F403
 from .errors import *  # noqa: F403
 from .events import *  # noqa: F403
@@ -13,8 +14,6 @@ from .handle import *  # noqa: F403
 from .runtime import *  # noqa: F403
 from .streams import *  # noqa: F403
 from .transport import *  # noqa: F403
-
-__version__ = "0.1.0"
 
 __all__ = [*errors.__all__, *handle.__all__, *events.__all__, *streams.__all__,
            *runtime.__all__, *buffer.__all__, *transport.__all__]

@@ -18,6 +18,14 @@ from . import __version__
 from .errors import HipError
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_MISSED = 0, 1, 2, 3
+# The "schema_version" of every --json output: bumped when a key changes meaning or goes away
+# (adding keys does not), so scripts can check what they parse.
+JSON_SCHEMA_VERSION = 1
+
+
+def _print_json(command: str, body: dict) -> None:
+    print(json.dumps({"schema_version": JSON_SCHEMA_VERSION, "command": command, **body},
+                     indent=2))
 
 
 def _human_age(seconds: float) -> str:
@@ -71,7 +79,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "exports_dead": len(rows) - alive,
     }
     if args.json:
-        print(json.dumps(info, indent=2))
+        _print_json("info", info)
         return EXIT_OK
     print(f"hipipc   {__version__}")
     print(f"backend  {info['backend']}")
@@ -90,7 +98,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
     path, rows = _segments()
     if args.json:
-        print(json.dumps({"store": path, "segments": rows}, indent=2))
+        _print_json("ls", {"store": path, "segments": rows})
         return EXIT_OK
     if rows:
         print(f"{'name':12}  {'kind':12}  {'size':>10}  {'exporter pid':>12}  {'state':6}  age")
@@ -108,24 +116,44 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _collectable() -> list[dict]:
+    """What ``HandleStore.collect`` would remove now (its criteria: a hipipc segment of this
+    user whose exporter has exited), for ``gc --dry-run``."""
+    from .store import HandleStore
+
+    store = HandleStore()
+    uid = os.geteuid()
+    return [{"name": name, "kind": info.kind.name.lower(), "size": info.size, "pid": info.pid}
+            for name, info, st in store.entries()
+            if info is not None and st.st_uid == uid and not info.exporter_alive()]
+
+
 def _cmd_gc(args: argparse.Namespace) -> int:
     from .store import HandleStore
 
     store = HandleStore()
-    # Nothing to collect without a store; collect() would create an empty one.
-    removed = store.collect() if os.path.isdir(store.own_path()) else []
-    for name in removed:
-        print(f"removed {name[:12]}")
-    print(f"removed {len(removed)} segment(s) of exited exporters from {store.own_path()}")
+    path = store.own_path()
+    if args.dry_run:
+        names = [row["name"] for row in _collectable()]
+    else:
+        # Nothing to collect without a store; collect() would create an empty one.
+        names = store.collect() if os.path.isdir(path) else []
+    if args.json:
+        _print_json("gc", {"store": path, "dry_run": args.dry_run, "removed": names})
+        return EXIT_OK
+    verb = "would remove" if args.dry_run else "removed"
+    for name in names:
+        print(f"{verb} {name[:12]}")
+    print(f"{verb} {len(names)} segment(s) of exited exporters from {path}")
     return EXIT_OK
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
-    directory = Path(args.dir) if args.dir else bench.default_dir()
+    directories = [Path(args.dir)] if args.dir else bench.default_dirs()
     try:
-        paths = bench.discover(directory, args.only or ())
+        paths = bench.discover(directories, args.only or ())
     except bench.BenchError as exc:
         print(f"hipipc bench: error: {exc}", file=sys.stderr)
         return EXIT_FAIL
@@ -186,15 +214,20 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Remove this user's segments whose exporter has exited "
                        "(checked by pid and process start time, so a reused pid is not "
                        "mistaken for the exporter).  Live exports are never touched.")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list what would be removed, remove nothing")
+    p.add_argument("--json", action="store_true",
+                   help="print JSON (full names of the removed segments) instead")
     p.set_defaults(func=_cmd_gc)
 
     p = sub.add_parser("bench", help="run the benchmarks, write report.json and plots",
-                       description="Run every benchmarks/bench_*.py (each defines "
-                       "run(quick, progress) -> dict), print a table, and write report.json "
-                       "and one PNG per series (needs matplotlib: pip install hipipc[plot]) "
-                       "to --out.")
-    p.add_argument("--dir", metavar="DIR", help="benchmarks directory (default: benchmarks/ "
-                   "of the source checkout, else ./benchmarks)")
+                       description="Run every benchmark (the bench_*.py modules of "
+                       "hipipc.benchmarks, plus those of a source checkout's benchmarks/ "
+                       "directory; each defines run(quick, progress) -> dict), print a table, "
+                       "and write report.json and one PNG per series (needs matplotlib: pip "
+                       "install hipipc[plot]) to --out.  Ctrl-C stops the run.")
+    p.add_argument("--dir", metavar="DIR", help="run the bench_*.py files of DIR instead "
+                   "(default: the package's benchmarks and the source checkout's)")
     p.add_argument("--out", metavar="DIR", default="bench-report",
                    help="report directory (default: ./bench-report)")
     p.add_argument("--quick", action="store_true", help="fewer sizes and repetitions")
