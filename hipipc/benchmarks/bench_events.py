@@ -98,6 +98,14 @@ class _Wakeups:
             child_conn, bytes(hip.hipIpcGetEventHandle(self.event)), self.sem.name,
             child_data, cpus[1] if cpus else None))
         start_child(self.proc)
+        # Gates of work enqueued on the stream: close() opens them all, so that a run cut
+        # short (Ctrl-C) leaves no host function blocked on the stream until exit.
+        self._gates: list[threading.Event] = []
+
+    def _gate(self) -> threading.Event:
+        self._gates = [g for g in self._gates if not g.is_set()]
+        self._gates.append(threading.Event())
+        return self._gates[-1]
 
     def _ask(self, op: str) -> None:
         self.conn.send(op)
@@ -110,7 +118,7 @@ class _Wakeups:
 
     def event_once(self) -> int:
         """ns from the completion of the recorded work to the waiter's return."""
-        gate = threading.Event()
+        gate = self._gate()
         stamp = [0]
 
         def work() -> None:
@@ -141,7 +149,7 @@ class _Wakeups:
         return self._reply() - t0
 
     def cpu_while_waiting(self, seconds: float) -> float:
-        gate = threading.Event()
+        gate = self._gate()
         hip.hipLaunchHostFunc(self.stream, gate.wait, _TIMEOUT)
         hip.hipEventRecord(self.event, self.stream)
         self._ask("cpu")
@@ -152,6 +160,8 @@ class _Wakeups:
         return cpu
 
     def close(self) -> None:
+        for gate in self._gates:
+            gate.set()
         stop_child(self.conn, self.proc)
         self.sem.unlink()
         self.sem.close()
