@@ -33,11 +33,14 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-__all__ = ["BenchError", "default_dir", "default_dirs", "discover", "run_all", "write_report",
+# A benchmark result or a report: JSON-like, as described in the module docstring.
+Report = dict[str, Any]
+
+__all__ = ["BenchError", "default_dirs", "discover", "run_all", "write_report",
            "write_plots", "format_table", "format_rows", "script_main", "start_child",
            "stop_child", "ProgressBar", "human_size", "REPORT_SCHEMA_VERSION"]
 
@@ -63,12 +66,6 @@ def human_size(n: float) -> str:
             return f"{n:.0f} {unit}" if n == int(n) else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
-
-
-def default_dir() -> Path:
-    """``benchmarks/`` of the source checkout holding this package, else ``./benchmarks``."""
-    beside = Path(__file__).resolve().parent.parent / "benchmarks"
-    return beside if beside.is_dir() else Path.cwd() / "benchmarks"
 
 
 def default_dirs() -> list[Path]:
@@ -109,7 +106,7 @@ def discover(directory: Path | Sequence[Path], only: Sequence[str] = ()) -> list
 
 
 @contextlib.contextmanager
-def _sigint_ignored() -> Any:
+def _sigint_ignored() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -231,7 +228,7 @@ def _load(path: Path) -> Any:
     return module
 
 
-def _check_result(result: Any, path: Path) -> dict:
+def _check_result(result: Any, path: Path) -> Report:
     if not isinstance(result, dict) or not isinstance(result.get("rows", []), list) or \
             not isinstance(result.get("series", {}), dict):
         raise TypeError(f"{path.name}: run() must return a dict with a 'rows' list and a "
@@ -239,7 +236,7 @@ def _check_result(result: Any, path: Path) -> dict:
     return result
 
 
-def machine_info() -> dict:
+def machine_info() -> dict[str, Any]:
     """What the numbers depend on: CPU, memory, OS, Python, numpy, the hipipc backend."""
     info: dict[str, Any] = {
         "platform": platform.platform(),
@@ -272,7 +269,7 @@ def machine_info() -> dict:
 
 
 def run_all(paths: Sequence[Path], quick: bool = False, stream: TextIO | None = None
-            ) -> dict:
+            ) -> Report:
     """Run each benchmark and return the report; a failing one is recorded, not raised."""
     from . import __version__
 
@@ -322,7 +319,7 @@ def _json_default(obj: Any) -> Any:
     return str(obj)
 
 
-def write_report(report: dict, out: Path) -> Path:
+def write_report(report: Report, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "report.json"
     tmp = out / ".report.json.tmp"
@@ -341,7 +338,7 @@ def _numbers(values: Sequence[Any]) -> list[float]:
     return out
 
 
-def _provenance(report: dict) -> str:
+def _provenance(report: Report) -> str:
     """A plot's footnote: how, when and where its numbers were measured."""
     machine = report.get("machine") or {}
     cpus = machine.get("cpus_usable") or machine.get("cpus")
@@ -358,7 +355,7 @@ def _plain_number(v: float) -> str:
     return f"{v:g}" if v < 1e5 else f"{v:.3g}"
 
 
-def write_plots(report: dict, out: Path) -> list[Path] | None:
+def write_plots(report: Report, out: Path) -> list[Path] | None:
     """One PNG per series; None when matplotlib is not installed.
 
     Axes are chosen to be read, not just drawn: a size axis (its label says bytes or size) is
@@ -438,7 +435,7 @@ def _fmt(v: Any, spec: str) -> str:
         return str(v)
 
 
-def format_rows(rows: Sequence[dict], indent: str = "") -> str:
+def format_rows(rows: Sequence[dict[str, Any]], indent: str = "") -> str:
     """One benchmark's rows as a plain-text table, columns as wide as their cells."""
     head = ("case", "median us", "baseline", "base us", "ratio", "target", "met")
     numeric = (False, True, False, True, True, False, False)
@@ -454,7 +451,7 @@ def format_rows(rows: Sequence[dict], indent: str = "") -> str:
                      for c in cells)
 
 
-def format_table(report: dict) -> str:
+def format_table(report: Report) -> str:
     """The rows of every benchmark in ``report`` (see :func:`run_all`) as plain-text tables."""
     lines = []
     for bench in report["benchmarks"]:
@@ -478,7 +475,7 @@ def stop_child(conn: Any, proc: Any) -> None:
         proc.join(5)
 
 
-def script_main(run: Callable[..., dict], description: str,
+def script_main(run: Callable[..., Report], description: str,
                 argv: Sequence[str] | None = None) -> int:
     """The command line of one ``benchmarks/bench_*.py``: ``[--quick] [--json PATH]``."""
     parser = argparse.ArgumentParser(description=description)

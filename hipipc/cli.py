@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .errors import HipError
@@ -23,7 +24,7 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_MISSED = 0, 1, 2, 3
 JSON_SCHEMA_VERSION = 1
 
 
-def _print_json(command: str, body: dict) -> None:
+def _print_json(command: str, body: dict[str, Any]) -> None:
     print(json.dumps({"schema_version": JSON_SCHEMA_VERSION, "command": command, **body},
                      indent=2))
 
@@ -39,7 +40,7 @@ def _human_age(seconds: float) -> str:
     return f"{s // 86400}d"
 
 
-def _segments() -> tuple[str, list[dict]]:
+def _segments() -> tuple[str, list[dict[str, Any]]]:
     from .store import HandleStore
 
     store = HandleStore()
@@ -116,15 +117,13 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _collectable() -> list[dict]:
-    """What ``HandleStore.collect`` would remove now (its criteria: a hipipc segment of this
-    user whose exporter has exited), for ``gc --dry-run``."""
+def _collectable() -> list[str]:
+    """The names ``HandleStore.collect`` would remove now (its criteria: a hipipc segment of
+    this user whose exporter has exited), for ``gc --dry-run``; creates no store."""
     from .store import HandleStore
 
-    store = HandleStore()
     uid = os.geteuid()
-    return [{"name": name, "kind": info.kind.name.lower(), "size": info.size, "pid": info.pid}
-            for name, info, st in store.entries()
+    return [name for name, info, st in HandleStore().entries()
             if info is not None and st.st_uid == uid and not info.exporter_alive()]
 
 
@@ -134,7 +133,7 @@ def _cmd_gc(args: argparse.Namespace) -> int:
     store = HandleStore()
     path = store.own_path()
     if args.dry_run:
-        names = [row["name"] for row in _collectable()]
+        names = _collectable()
     else:
         # Nothing to collect without a store; collect() would create an empty one.
         names = store.collect() if os.path.isdir(path) else []
@@ -244,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code: int = args.func(args)
+        return code
     except HipError as exc:
         print(f"hipipc {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_FAIL

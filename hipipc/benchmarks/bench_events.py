@@ -29,6 +29,8 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.connection import Connection
+from typing import Any
 
 import numpy as np
 import posix_ipc
@@ -52,7 +54,8 @@ def _pin(cpu: int | None) -> None:
         os.sched_setaffinity(0, {cpu})
 
 
-def _receiver(conn, event_handle: bytes, sem_name: str, data_conn, cpu: int | None) -> None:
+def _receiver(conn: Connection, event_handle: bytes, sem_name: str, data_conn: Connection,
+              cpu: int | None) -> None:
     """Answers "event"/"pipe"/"sem"/"cpu" requests with the time it woke (or CPU seconds)."""
     _pin(cpu)
     event = hip.hipIpcOpenEventHandle(event_handle)
@@ -111,7 +114,7 @@ class _Wakeups:
         self.conn.send(op)
         self._reply()
 
-    def _reply(self):
+    def _reply(self) -> Any:
         if not self.conn.poll(_TIMEOUT):
             raise TimeoutError(f"the receiver gave no answer within {_TIMEOUT} s")
         return self.conn.recv()
@@ -132,21 +135,21 @@ class _Wakeups:
         gate.set()
         woke = self._reply()
         hip.hipStreamSynchronize(self.stream, timeout=_TIMEOUT)
-        return woke - stamp[0]
+        return int(woke) - stamp[0]
 
     def pipe_once(self) -> int:
         self._ask("pipe")
         time.sleep(_PAUSE)
         t0 = _ns()
         self.data.send_bytes(b"x")
-        return self._reply() - t0
+        return int(self._reply()) - t0
 
     def sem_once(self) -> int:
         self._ask("sem")
         time.sleep(_PAUSE)
         t0 = _ns()
         self.sem.release()
-        return self._reply() - t0
+        return int(self._reply()) - t0
 
     def cpu_while_waiting(self, seconds: float) -> float:
         gate = self._gate()
@@ -157,7 +160,7 @@ class _Wakeups:
         gate.set()
         cpu = self._reply()
         hip.hipStreamSynchronize(self.stream, timeout=_TIMEOUT)
-        return cpu
+        return float(cpu)
 
     def close(self) -> None:
         for gate in self._gates:
@@ -244,18 +247,21 @@ def _enqueue_costs(batch: int, rounds: int) -> dict[str, float]:
 # -- the report -------------------------------------------------------------------------
 
 
-def _row(case, median_us, baseline=None, baseline_us=None, target=None, met=None):
+def _row(case: str, median_us: float, baseline: str | None = None,
+         baseline_us: float | None = None, target: str | None = None,
+         met: bool | None = None) -> dict[str, Any]:
     ratio = median_us / baseline_us if baseline_us else None
     return {"case": case, "median_us": median_us, "baseline": baseline,
             "baseline_us": baseline_us, "ratio": ratio, "target": target, "met": met}
 
 
-def run(quick: bool = False, progress: Callable[[str], None] | None = None) -> dict:
+def run(quick: bool = False, progress: Callable[[str], None] | None = None
+        ) -> dict[str, Any]:
     """Run every case; returns ``{"name", "rows", "series"}`` (see hipipc/bench.py)."""
     say = progress or (lambda _msg: None)
     trials = 300 if quick else 1500
-    rows: list[dict] = []
-    series: dict = {}
+    rows: list[dict[str, Any]] = []
+    series: dict[str, Any] = {}
     allowed = sorted(os.sched_getaffinity(0))
     cpus = (allowed[0], allowed[1]) if len(allowed) >= 2 else None
     wake = _Wakeups(cpus)

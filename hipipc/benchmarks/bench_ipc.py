@@ -29,6 +29,8 @@ import tempfile
 import time
 from collections.abc import Callable
 from multiprocessing import shared_memory
+from multiprocessing.connection import Connection
+from typing import Any
 
 import numpy as np
 
@@ -75,8 +77,8 @@ def _time_shared_memory(name: str, reps: int) -> list[int]:
     return out
 
 
-def _child(conn) -> None:
-    ops: dict[str, Callable] = {
+def _child(conn: Connection) -> None:
+    ops: dict[str, Callable[..., list[int]]] = {
         "hip_open": _time_hip_open,
         "floor": _time_floor,
         "shm": _time_shared_memory,
@@ -115,11 +117,11 @@ class _Peer:
         self.proc = ctx.Process(target=_child, args=(child,), daemon=True)
         start_child(self.proc)
 
-    def call(self, op: str, *args, timeout: float = 120.0):
+    def call(self, op: str, *args: Any, timeout: float = 120.0) -> Any:
         self.conn.send((op, args))
         return self.reply(timeout)
 
-    def reply(self, timeout: float = 120.0):
+    def reply(self, timeout: float = 120.0) -> Any:
         if not self.conn.poll(timeout):
             raise TimeoutError(f"benchmark child gave no answer within {timeout} s")
         out = self.conn.recv()
@@ -135,7 +137,9 @@ def _median_us(samples_ns: list[int]) -> float:
     return statistics.median(samples_ns) / 1e3
 
 
-def _row(case, median_us, baseline=None, baseline_us=None, target=None, ratio=None, met=None):
+def _row(case: str, median_us: float, baseline: str | None = None,
+         baseline_us: float | None = None, target: str | None = None,
+         ratio: float | None = None, met: bool | None = None) -> dict[str, Any]:
     if ratio is None and baseline_us:
         ratio = median_us / baseline_us
     return {"case": case, "median_us": median_us, "baseline": baseline,
@@ -244,12 +248,13 @@ def _copy_bandwidth(size: int, reps: int) -> tuple[float, float, float]:
         hip.hipFree(b)
 
 
-def run(quick: bool = False, progress: Callable[[str], None] | None = None) -> dict:
+def run(quick: bool = False, progress: Callable[[str], None] | None = None
+        ) -> dict[str, Any]:
     """Run every case; returns ``{"name", "rows", "series"}`` (see benchmarks/README)."""
     say = progress or (lambda _msg: None)
     reps = 500 if quick else 5000
     rows = []
-    series: dict = {}
+    series: dict[str, Any] = {}
     peer = _Peer()
     tmpdir = tempfile.mkdtemp(prefix="bench-floor-", dir="/dev/shm")
     try:
