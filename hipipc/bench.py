@@ -13,9 +13,9 @@ taking one string, called between cases.  The result::
      "series": {SERIES: {"x_label": str, "y_label": str, "x": [numbers],
                          "lines": {label: [numbers]}}}}
 
-The report directory gets ``report.json`` (every result, the machine, the date) and one PNG
-per series (log-x, one labelled line each) when matplotlib is installed
-(``pip install hipipc[plot]``).
+The report directory gets ``report.json`` (every result, the machine, the date, a
+``schema_version``) and one PNG per series (one labelled line each, axes chosen as
+:func:`write_plots` says) when matplotlib is installed (``pip install hipipc[plot]``).
 """
 
 from __future__ import annotations
