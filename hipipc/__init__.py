@@ -18,6 +18,7 @@ from . import (
            streams,
            transport,
 )
+from ._version import __version__ as __version__
 from .buffer import *  # noqa: F403
 from .device import *  # noqa: F403
 from .devtypes import *  # noqa: F403
@@ -29,8 +30,6 @@ from .lasterror import *  # noqa: F403
 from .runtime import *  # noqa: F403
 from .streams import *  # noqa: F403
 from .transport import *  # noqa: F403
-
-__version__ = "0.1.0"
 
 __all__ = [*errors.__all__, *handle.__all__, *events.__all__, *streams.__all__,
            *runtime.__all__, *buffer.__all__, *transport.__all__, *devtypes.__all__,

@@ -234,12 +234,51 @@ class DeviceBuffer:
             return arr.astype(dtype)
         return arr.copy() if copy else arr
 
+    # -- host protocols: buffer, array interface, len, DLPack -------------------------------
+    # All of them export the same zero-copy view (``_host_view``), which owns a reference to
+    # the mapping: a consumer's array or memoryview stays valid after ``close`` like any view
+    # from ``asarray``, never a dangling pointer.  A typed view goes through ``asarray``:
+    # ``np.from_dlpack(buf.asarray(np.float32, (4, 4)))`` has that dtype and shape.
+
+    def _host_view(self) -> np.ndarray:
+        return self.asarray()
+
+    def __len__(self) -> int:
+        """The size in bytes (the length of ``memoryview(buf)``); kept after ``close``."""
+        return self._size
+
+    def __buffer__(self, flags: int) -> memoryview:
+        """The buffer protocol (PEP 688, Python >= 3.12): ``memoryview(buf)``, writable bytes.
+
+        Raises ``hipErrorInvalidValue`` once closed.  On Python 3.10 and 3.11, which have no
+        Python-level buffer protocol, use ``memoryview(buf.asarray())``.
+        """
+        return memoryview(self._host_view())
+
+    def __release_buffer__(self, view: memoryview) -> None:
+        view.release()
+
+    @property
+    def __array_interface__(self) -> dict[str, Any]:
+        """numpy's array interface (version 3): the bytes as ``uint8``, zero-copy and writable.
+
+        ``data`` is a memoryview of the view rather than a raw address, so the array numpy
+        builds holds the mapping alive.  Raises ``hipErrorInvalidValue`` once closed.
+        """
+        view = self._host_view()
+        return {"version": 3, "shape": view.shape, "typestr": view.dtype.str,
+                "data": memoryview(view), "strides": None}
+
     def __dlpack__(self, **kwargs: Any) -> Any:
-        """DLPack capsule of a byte view (host memory: kDLCPU); keeps the mapping alive."""
-        return self.asarray().__dlpack__(**kwargs)
+        """DLPack capsule of a byte view (host memory: kDLCPU); keeps the mapping alive.
+
+        The keywords (``stream``, ``max_version``, ``dl_device``, ``copy``) are numpy's.
+        """
+        return self._host_view().__dlpack__(**kwargs)
 
     def __dlpack_device__(self) -> tuple[int, int]:
-        return self.asarray().__dlpack_device__()
+        """``(kDLCPU = 1, 0)`` for host memory."""
+        return self._host_view().__dlpack_device__()
 
     # -- closing -------------------------------------------------------------------------
 

@@ -13,11 +13,20 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .errors import HipError
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_MISSED = 0, 1, 2, 3
+# The "schema_version" of every --json output: bumped when a key changes meaning or goes away
+# (adding keys does not), so scripts can check what they parse.
+JSON_SCHEMA_VERSION = 1
+
+
+def _print_json(command: str, body: dict[str, Any]) -> None:
+    print(json.dumps({"schema_version": JSON_SCHEMA_VERSION, "command": command, **body},
+                     indent=2))
 
 
 def _human_age(seconds: float) -> str:
@@ -31,7 +40,7 @@ def _human_age(seconds: float) -> str:
     return f"{s // 86400}d"
 
 
-def _usable_store():
+def _usable_store() -> Any:
     """This user's store; HipError (exit 1) saying what is wrong with its path and the fix."""
     from .errors import hipError_t
     from .store import HandleStore
@@ -50,12 +59,12 @@ def _warn(command: str, skipped: list[tuple[str, str]]) -> None:
               "written by someone else?)", file=sys.stderr)
 
 
-def _segments(store=None) -> tuple[str, list[dict], list[tuple[str, str]]]:
+def _segments(store: Any = None) -> tuple[str, list[dict[str, Any]], list[tuple[str, str]]]:
     from .store import exporter_gone, untrusted_reason
 
     store = store or _usable_store()
     now = time.time()
-    rows: list[dict] = []
+    rows: list[dict[str, Any]] = []
     skipped: list[tuple[str, str]] = []
     mapped: list = []
     for name, info, st in store.entries():
@@ -106,7 +115,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(f"hipipc info: error: {problem}", file=sys.stderr)
         status = EXIT_FAIL
     if args.json:
-        print(json.dumps(info, indent=2))
+        _print_json("info", info)
         return status
     print(f"hipipc   {__version__}")
     print(f"backend  {info['backend']}")
@@ -127,7 +136,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     path, rows, skipped = _segments()
     _warn("ls", skipped)
     if args.json:
-        print(json.dumps({"store": path, "segments": rows}, indent=2))
+        _print_json("ls", {"store": path, "segments": rows})
         return EXIT_OK
     if rows:
         print(f"{'name':12}  {'kind':12}  {'size':>10}  {'exporter pid':>12}  {'state':6}  age")
@@ -147,22 +156,27 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 def _cmd_gc(args: argparse.Namespace) -> int:
     store = _usable_store()
+    path = store.own_path()
     skipped: list[tuple[str, str]] = []
     # Nothing to collect without a store; collect() would create an empty one.
-    removed = store.collect(skipped) if os.path.isdir(store.own_path()) else []
+    names = store.collect(skipped, dry_run=args.dry_run) if os.path.isdir(path) else []
     _warn("gc", skipped)
-    for name in removed:
-        print(f"removed {name[:12]}")
-    print(f"removed {len(removed)} segment(s) of exited exporters from {store.own_path()}")
+    if args.json:
+        _print_json("gc", {"store": path, "dry_run": args.dry_run, "removed": names})
+        return EXIT_OK
+    verb = "would remove" if args.dry_run else "removed"
+    for name in names:
+        print(f"{verb} {name[:12]}")
+    print(f"{verb} {len(names)} segment(s) of exited exporters from {path}")
     return EXIT_OK
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
-    directory = Path(args.dir) if args.dir else bench.default_dir()
+    directories = [Path(args.dir)] if args.dir else bench.default_dirs()
     try:
-        paths = bench.discover(directory, args.only or ())
+        paths = bench.discover(directories, args.only or ())
     except bench.BenchError as exc:
         print(f"hipipc bench: error: {exc}", file=sys.stderr)
         return EXIT_FAIL
@@ -223,15 +237,20 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Remove this user's segments whose exporter has exited "
                        "(checked by pid and process start time, so a reused pid is not "
                        "mistaken for the exporter).  Live exports are never touched.")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list what would be removed, remove nothing")
+    p.add_argument("--json", action="store_true",
+                   help="print JSON (full names of the removed segments) instead")
     p.set_defaults(func=_cmd_gc)
 
     p = sub.add_parser("bench", help="run the benchmarks, write report.json and plots",
-                       description="Run every benchmarks/bench_*.py (each defines "
-                       "run(quick, progress) -> dict), print a table, and write report.json "
-                       "and one PNG per series (needs matplotlib: pip install hipipc[plot]) "
-                       "to --out.")
-    p.add_argument("--dir", metavar="DIR", help="benchmarks directory (default: benchmarks/ "
-                   "of the source checkout, else ./benchmarks)")
+                       description="Run every benchmark (the bench_*.py modules of "
+                       "hipipc.benchmarks, plus those of a source checkout's benchmarks/ "
+                       "directory; each defines run(quick, progress) -> dict), print a table, "
+                       "and write report.json and one PNG per series (needs matplotlib: pip "
+                       "install hipipc[plot]) to --out.  Ctrl-C stops the run.")
+    p.add_argument("--dir", metavar="DIR", help="run the bench_*.py files of DIR instead "
+                   "(default: the package's benchmarks and the source checkout's)")
     p.add_argument("--out", metavar="DIR", default="bench-report",
                    help="report directory (default: ./bench-report)")
     p.add_argument("--quick", action="store_true", help="fewer sizes and repetitions")
@@ -248,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code: int = args.func(args)
+        return code
     except HipError as exc:
         print(f"hipipc {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_FAIL

@@ -571,8 +571,10 @@ class HandleStore:
         finally:
             os.close(dfd)
 
-    def collect(self, skipped: list[tuple[str, str]] | None = None) -> list[str]:
-        """Unlink this user's segments whose exporter has exited (``hipipc gc``).
+    def collect(self, skipped: list[tuple[str, str]] | None = None, *,
+                dry_run: bool = False) -> list[str]:
+        """Unlink this user's segments whose exporter has exited (``hipipc gc``); with
+        ``dry_run``, only name them (``hipipc gc --dry-run``).
 
         A process is identified by pid and start time, so a reused pid does not keep a dead
         exporter's segments alive, nor does it get a live exporter's segments removed.  A
@@ -597,6 +599,9 @@ class HandleStore:
                     skipped.append((name, problem))
                 continue
             if not exporter_gone(info, st, mapped):
+                continue
+            if dry_run:
+                removed.append(name)
                 continue
             try:
                 os.unlink(name, dir_fd=dfd)
