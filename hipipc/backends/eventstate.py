@@ -15,7 +15,8 @@ memory for a local event.  Layout (native byte order)::
     100  u32[8]            below ``floor`` (a record that fell out of the window, see below)
     132  u32 version       odd while a record rewrites (recorded, recorder): a seqlock
     136  u32 recorder_pidns
-    192  u64[256] done     one bit per record in a window of WINDOW numbers above ``floor``
+    192  u32[4096] done   slot n % WINDOW holds n once record n is done (numbers above
+                           the floor; a slot holds the newest number completed in it)
 
 CUDA's rules map onto it directly: a record takes the next number when it is *called*; the
 stream marks that number done when the work before it has run; an event is complete when its
@@ -24,17 +25,18 @@ call*, and only for it: a later record that completes first does not release it,
 stays pending does not hold it.  A never-recorded event (number 0) is complete.  Numbers are
 u32 in serial arithmetic, so they may wrap.
 
-Limits: the bitmap covers :data:`WINDOW` numbers above ``floor``.  When a new record needs the
-slot of one still pending, that old record moves to the straggler list and the floor passes
-it, so at most :data:`WINDOW` records may be pending within one window and
+Limits: the done slots cover :data:`WINDOW` numbers above ``floor``.  A record moves the floor
+up to the number whose slot it takes over; a number still pending there moves to the
+straggler list, so at most :data:`WINDOW` records may be pending within one window and
 :data:`STRAGGLERS` far behind it; a record beyond that is refused with
 ``hipErrorLaunchOutOfResources``.
 
-The lock (records and completions only): no lock state lives in the page, because any process
-of the user can write the page and a lock word there could be forged (a process-shared pthread
-mutex there made a record abort on a glibc assertion, or hang on a lock word naming a thread
-that never unlocks).  Python has no atomic compare-and-swap, so a futex-word mutex cannot be
-taken from Python either.  The lock is therefore held outside the page:
+The lock (records, and completions off the common path): no lock state lives in the page,
+because any process of the user can write the page and a lock word there could be forged (a
+process-shared pthread mutex there made a record abort on a glibc assertion, or hang on a lock
+word naming a thread that never unlocks).  Python has no atomic compare-and-swap, so a
+futex-word mutex cannot be taken from Python either.  The lock is therefore held outside the
+page:
 
 * a per-state ``threading.Lock`` orders the threads of one process;
 * for an interprocess event, an open-file-description lock (``F_OFD_SETLK``, a write lock on
@@ -55,10 +57,25 @@ event needs only the ``threading.Lock``.
 Every acquisition is bounded by :data:`LOCK_TIMEOUT`: ``F_OFD_SETLKW`` has no timeout, so a
 contended lock is polled with a short backoff (critical sections take microseconds).  A
 holder stopped (debugger, SIGSTOP) past the bound makes a record raise
-``hipErrorLaunchTimeOut`` (nothing reserved).  A completion that cannot get the lock raises
-the same code into its stream's failure report, and first marks the page corrupt (one aligned
-store of an impossible straggler count), so that waiters everywhere fail with
+``hipErrorLaunchTimeOut`` (nothing reserved).  A locked completion that cannot get the lock
+raises the same code into its stream's failure report, and first marks the page corrupt (one
+aligned store of an impossible straggler count), so that waiters everywhere fail with
 ``hipErrorInvalidResourceHandle`` instead of waiting for a completion that was lost.
+
+Completions take no lock in the common case, because the lock costs a syscall (the old mutex
+did not) and the completion is on the path of every cross-process wake-up.  A completion of a
+record among the newest :data:`_LOCKLESS_SPAN` stores its number in its own done slot and in
+``generation`` (plain aligned u32 stores, never read-modify-write: the generation takes the
+completed number, distinct for every completion, so a waiter's ``FUTEX_WAIT`` on the value it
+read cannot miss a completion), then wakes.  Records write the slots' owners' numbers, never
+the slots, and only a record moves the floor, under the lock: if the floor passed the number
+between the completion's check and its store (thousands of records later), the completion
+sees it on a second read of ``recorded`` and finishes under the lock (it drops the number
+from the straggler list).  Older records, stragglers and the newest record of a timing event
+complete under the lock.  Limit: a completer paused between its check and its store while
+``WINDOW - _LOCKLESS_SPAN`` newer records are made and the one taking its slot completes
+would overwrite that completion (a wait for it then ends only by timeout or the recorder's
+exit).
 
 Shared values are hostile input.  Every function reads each value it needs from the page once
 into a local, validates it, then uses the local; every loop is bounded by a validated local.
@@ -99,15 +116,16 @@ from ..store import own_process, process_alive
 __all__ = ["EventState", "STATE_SIZE", "WINDOW", "STRAGGLERS", "LIVENESS_INTERVAL",
            "LOCK_TIMEOUT", "Target"]
 
-WINDOW = 16384  # numbers above the floor with a done bit: a 2 KiB bitmap
+WINDOW = 4096  # numbers above the floor with a done slot: 16 KiB of u32
+_LOCKLESS_SPAN = 256  # a completion this close to the newest record takes no lock
 STRAGGLERS = 8  # pending records that may fall behind the window
 LIVENESS_INTERVAL = 0.1  # seconds between checks that a waited-for recorder still runs
 LOCK_TIMEOUT = 5.0  # seconds a record or completion waits for the event's lock
 
 _GENERATION, _RECORDED, _RECORDER_PID, _FLOOR = 64, 68, 72, 76
 _RECORDER_START, _COMPLETED_NS, _STRAGGLER_COUNT, _STRAGGLER_LIST = 80, 88, 96, 100
-_VERSION, _RECORDER_PIDNS, _DONE_BITS = 132, 136, 192
-STATE_SIZE = _DONE_BITS + WINDOW // 8
+_VERSION, _RECORDER_PIDNS, _DONE = 132, 136, 192
+STATE_SIZE = _DONE + 4 * WINDOW
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _syscall = _libc.syscall
@@ -245,7 +263,7 @@ class EventState:
         self._fd = fd
         self._tlock = threading.Lock()
         self._epoch = _fork_epoch
-        self._mine = 0  # records of this process reserved and not yet completed
+        self._mine: set[int] = set()  # records of ours not yet completed (add/discard: atomic)
         self._lost: HipError | None = None  # why a completion of ours failed
         self._generation = ctypes.c_uint32.from_address(addr + _GENERATION)
         self._futex = ctypes.c_void_p(addr + _GENERATION)
@@ -258,7 +276,7 @@ class EventState:
         self._completed_ns = ctypes.c_uint64.from_address(addr + _COMPLETED_NS)
         self._nstragglers = ctypes.c_uint32.from_address(addr + _STRAGGLER_COUNT)
         self._stragglers = (ctypes.c_uint32 * STRAGGLERS).from_address(addr + _STRAGGLER_LIST)
-        self._done = (ctypes.c_uint64 * (WINDOW // 64)).from_address(addr + _DONE_BITS)
+        self._done = (ctypes.c_uint32 * WINDOW).from_address(addr + _DONE)
 
     @classmethod
     def private(cls) -> EventState:
@@ -339,7 +357,7 @@ class EventState:
                 self._fd = new
                 os.close(fd)  # the parent's descriptor keeps its lock (if any) its own
             self._tlock = threading.Lock()  # another thread may have held it at fork time
-            self._mine = 0  # the parent's pending records are not ours
+            self._mine = set()  # the parent's pending records are not ours
             self._epoch = _fork_epoch
 
     # -- record / complete -----------------------------------------------------------------
@@ -360,8 +378,7 @@ class EventState:
             seq = (recorded + 1) & _MASK
             oldest = (seq - WINDOW) & _MASK  # the number whose slot seq takes over
             if not _serial_ge(floor, oldest):
-                self._pass_floor_to(oldest, floor, recorded, count)
-            self._done[(seq % WINDOW) >> 6] &= ~(1 << (seq & 63))
+                self._pass_floor_to(oldest, floor, count)
             version = self._version.value
             self._version.value = (version + 1) & _MASK  # odd: readers retry
             self._pid.value = pid
@@ -369,20 +386,21 @@ class EventState:
             self._pidns.value = pidns
             self._recorded.value = seq
             self._version.value = (version + 2) & _MASK
-            self._mine += 1
+            self._mine.add(seq)
         finally:
             self._unlock()
         return seq
 
-    def _pass_floor_to(self, target: int, floor: int, recorded: int, count: int) -> None:
+    def _pass_floor_to(self, target: int, floor: int, count: int) -> None:
         """Move the floor up to ``target``; pending numbers on the way become stragglers.
 
-        ``floor``, ``recorded`` and ``count`` are the caller's validated reads of the page."""
+        ``floor`` and ``count`` are the caller's validated reads: ``target - floor`` is at most
+        WINDOW.  In steady state the floor moves one number per record."""
         done = self._done
         pending = []
-        for _ in range((target - floor) & _MASK):  # at most WINDOW: validated by the caller
+        for _ in range((target - floor) & _MASK):
             floor = (floor + 1) & _MASK
-            if not done[(floor % WINDOW) >> 6] & (1 << (floor & 63)):
+            if done[floor % WINDOW] != floor:
                 pending.append(floor)
                 if count + len(pending) > STRAGGLERS:
                     raise HipError(
@@ -394,66 +412,63 @@ class EventState:
             self._stragglers[count] = number
             count += 1
         self._nstragglers.value = count
-        self._advance_floor(floor, recorded)
-
-    def _advance_floor(self, floor: int, recorded: int) -> None:
-        """Move the floor from ``floor`` (validated, at most WINDOW below ``recorded``) up over
-        numbers already done, and store it."""
-        done = self._done
-        for _ in range((recorded - floor) & _MASK):
-            nxt = (floor + 1) & _MASK
-            if not done[(nxt % WINDOW) >> 6] & (1 << (nxt & 63)):
-                break
-            floor = nxt
         self._floor.value = floor
 
     def complete(self, seq: int, timing: bool) -> None:
-        """The work before record ``seq`` is done: mark it, advance the floor, wake waiters.
+        """The work before record ``seq`` is done: mark it and wake waiters.
 
-        On the path of every cross-process wake-up, so the common case (the record completes
-        in order and is the newest) touches no bitmap word and calls no helper, and waiters
-        are woken before the lock is released.  On failure (module doc) the page is marked
-        corrupt so that no waiter waits for this number forever.
+        On the path of every cross-process wake-up, so the common case (the record is among
+        the newest :data:`_LOCKLESS_SPAN`) takes no lock and makes no syscall but the wake:
+        it stores ``seq`` in its own slot (one aligned u32 store, which no other writer
+        touches while the floor is far: see the module doc) and in ``generation``.  A record
+        the floor may pass meanwhile, a straggler, or a timing event's newest record is
+        completed under the lock.  On failure the page is marked corrupt so that no waiter
+        waits for this number forever.
         """
+        try:
+            if timing or (self._recorded.value - seq) & _MASK >= _LOCKLESS_SPAN:
+                self._complete_locked(seq, timing)
+            else:
+                self._done[seq % WINDOW] = seq
+                # Read again after the store: a floor that passed seq meanwhile (thousands of
+                # records later) may have made it a straggler, which only the lock removes.
+                if (self._recorded.value - seq) & _MASK >= _LOCKLESS_SPAN:
+                    self._complete_locked(seq, timing)
+            self._generation.value = seq  # each number is completed once: a distinct value
+            _futex_wake_all(self._futex)
+        finally:
+            self._mine.discard(seq)
+
+    def _complete_locked(self, seq: int, timing: bool) -> None:
         try:
             self._lock()
         except HipError as exc:
-            self._lose(exc, locked=False)
+            self._lose(exc)
             raise
         try:
             floor, recorded = self._floor.value, self._recorded.value
             if (recorded - floor) & _MASK > WINDOW:
                 raise _corrupt(f"recorded {recorded}, floor {floor}")
-            if (floor - seq) & _MASK < _HALF:
-                if not self._drop_straggler(seq):
-                    return  # done already
-            elif (recorded - seq) & _MASK >= _HALF:
+            if (recorded - seq) & _MASK >= _HALF:
                 raise _corrupt(f"completion of record {seq} beyond the newest, {recorded}")
-            elif (seq - floor) & _MASK == 1:
-                self._floor.value = seq
-                if seq != recorded:
-                    self._advance_floor(seq, recorded)
+            if _serial_ge(floor, seq):
+                self._drop_straggler(seq)  # absent: the floor passed it done
             else:
-                self._done[(seq % WINDOW) >> 6] |= 1 << (seq & 63)
+                self._done[seq % WINDOW] = seq
             if timing and seq == recorded:
                 self._completed_ns.value = time.perf_counter_ns()
-            self._generation.value = (self._generation.value + 1) & _MASK
-            _futex_wake_all(self._futex)
         except HipError as exc:
-            self._lose(exc, locked=True)
+            self._lose(exc)
             raise
         finally:
-            self._mine -= 1
             self._unlock()
 
-    def _lose(self, exc: HipError, *, locked: bool) -> None:
+    def _lose(self, exc: HipError) -> None:
         """A completion failed: its number will never be done.  Mark the page corrupt (one
-        aligned u32 store; without the lock only when the lock timed out) and wake waiters."""
+        aligned u32 store, made without the lock if the lock timed out) and wake waiters."""
         self._lost = exc
-        if not locked:
-            self._mine -= 1
         self._nstragglers.value = _POISON
-        self._generation.value = (self._generation.value + 1) & _MASK
+        self._generation.value = (self._generation.value ^ _HALF) & _MASK
         _futex_wake_all(self._futex)
 
     def _drop_straggler(self, seq: int) -> bool:
@@ -515,8 +530,8 @@ class EventState:
             if count > STRAGGLERS:
                 raise _corrupt(f"{count} stragglers")
             return seq not in self._stragglers[:count]
-        # Above the floor only numbers already handed out have a meaningful bit.
-        return bool(self._done[(seq % WINDOW) >> 6] & (1 << (seq & 63)))
+        # Above the floor a slot holds the newest number completed in it.
+        return self._done[seq % WINDOW] == seq
 
     def is_complete(self) -> bool:
         """CUDA's query: the newest record's work is done (or nothing was ever recorded)."""
@@ -538,7 +553,7 @@ class EventState:
             raise _corrupt(f"record {seq} names process {pid}")
         own = own_process()
         if pid == own[0] and start == own[1] and pidns == own[2]:
-            if self._mine <= 0 and not self.is_done(seq):
+            if seq not in self._mine and not self.is_done(seq):
                 # Every record we reserved has completed (or failed): this one never will.
                 raise self._lost or _corrupt(f"record {seq} is not pending in this process")
         elif pidns and own[2] and pidns != own[2] and not bounded:
