@@ -253,7 +253,7 @@ class EventState:
     waiter can outlive ``hipEventDestroy`` safely.
     """
 
-    __slots__ = ("addr", "_keepalive", "_fd", "_tlock", "_epoch", "_mine", "_lost",
+    __slots__ = ("addr", "shared", "_keepalive", "_fd", "_tlock", "_epoch", "_mine", "_lost",
                  "_generation", "_futex", "_recorded", "_pid", "_floor", "_start", "_pidns",
                  "_version", "_completed_ns", "_nstragglers", "_stragglers", "_done")
 
@@ -261,6 +261,7 @@ class EventState:
         self.addr = addr
         self._keepalive = keepalive
         self._fd = fd
+        self.shared = fd >= 0  # other processes may map (and write) this state
         self._tlock = threading.Lock()
         self._epoch = _fork_epoch
         self._mine: set[int] = set()  # records of ours not yet completed (add/discard: atomic)
@@ -283,11 +284,6 @@ class EventState:
         """State in this process's own memory, for an event that is not interprocess."""
         buf = (ctypes.c_uint64 * (STATE_SIZE // 8))()
         return cls(ctypes.addressof(buf), buf)
-
-    @property
-    def shared(self) -> bool:
-        """Whether other processes may map (and write) this state."""
-        return self._fd >= 0
 
     def __del__(self) -> None:
         fd, self._fd = self._fd, -1
@@ -504,7 +500,8 @@ class EventState:
             # right; at worst the recorder is misattributed.
             snapshot = (self._recorded.value, self._pid.value, self._start.value,
                         self._pidns.value)
-        self._check_page(snapshot[0])
+        if self.shared:  # private memory has no other writer
+            self._check_page(snapshot[0])
         return snapshot
 
     def _check_page(self, seq: int) -> None:
