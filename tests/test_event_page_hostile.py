@@ -148,6 +148,11 @@ for line in sys.stdin:
         out = attempt(lambda: hip.hipEventSynchronize(ev, timeout=timeout))
     elif cmd == "stream-wait":
         out = attempt(stream_wait)
+    elif cmd == "sync2":  # through a second open of the same handle
+        ev2 = hip.hipIpcOpenEventHandle(bytes.fromhex(sys.argv[1]))
+        timeout = float(args[0]) if args else None
+        out = attempt(lambda: hip.hipEventSynchronize(ev2, timeout=timeout))
+        hip.hipEventDestroy(ev2)
     elif cmd == "records":
         for _ in range(int(args[0])):
             hip.hipEventRecord(ev, None)
@@ -292,6 +297,16 @@ def test_a_record_of_this_process_that_none_of_its_streams_holds_fails(ipc_event
     assert actor("pending self self self") == "done"
     out, seconds = actor("sync")
     assert out == INVALID and seconds < 2
+
+
+def test_a_pending_record_of_this_process_seen_through_another_open_is_pending(ipc_event):
+    _ev, peer = ipc_event
+    actor = peer()
+    assert actor("record-gated")[0] == "ok"
+    out, seconds = actor("sync2 0.5")
+    assert out == "hipErrorNotReady" and seconds < 5
+    assert actor("release")[0] == "ok"
+    assert actor("sync2")[0] == "ok"
 
 
 def test_garbage_where_the_lock_word_was_does_not_matter(ipc_event):

@@ -108,6 +108,7 @@ import os
 import platform
 import threading
 import time
+import weakref
 from typing import Any
 
 from ..errors import HipError, hipError_t
@@ -185,10 +186,38 @@ _fork_epoch = 0
 _fork_lock = threading.Lock()
 
 
-def _after_fork_in_child() -> None:  # cannot fail: two assignments
-    global _fork_epoch, _fork_lock
+class _Pending(set):
+    """Numbers this process reserved on one event and has not completed (add/discard are
+    atomic under the GIL); shared by every state of this process that maps the same segment."""
+
+
+# (st_dev, st_ino) of an event's segment -> its _Pending, while a state of it lives.
+_pending_by_segment: weakref.WeakValueDictionary[tuple[int, int], _Pending]
+_pending_by_segment = weakref.WeakValueDictionary()
+_pending_lock = threading.Lock()
+
+
+def _pending_for(fd: int) -> _Pending:
+    if fd < 0:
+        return _Pending()
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        raise HipError(hipError_t.hipErrorOperatingSystem,
+                       f"cannot stat the event's segment: {exc.strerror}") from exc
+    with _pending_lock:
+        pending = _pending_by_segment.get((st.st_dev, st.st_ino))
+        if pending is None:
+            pending = _pending_by_segment[(st.st_dev, st.st_ino)] = _Pending()
+    return pending
+
+
+def _after_fork_in_child() -> None:  # cannot fail: plain assignments
+    global _fork_epoch, _fork_lock, _pending_lock, _pending_by_segment
     _fork_epoch += 1
     _fork_lock = threading.Lock()
+    _pending_lock = threading.Lock()
+    _pending_by_segment = weakref.WeakValueDictionary()  # the parent's records are not ours
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -264,7 +293,7 @@ class EventState:
         self.shared = fd >= 0  # other processes may map (and write) this state
         self._tlock = threading.Lock()
         self._epoch = _fork_epoch
-        self._mine: set[int] = set()  # records of ours not yet completed (add/discard: atomic)
+        self._mine = _pending_for(fd)  # records of this process not yet completed
         self._lost: HipError | None = None  # why a completion of ours failed
         self._generation = ctypes.c_uint32.from_address(addr + _GENERATION)
         self._futex = ctypes.c_void_p(addr + _GENERATION)
@@ -290,7 +319,7 @@ class EventState:
         if fd >= 0:
             try:
                 os.close(fd)  # releases our OFD lock, if an exception left it taken
-            except OSError:
+            except Exception:  # destructors never raise
                 pass
 
     # -- the lock (records and completions only; module doc) -------------------------------
@@ -353,7 +382,7 @@ class EventState:
                 self._fd = new
                 os.close(fd)  # the parent's descriptor keeps its lock (if any) its own
             self._tlock = threading.Lock()  # another thread may have held it at fork time
-            self._mine = set()  # the parent's pending records are not ours
+            self._mine = _pending_for(self._fd)  # the parent's pending records are not ours
             self._epoch = _fork_epoch
 
     # -- record / complete -----------------------------------------------------------------
