@@ -287,13 +287,14 @@ class EventState:
                  "_version", "_completed_ns", "_nstragglers", "_stragglers", "_done")
 
     def __init__(self, addr: int, keepalive: Any, fd: int = -1) -> None:
+        # Records of this process not yet completed.  First: on failure the caller keeps fd.
+        self._mine = _pending_for(fd)
         self.addr = addr
         self._keepalive = keepalive
         self._fd = fd
         self.shared = fd >= 0  # other processes may map (and write) this state
         self._tlock = threading.Lock()
         self._epoch = _fork_epoch
-        self._mine = _pending_for(fd)  # records of this process not yet completed
         self._lost: HipError | None = None  # why a completion of ours failed
         self._generation = ctypes.c_uint32.from_address(addr + _GENERATION)
         self._futex = ctypes.c_void_p(addr + _GENERATION)
@@ -315,7 +316,8 @@ class EventState:
         return cls(ctypes.addressof(buf), buf)
 
     def __del__(self) -> None:
-        fd, self._fd = self._fd, -1
+        fd = getattr(self, "_fd", -1)  # -1 too when __init__ failed before taking it
+        self._fd = -1
         if fd >= 0:
             try:
                 os.close(fd)  # releases our OFD lock, if an exception left it taken
