@@ -5,7 +5,7 @@ an interprocess event (every process that opened the handle maps the same page),
 memory for a local event.  Layout (native byte order)::
 
     0    (64 bytes)        unused (held a pthread mutex in earlier versions; never read)
-    64   u32 generation    the futex word: changes on every completion
+    64   u32 generation    the futex word: the number of the latest completion
     68   u32 recorded      the newest sequence number handed out by a record
     72   u32 recorder_pid  who made that record, with its start time and pid namespace
     76   u32 floor         every record up to this number is done, except the stragglers
