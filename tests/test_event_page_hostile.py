@@ -27,6 +27,7 @@ from hipipc.backends import eventstate as es
 E = hip.hipError_t
 IPC = hip.hipEventInterprocess | hip.hipEventDisableTiming
 LIMIT = 30.0  # per answer of a peer; generous: the machine is loaded
+QUICK = 5.0  # "at once": far below LIMIT and any wait bound, with room for a loaded machine
 # What a peer's call may give on a hostile page: success or one of these codes.
 INVALID = E.hipErrorInvalidResourceHandle.name  # an alias: the enum names it InvalidHandle
 ALLOWED = {"ok", INVALID,
@@ -259,7 +260,7 @@ def test_impossible_counters_fail_waits_at_once(ipc_event, field, value):
     for command in ("sync", "stream-wait", "record"):
         out, seconds = actor(command)
         assert out == INVALID, command
-        assert seconds < 2
+        assert seconds < QUICK
     with pytest.raises(hip.HipError) as exc:
         hip.hipEventSynchronize(ev)
     assert exc.value.code == E.hipErrorInvalidResourceHandle
@@ -273,7 +274,7 @@ def test_a_record_naming_no_possible_process_fails_waits_at_once(ipc_event, pid)
     for command in ("sync", "sync 5", "stream-wait"):
         out, seconds = actor(command)
         assert out == INVALID, command  # never OverflowError
-        assert seconds < 2
+        assert seconds < QUICK
     assert actor("ops")["query"][0] in ALLOWED
 
 
@@ -286,7 +287,7 @@ def test_a_recorder_in_another_pid_namespace_bounds_every_wait(ipc_event):
     for command in ("sync", "stream-wait"):
         out, seconds = actor(command)
         assert out == INVALID, command
-        assert seconds < 2
+        assert seconds < QUICK
     out, seconds = actor("sync 0.5")
     assert out == "hipErrorNotReady" and 0.4 < seconds < 5
 
@@ -296,7 +297,7 @@ def test_a_record_of_this_process_that_none_of_its_streams_holds_fails(ipc_event
     actor = peer()
     assert actor("pending self self self") == "done"
     out, seconds = actor("sync")
-    assert out == INVALID and seconds < 2
+    assert out == INVALID and seconds < QUICK
 
 
 def test_a_pending_record_of_this_process_seen_through_another_open_is_pending(ipc_event):
@@ -332,7 +333,7 @@ def test_a_lock_holder_that_is_killed_releases_the_lock(ipc_event):
     os.kill(holder.proc.pid, signal.SIGKILL)
     holder.proc.wait(LIMIT)
     out, seconds = actor("record")
-    assert out == "ok" and seconds < 2
+    assert out == "ok" and seconds < QUICK
     hip.hipEventRecord(ev, None)
     hip.hipEventSynchronize(ev, timeout=LIMIT)
 
@@ -351,14 +352,14 @@ def test_a_stopped_lock_holder_makes_records_fail_within_the_bound(ipc_event):
         assert out == "hipErrorLaunchTimeOut" and 0.9 < seconds < 5
         # Waiters take no lock (the newest record, made on the null stream, is done).
         out, seconds = waiter("sync 0.3")
-        assert out == "ok" and seconds < 2
+        assert out == "ok" and seconds < QUICK
         # The far completion cannot take the lock: it fails and marks the page corrupt, so
         # that no waiter anywhere waits for it forever.
         out, _ = actor("release")
         assert out == "hipErrorLaunchFailure"
         for who in (actor, waiter):
             out, seconds = who("sync")
-            assert out == INVALID and seconds < 2
+            assert out == INVALID and seconds < QUICK
     finally:
         os.kill(holder.proc.pid, signal.SIGKILL)
         holder.proc.wait(LIMIT)
@@ -395,7 +396,7 @@ def test_a_fork_child_does_not_inherit_the_lock():
         t0 = time.monotonic()
         hip.hipEventRecord(ev, None)
         hip.hipEventSynchronize(ev, timeout=LIMIT)
-        assert time.monotonic() - t0 < 2
+        assert time.monotonic() - t0 < QUICK
     finally:
         _fork_event.clear()
         hip.hipEventDestroy(ev)
