@@ -246,7 +246,7 @@ class Registry:
                            "this process created the event; use the event itself (CUDA and "
                            "HIP refuse to open a handle in its exporting process)")
         if handle.uid != os.geteuid():
-            # Event state holds a process-shared lock a writer could corrupt (eventstate.py).
+            # A peer could write the event's page and read-lock its file (eventstate.py).
             raise HipError(hipError_t.hipErrorInvalidResourceHandle,
                            f"the event was exported by uid {handle.uid}; interprocess events "
                            "work only between processes of one user (memory handles can be "

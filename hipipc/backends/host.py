@@ -75,15 +75,22 @@ class HostBackend(HostDeviceMixin, Backend):
 
     def _open_segment(self, handle: IpcHandle) -> Mapping:
         """Map the segment another process exported under ``handle``."""
+        fd, mapping = self._open_and_map(handle)
+        os.close(fd)
+        return mapping
+
+    def _open_and_map(self, handle: IpcHandle) -> tuple[int, Mapping]:
+        """Open and map the segment ``handle`` names: (its descriptor, the mapping)."""
         fd = self.store.open(handle)  # first: a handle that names nothing says so
         try:
             if handle.kind not in _HOST_KINDS:
                 raise HipError(hipError_t.hipErrorNotSupported,
                                f"the handle names {handle.kind.name} but this process runs "
                                "the host backend (set HIPIPC_BACKEND to match the exporter)")
-            return map_file(fd, _mapped_length(handle.size), PAGE_SIZE)
-        finally:
+            return fd, map_file(fd, _mapped_length(handle.size), PAGE_SIZE)
+        except BaseException:
             os.close(fd)
+            raise
 
     def allocate(self, nbytes: int, device: int) -> Allocation:
         handle = IpcMemHandle.new(HandleKind.HOST_MEMORY, nbytes, device, os.geteuid())
@@ -155,7 +162,15 @@ class HostBackend(HostDeviceMixin, Backend):
         handle = IpcEventHandle.new(HandleKind.HOST_EVENT, STATE_SIZE, device, os.geteuid())
         fd, mapping = self._new_segment(handle)
         try:
-            state = _mapped_state(mapping, initialize=True)
+            # The state locks through its own descriptor (eventstate's module doc); ours is
+            # closed once export has linked the segment in.
+            try:
+                lock_fd = os.dup(fd)
+            except OSError as exc:
+                mapping.release()
+                raise HipError(hipError_t.hipErrorOperatingSystem,
+                               f"cannot keep the event's segment open: {exc.strerror}") from exc
+            state = _mapped_state(mapping, lock_fd)
         except BaseException:
             os.close(fd)
             raise
@@ -166,16 +181,20 @@ class HostBackend(HostDeviceMixin, Backend):
             raise HipError(hipError_t.hipErrorInvalidResourceHandle,
                            f"the event handle names {handle.size} bytes of state, this hipipc "
                            f"uses {STATE_SIZE}: exporter and importer run different versions")
-        state = _mapped_state(self._open_segment(handle), initialize=False)
+        fd, mapping = self._open_and_map(handle)
+        state = _mapped_state(mapping, fd)  # keeps the descriptor: the event's lock
         # An opened IPC event has the flags its creator had to use.
         return HostEvent(hipEventInterprocess | hipEventDisableTiming, handle.device, state,
                          handle)
 
 
-def _mapped_state(mapping: Mapping, *, initialize: bool) -> EventState:
-    """The event state in a segment's payload; it owns the mapping from now on."""
+def _mapped_state(mapping: Mapping, fd: int) -> EventState:
+    """The event state in a segment's payload; it owns the mapping and ``fd`` from now on."""
     try:
         pin = mapping.buffer(0, STATE_SIZE)
-        return EventState(mapping.addr, pin, initialize=initialize)
+        return EventState(mapping.addr, pin, fd)
+    except BaseException:
+        os.close(fd)
+        raise
     finally:
         mapping.release()  # unmapped when the state (its pin) is gone

@@ -80,6 +80,8 @@ class _HostStreamBase(Stream):
         state = _state_of(event)
         target = state.target()
         if not state.is_done(target[0]):
+            if state.shared:  # a wait that could never end is refused now, not enqueued
+                state.check_target(target, bounded=False)
             self._enqueue(state.wait, (target, None), "hipStreamWaitEvent")
 
 
