@@ -10,19 +10,34 @@ followed by the payload (the memory itself for host allocations, event state, or
 handle).  ``create`` makes it unnamed (``O_TMPFILE``); only ``publish`` (the explicit export
 step) links it in, under :attr:`IpcHandle.segment_name`, a one-way digest of the handle.
 ``revoke`` unlinks the name: new opens fail, existing mappings stay valid.
+
+Liveness at open: the header names its exporter (pid, start time, pid namespace); ``open``
+reads it with the same ``pread`` as the identity, and a handle whose exporter is gone (killed:
+no exit hook ran) is refused with ``hipErrorInvalidResourceHandle`` and its name reclaimed.
+The check is cached per exporter (:class:`_Liveness`): the first sight of an exporter opens a
+pidfd and reads ``/proc/<pid>/stat`` once; every later open polls that pidfd (one syscall,
+no /proc read), which also catches a zombie and can never be fooled by a reused pid.
+
+Tickets (send-and-drop, :mod:`hipipc.buffer`): ``issue_ticket`` links the exported segment
+under one more name, a one-way digest of a fresh 128-bit secret carried in a pickle;
+``open(handle, ticket)`` opens through that name, with the same checks, and unlinks it.  The
+ticket keeps the file alive after its exporter revoked the main name.
 """
 
 from __future__ import annotations
 
-import atexit
 import errno
+import hashlib
 import hmac
 import os
 import resource
+import secrets
+import select
 import stat
 import struct
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -168,6 +183,78 @@ def own_process() -> tuple[int, int, int]:
             pidns = 0
         _own_start = (pid, max(process_start_time(pid) or 0, 0), pidns)
     return _own_start
+
+
+class _Liveness:
+    """Cached exporter liveness for ``open``: one pidfd per exporter (pid, start, namespace).
+
+    First sight: ``pidfd_open(pid)``, then the start time from ``/proc/<pid>/stat`` (read after
+    the pidfd exists, so a match proves the pidfd is the exporter's, not a reused pid's).
+    Later: ``poll`` on the pidfd, which turns readable when the process exits (zombies
+    included).  At most :attr:`LIMIT` descriptors are kept (least recently used evicted);
+    without pidfds (old kernels, EMFILE) it falls back to :func:`process_alive` uncached.
+    """
+
+    LIMIT = 64
+
+    def __init__(self) -> None:
+        self._cache: OrderedDict[tuple[int, int, int], tuple[int, select.poll]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def alive(self, pid: int, start: int, pidns: int) -> bool:
+        key = (pid, start, pidns)
+        own = own_process()
+        if key == (own[0], own[1], own[2]):
+            return True
+        if pidns and own[2] and pidns != own[2]:
+            return True  # another pid namespace: nothing here can tell, err towards alive
+        with self._lock:  # polls under the lock: eviction may close a descriptor
+            hit = self._cache.get(key)
+            if hit is not None:
+                if not hit[1].poll(0):
+                    self._cache.move_to_end(key)
+                    return True
+                del self._cache[key]
+                os.close(hit[0])
+                return False
+        return self._first_sight(key)
+
+    def _first_sight(self, key: tuple[int, int, int]) -> bool:
+        pid, start, pidns = key
+        if pid <= 0:
+            return False
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return False
+        except (OSError, AttributeError):
+            return process_alive(pid, start, pidns)
+        now = process_start_time(pid)
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        if now is None or now not in (-1, start) or poller.poll(0):
+            os.close(fd)
+            return False
+        with self._lock:
+            old = self._cache.pop(key, None)
+            self._cache[key] = (fd, poller)
+            if len(self._cache) > self.LIMIT:
+                _, old = self._cache.popitem(last=False)
+        if old is not None:
+            os.close(old[0])
+        return True
+
+    def after_fork(self) -> None:
+        self._lock = threading.Lock()
+
+
+_liveness = _Liveness()
+os.register_at_fork(after_in_child=_liveness.after_fork)
+
+
+def ticket_name(secret: bytes) -> str:
+    """The store name of a ticket: a one-way digest of its secret (same shape as a segment's)."""
+    return hashlib.blake2b(secret, digest_size=20, person=b"hipipc.ticket").hexdigest()
 
 
 def _remove_if_empty(path: str) -> None:
@@ -381,8 +468,10 @@ class HandleStore:
     def publish(self, fd: int, handle: IpcHandle, mode: int) -> None:
         """Give the segment behind ``fd`` its name: the explicit export step."""
         if not self._swept:
+            # The store is removed at exit by remove_if_empty, which the registry's exit hook
+            # calls after revoking this process's exports (an earlier atexit hook would run
+            # before them and find the store in use).
             self._swept = True
-            atexit.register(_remove_if_empty, self.own_path())
             try:
                 self.collect()
             except OSError:
@@ -409,20 +498,76 @@ class HandleStore:
         except FileNotFoundError:
             pass
 
+    def remove_if_empty(self) -> None:
+        """At exit of a process that exported: remove its store if nothing is left in it."""
+        if self._swept:
+            _remove_if_empty(self.own_path())
+
+    def issue_ticket(self, handle: IpcHandle) -> tuple[bytes, str]:
+        """Link the exported segment of ``handle`` under a fresh ticket: (secret, name).
+
+        Raises ``hipErrorInvalidResourceHandle`` if the segment has no name any more.
+        """
+        secret = secrets.token_bytes(16)
+        name = ticket_name(secret)
+        dfd = self._dir_fd(os.geteuid(), importing=False)
+        try:
+            os.link(handle.segment_name, name, src_dir_fd=dfd, dst_dir_fd=dfd,
+                    follow_symlinks=False)
+        except FileNotFoundError:
+            raise HipError(hipError_t.hipErrorInvalidResourceHandle,
+                           "cannot send the memory: its export was revoked (freed, or the "
+                           "process is exiting)") from None
+        return secret, name
+
+    def discard(self, name: str) -> bool:
+        """Unlink ``name`` from this user's store if it exists; True if it was there."""
+        path = self.own_path()
+        dfd = self._dirs.get(path)
+        if dfd is None:
+            if not os.path.isdir(path):
+                return False
+            dfd = self._dir_fd(os.geteuid(), importing=False)
+        try:
+            os.unlink(name, dir_fd=dfd)
+            return True
+        except OSError:
+            return False
+
+    def exists(self, name: str) -> bool:
+        """Whether ``name`` is in this user's store (a ticket not consumed yet)."""
+        dfd = self._dirs.get(self.own_path())
+        if dfd is None:
+            return False
+        try:
+            os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            return True
+        except OSError:
+            return False
+
     # -- importer side -------------------------------------------------------------------
 
-    def open(self, handle: IpcHandle) -> int:
+    def open(self, handle: IpcHandle, ticket: bytes | None = None) -> int:
         """Open the segment ``handle`` names and return its descriptor (``O_RDWR``).
 
         Never creates.  Checks, on the opened descriptor (no TOCTOU): a regular file owned by
         the handle's uid with no mode bits beyond 0666, long enough, and a header whose
         identity equals the handle's, compared in constant time.  Raises
         ``hipErrorInvalidResourceHandle`` when no such segment exists (never exported, freed,
-        exporter gone) or it may not be opened, with the reason.
+        exporter gone) or it may not be opened, with the reason.  A segment whose exporter was
+        killed is refused too ("the exporter exited") and its name unlinked where this user
+        may (its own store).
+
+        ``ticket`` (a send-and-drop pickle's secret): open through the ticket's name, falling
+        back to the main name if the ticket was consumed already, and unlink the ticket.
         """
-        name = handle.segment_name
+        names = [handle.segment_name]
+        if ticket is not None:
+            names.insert(0, ticket_name(ticket))
         fd = -1
-        for fresh in (False, True):
+        name = names[0]
+        dfd = None
+        for fresh, name in [(f, n) for n in names for f in (False, True)]:
             dfd = self._dirs.get(self.path_for(handle.uid)) if not fresh else None
             try:
                 if dfd is None:
@@ -430,6 +575,7 @@ class HandleStore:
                 fd = os.open(name, _IMPORT_FLAGS, dir_fd=dfd)
                 break
             except FileNotFoundError:
+                dfd = None
                 continue
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE):
@@ -450,15 +596,44 @@ class HandleStore:
                 raise HipError(hipError_t.hipErrorInvalidResourceHandle,
                                f"the segment is not a regular file of uid {handle.uid} with "
                                f"an expected mode (uid {st.st_uid}, mode {st.st_mode:o})")
-            if st.st_size < PAGE_SIZE + handle.size or not hmac.compare_digest(
-                os.pread(fd, _IDENTITY.size, 0), _identity(handle)
-            ):
+            # One pread for the identity and the exporter: the liveness check costs no read.
+            raw = os.pread(fd, _HEADER_SIZE, 0) if st.st_size >= PAGE_SIZE + handle.size \
+                else b""
+            if len(raw) < _HEADER_SIZE or not hmac.compare_digest(raw[:_IDENTITY.size],
+                                                                  _identity(handle)):
                 raise HipError(hipError_t.hipErrorInvalidResourceHandle,
                                "the segment does not match the handle")
+            pid, pidns, start, _ = _EXPORTER.unpack_from(raw, _IDENTITY.size)
+            if not _liveness.alive(pid, start, pidns):
+                self._reclaim(handle, names, dfd, st.st_uid)
+                raise HipError(hipError_t.hipErrorInvalidResourceHandle,
+                               f"the exporter (pid {pid}) exited without freeing: its memory "
+                               "died with it, as in CUDA")
         except BaseException:
             os.close(fd)
             raise
+        if name != handle.segment_name and st.st_uid == os.geteuid():
+            try:  # the ticket is consumed: the descriptor holds the file until it is mapped
+                os.unlink(name, dir_fd=dfd)
+            except OSError:
+                pass
         return fd
+
+    def consume_ticket(self, handle: IpcHandle, ticket: bytes) -> None:
+        """Unlink a ticket without opening through it (the memory was open here already)."""
+        if handle.uid == os.geteuid():
+            self.discard(ticket_name(ticket))
+
+    @staticmethod
+    def _reclaim(handle: IpcHandle, names: list[str], dfd: int | None, owner: int) -> None:
+        """Unlink a dead exporter's names, where this user may (its own store)."""
+        if dfd is None or owner != os.geteuid() or handle.uid != owner:
+            return
+        for name in names:
+            try:
+                os.unlink(name, dir_fd=dfd)
+            except OSError:
+                pass
 
     def _open_error(self, handle: IpcHandle, exc: OSError) -> HipError:
         if exc.errno == errno.EACCES:

@@ -70,9 +70,9 @@ class HostBackend(Backend):
             os.close(fd)
             raise
 
-    def _open_segment(self, handle: IpcHandle) -> Mapping:
-        """Map the segment another process exported under ``handle``."""
-        fd = self.store.open(handle)  # first: a handle that names nothing says so
+    def _open_segment(self, handle: IpcHandle, ticket: bytes | None = None) -> Mapping:
+        """Map the segment another process exported under ``handle`` (through ``ticket``)."""
+        fd = self.store.open(handle, ticket)  # first: a handle that names nothing says so
         try:
             if handle.kind not in _HOST_KINDS:
                 raise HipError(hipError_t.hipErrorNotSupported,
@@ -109,8 +109,8 @@ class HostBackend(Backend):
             os.close(owned.fd)
             owned.fd = -1
 
-    def open(self, handle: IpcMemHandle) -> ImportedMemory:
-        mapping = self._open_segment(handle)
+    def open(self, handle: IpcMemHandle, ticket: bytes | None = None) -> ImportedMemory:
+        mapping = self._open_segment(handle, ticket)
         return ImportedMemory(mapping.addr, handle.size, handle.device, handle, mapping)
 
     def close(self, mem: ImportedMemory) -> None:
@@ -147,12 +147,12 @@ class HostBackend(Backend):
             raise
         return HostEvent(flags, device, state, handle, store=self.store, fd=fd)
 
-    def open_event(self, handle: IpcEventHandle) -> HostEvent:
+    def open_event(self, handle: IpcEventHandle, ticket: bytes | None = None) -> HostEvent:
         if handle.size != STATE_SIZE:
             raise HipError(hipError_t.hipErrorInvalidResourceHandle,
                            f"the event handle names {handle.size} bytes of state, this hipipc "
                            f"uses {STATE_SIZE}: exporter and importer run different versions")
-        state = _mapped_state(self._open_segment(handle), initialize=False)
+        state = _mapped_state(self._open_segment(handle, ticket), initialize=False)
         # An opened IPC event has the flags its creator had to use.
         return HostEvent(hipEventInterprocess | hipEventDisableTiming, handle.device, state,
                          handle)
