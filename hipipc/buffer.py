@@ -291,8 +291,11 @@ class DeviceBuffer:
                 ) -> Any:
         """A zero-copy array over the buffer (numpy for host memory, CuPy for GPU memory).
 
-        ``shape`` defaults to as many ``dtype`` items as fit.  The view keeps the memory mapped
-        even after :meth:`close`.  Raises ``hipErrorInvalidValue`` if the shape does not fit.
+        ``shape`` defaults to as many ``dtype`` items as fit.  The array (a
+        :class:`~hipipc.arrays.SharedArray`, pickled as shared memory) and its views keep this
+        buffer alive while they live; after an explicit :meth:`close` they keep only the
+        mapping (readable here, no longer shareable).  Raises ``hipErrorInvalidValue`` if the
+        shape does not fit.
         """
         dt = np.dtype(dtype)
         if shape is None:
@@ -308,7 +311,16 @@ class DeviceBuffer:
             raise HipError(hipError_t.hipErrorInvalidValue,
                            f"asarray: {shape} of {dt} needs {nbytes} bytes, the buffer has "
                            f"{self._size}")
-        return runtime.asarray(ptr, shape, dt)
+        arr = runtime.asarray(ptr, shape, dt)
+        from .arrays import _pin_of
+
+        pin = _pin_of(arr)
+        if pin is not None:
+            # The array keeps this buffer (so its allocation and export) alive, as a tensor
+            # keeps its storage: dropping the buffer while arrays of it live frees nothing,
+            # and the arrays can still be sent.  close() still frees at once.
+            pin._hip_buffer = self
+        return arr
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
         """``np.asarray(buf)``: the bytes as a zero-copy ``uint8`` array (numpy's copy rules)."""
