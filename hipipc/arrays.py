@@ -93,9 +93,11 @@ def _region_of(arr: np.ndarray, strict: bool) -> Any:
     except HipError:
         if strict:
             raise HipError(hipError_t.hipErrorInvalidValue,
-                           "this array views hipipc memory that was freed or closed since "
-                           "(its mapping lives on in the view), so it cannot be shared any "
-                           "more; send a copy (np.array(x)) or keep the buffer open") from None
+                           "this array views hipipc memory this process no longer holds "
+                           "(freed or closed since, its mapping living on in the view, or "
+                           "inherited over fork), so it cannot be shared; send a copy "
+                           "(np.array(x)), or keep the buffer open and send it from its "
+                           "owner") from None
         return None
     return region if isinstance(region, (Allocation, ImportedMemory)) else None
 
@@ -127,17 +129,19 @@ def _rebuild_array(raw: bytes, ticket: bytes | None, offset: int, shape: tuple[i
 
     handle = IpcMemHandle.coerce(raw)
     reg = get_registry()
-    own = reg.own_pointer(handle)
-    if own is not None:  # read back in the exporting process: its own allocation
+    try:
+        # An import; in the exporting process an alias of its DeviceBuffer, if it has one.
+        root = DeviceBuffer.from_handle(handle, ticket)
+    except HipError as exc:
+        own = reg.own_pointer(handle)
+        if exc.code != hipError_t.hipErrorInvalidContext or own is None:
+            raise
+        # Read back in the exporting process, which holds the bare allocation (hipMalloc).
         if ticket is not None:
             reg.backend.store.consume_ticket(handle, ticket)
-        flat = np.asarray(_plain(reg, own, handle.size))
+        flat = _plain(reg, own, handle.size)
     else:
-        root = DeviceBuffer.from_handle(handle, ticket)
-        flat = root.asarray(np.uint8)
-        pin = _pin_of(flat)
-        if pin is not None:
-            pin._hip_buffer = root  # the import stays open while any view of it lives
+        flat = root.asarray(np.uint8)  # the array keeps root (the import) alive
     try:
         arr = np.ndarray(shape, np.dtype(dtype), buffer=flat, offset=offset, strides=strides)
     except (TypeError, ValueError) as exc:

@@ -37,7 +37,6 @@ import stat
 import struct
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -198,25 +197,25 @@ class _Liveness:
     LIMIT = 64
 
     def __init__(self) -> None:
-        self._cache: OrderedDict[tuple[int, int, int], tuple[int, select.poll]] = OrderedDict()
+        # Insertion ordered: the oldest entry is evicted first.
+        self._cache: dict[tuple[int, int, int], tuple[int, select.poll]] = {}
         self._lock = threading.Lock()
 
     def alive(self, pid: int, start: int, pidns: int) -> bool:
         key = (pid, start, pidns)
-        own = own_process()
-        if key == (own[0], own[1], own[2]):
-            return True
-        if pidns and own[2] and pidns != own[2]:
-            return True  # another pid namespace: nothing here can tell, err towards alive
         with self._lock:  # polls under the lock: eviction may close a descriptor
             hit = self._cache.get(key)
             if hit is not None:
                 if not hit[1].poll(0):
-                    self._cache.move_to_end(key)
                     return True
                 del self._cache[key]
                 os.close(hit[0])
                 return False
+        own = own_process()
+        if key == own:
+            return True
+        if pidns and own[2] and pidns != own[2]:
+            return True  # another pid namespace: nothing here can tell, err towards alive
         return self._first_sight(key)
 
     def _first_sight(self, key: tuple[int, int, int]) -> bool:
@@ -239,7 +238,7 @@ class _Liveness:
             old = self._cache.pop(key, None)
             self._cache[key] = (fd, poller)
             if len(self._cache) > self.LIMIT:
-                _, old = self._cache.popitem(last=False)
+                old = self._cache.pop(next(iter(self._cache)))
         if old is not None:
             os.close(old[0])
         return True
@@ -564,24 +563,7 @@ class HandleStore:
         names = [handle.segment_name]
         if ticket is not None:
             names.insert(0, ticket_name(ticket))
-        fd = -1
-        name = names[0]
-        dfd = None
-        for fresh, name in [(f, n) for n in names for f in (False, True)]:
-            dfd = self._dirs.get(self.path_for(handle.uid)) if not fresh else None
-            try:
-                if dfd is None:
-                    dfd = self._dir_fd(handle.uid, importing=True, fresh=fresh)
-                fd = os.open(name, _IMPORT_FLAGS, dir_fd=dfd)
-                break
-            except FileNotFoundError:
-                dfd = None
-                continue
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE):
-                    fd = _os_call("opening a handle", os.open, name, _IMPORT_FLAGS, dir_fd=dfd)
-                    break
-                raise self._open_error(handle, exc) from None
+        fd, name, dfd = self._open_first(handle, names)
         if fd < 0:
             raise HipError(
                 hipError_t.hipErrorInvalidResourceHandle,
@@ -618,6 +600,29 @@ class HandleStore:
             except OSError:
                 pass
         return fd
+
+    def _open_first(self, handle: IpcHandle, names: list[str]) -> tuple[int, str, int | None]:
+        """Open the first of ``names`` that exists: (fd or -1, name, directory fd).
+
+        Each name through the cached directory first; only if all miss, once more through a
+        freshly opened one (the store may have been removed and recreated).
+        """
+        path = self.path_for(handle.uid)
+        for fresh in (False, True):
+            for name in names:
+                dfd = None if fresh and name is names[0] else self._dirs.get(path)
+                try:
+                    if dfd is None:
+                        dfd = self._dir_fd(handle.uid, importing=True, fresh=fresh)
+                    return os.open(name, _IMPORT_FLAGS, dir_fd=dfd), name, dfd
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    if exc.errno in (errno.EMFILE, errno.ENFILE):
+                        return (_os_call("opening a handle", os.open, name, _IMPORT_FLAGS,
+                                         dir_fd=dfd), name, dfd)
+                    raise self._open_error(handle, exc) from None
+        return -1, names[-1], None
 
     def consume_ticket(self, handle: IpcHandle, ticket: bytes) -> None:
         """Unlink a ticket without opening through it (the memory was open here already)."""
