@@ -185,7 +185,7 @@ def test_liveness_is_cached_per_exporter_and_catches_a_wrong_start_time():
         start = process_start_time(pid)
         assert start is not None and start > 0
         assert live.alive(pid, start, 0)
-        assert len(live._cache) == 1
+        assert len(live.cache) == 1
         assert live.alive(pid, start, 0)  # the cached pidfd answers
         assert not live.alive(pid, start + 1, 0)  # same pid, another process (reuse)
         os.kill(pid, signal.SIGKILL)
@@ -193,7 +193,7 @@ def test_liveness_is_cached_per_exporter_and_catches_a_wrong_start_time():
         while live.alive(pid, start, 0):  # the pidfd turns readable on exit (zombie)
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        assert live._cache == {}
+        assert live.cache == {}
     finally:
         os.kill(pid, signal.SIGKILL)
         wait_pid(pid)
