@@ -32,7 +32,6 @@ import hmac
 import os
 import resource
 import secrets
-import select
 import stat
 import struct
 import threading
@@ -42,6 +41,7 @@ from dataclasses import dataclass
 
 from .errors import HipError, hipError_t
 from .handle import HandleKind, IpcHandle
+from .liveness import exporters as _liveness
 
 __all__ = [
     "HandleStore",
@@ -182,75 +182,6 @@ def own_process() -> tuple[int, int, int]:
             pidns = 0
         _own_start = (pid, max(process_start_time(pid) or 0, 0), pidns)
     return _own_start
-
-
-class _Liveness:
-    """Cached exporter liveness for ``open``: one pidfd per exporter (pid, start, namespace).
-
-    First sight: ``pidfd_open(pid)``, then the start time from ``/proc/<pid>/stat`` (read after
-    the pidfd exists, so a match proves the pidfd is the exporter's, not a reused pid's).
-    Later: ``poll`` on the pidfd, which turns readable when the process exits (zombies
-    included).  At most :attr:`LIMIT` descriptors are kept (least recently used evicted);
-    without pidfds (old kernels, EMFILE) it falls back to :func:`process_alive` uncached.
-    """
-
-    LIMIT = 64
-
-    def __init__(self) -> None:
-        # Insertion ordered: the oldest entry is evicted first.  Read without the lock by
-        # HandleStore.open's fast path: a poll of an evicted (closed, maybe reused)
-        # descriptor that reports anything sends it here, where the lock decides.
-        self.cache: dict[tuple[int, int, int], tuple[int, select.poll]] = {}
-        self._lock = threading.Lock()
-
-    def alive(self, pid: int, start: int, pidns: int) -> bool:
-        key = (pid, start, pidns)
-        with self._lock:  # polls under the lock: eviction may close a descriptor
-            hit = self.cache.get(key)
-            if hit is not None:
-                if not hit[1].poll(0):
-                    return True
-                del self.cache[key]
-                os.close(hit[0])
-                return False
-        own = own_process()
-        if key == own:
-            return True
-        if pidns and own[2] and pidns != own[2]:
-            return True  # another pid namespace: nothing here can tell, err towards alive
-        return self._first_sight(key)
-
-    def _first_sight(self, key: tuple[int, int, int]) -> bool:
-        pid, start, pidns = key
-        if pid <= 0:
-            return False
-        try:
-            fd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            return False
-        except (OSError, AttributeError):
-            return process_alive(pid, start, pidns)
-        now = process_start_time(pid)
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        if now is None or now not in (-1, start) or poller.poll(0):
-            os.close(fd)
-            return False
-        with self._lock:
-            old = self.cache.pop(key, None)
-            self.cache[key] = (fd, poller)
-            if len(self.cache) > self.LIMIT:
-                old = self.cache.pop(next(iter(self.cache)))
-        if old is not None:
-            os.close(old[0])
-        return True
-
-    def after_fork(self) -> None:
-        self._lock = threading.Lock()
-
-
-_liveness = _Liveness()
-os.register_at_fork(after_in_child=_liveness.after_fork)
 
 
 def ticket_name(secret: bytes) -> str:

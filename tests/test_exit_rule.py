@@ -23,7 +23,8 @@ import pytest
 from _proc import child_env, readline, store_names, wait_pid
 
 import hipipc as hip
-from hipipc.store import _Liveness, process_start_time
+from hipipc.liveness import Liveness
+from hipipc.store import process_start_time
 
 E = hip.hipError_t
 FLAGS = hip.hipEventInterprocess | hip.hipEventDisableTiming
@@ -176,7 +177,7 @@ def test_a_killed_exporter_is_refused_while_still_a_zombie():
 
 
 def test_liveness_is_cached_per_exporter_and_catches_a_wrong_start_time():
-    live = _Liveness()
+    live = Liveness()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child only sleeps until killed
         time.sleep(60)
