@@ -493,10 +493,17 @@ class HandleStore:
         ``ticket`` (a send-and-drop pickle's secret): open through the ticket's name, falling
         back to the main name if the ticket was consumed already, and unlink the ticket.
         """
-        names = [handle.segment_name]
-        if ticket is not None:
-            names.insert(0, ticket_name(ticket))
-        fd, name, dfd = self._open_first(handle, names)
+        name = handle.segment_name
+        names = [name] if ticket is None else [ticket_name(ticket), name]
+        dfd = self._dirs.get(self.path_for(handle.uid))
+        fd = -1
+        if ticket is None and dfd is not None:  # the common case, without the retry loop
+            try:
+                fd = os.open(name, _IMPORT_FLAGS, dir_fd=dfd)
+            except OSError:
+                pass  # every error is sorted out by the general path below
+        if fd < 0:
+            fd, name, dfd = self._open_first(handle, names)
         if fd < 0:
             raise HipError(
                 hipError_t.hipErrorInvalidResourceHandle,
