@@ -11,15 +11,32 @@ state, or a GPU IPC handle).  ``create`` makes it unnamed (``O_TMPFILE``); only 
 (the explicit export step) links it in, under :attr:`IpcHandle.segment_name`, a one-way
 digest of the handle.
 ``revoke`` unlinks the name: new opens fail, existing mappings stay valid.
+
+Liveness at open: the header names its exporter (pid, start time, pid namespace); ``open``
+reads it with the same ``pread`` as the identity, and a handle whose exporter is gone (killed:
+no exit hook ran) is refused with ``hipErrorInvalidResourceHandle`` and its name reclaimed.
+The check is cached per exporter (:mod:`.liveness`): the first sight of an exporter opens a
+pidfd and reads ``/proc/<pid>/stat`` once; every later open polls that pidfd (one syscall,
+no /proc read), which also catches a zombie and can never be fooled by a reused pid.  A header
+whose exporter fields cannot be trusted (:func:`untrusted_reason`: a grantee with write
+access wrote them) never makes its segment dead, and a shared segment is declared dead only
+when no process maps it (:func:`exporter_gone`): nobody can get a live export reclaimed.
+
+Tickets (send-and-drop, :mod:`hipipc.buffer`): ``issue_ticket`` links the exported segment
+under one more name, a one-way digest of a fresh 128-bit secret carried in a pickle;
+``open(handle, ticket)`` opens through that name, with the same checks, and unlinks it.  The
+ticket keeps the file alive after its exporter revoked the main name.
 """
 
 from __future__ import annotations
 
 import atexit
 import errno
+import hashlib
 import hmac
 import os
 import resource
+import secrets
 import stat
 import threading
 import time
@@ -27,6 +44,7 @@ from collections.abc import Iterator
 
 from .errors import HipError, hipError_t
 from .handle import NODE_ENV, IpcHandle, node_tag
+from .liveness import exporters as _liveness
 from .segment import _EXPORTER as _EXPORTER  # re-exported: tests write headers with it
 from .segment import _HEADER_SIZE, _IDENTITY, SegmentInfo, _identity, exporter_gone, own_process
 from .segment import process_alive as process_alive  # re-exported (older import path)
@@ -104,6 +122,11 @@ def _remove_created_stores() -> None:
                 os.rmdir(path)
         except OSError:
             pass
+
+
+def ticket_name(secret: bytes) -> str:
+    """The store name of a ticket: a one-way digest of its secret (same shape as a segment's)."""
+    return hashlib.blake2b(secret, digest_size=20, person=b"hipipc.ticket").hexdigest()
 
 
 def raise_fd_limit() -> bool:
@@ -435,6 +458,60 @@ class HandleStore:
                            f"cannot export a segment into {self.own_path()}: {exc.strerror}"
                            ) from exc
 
+    def remove_if_empty(self) -> None:
+        """At exit (the registry's exit rule calls this after revoking the process's exports):
+        remove the stores this process created if nothing is left in them.  The atexit hook
+        of :func:`_remember_created` is a fallback for a process whose registry never ran."""
+        _remove_created_stores()
+
+    def issue_ticket(self, handle: IpcHandle) -> tuple[bytes, str]:
+        """Link the exported segment of ``handle`` under a fresh ticket: (secret, name).
+
+        Raises ``hipErrorInvalidResourceHandle`` if the segment has no name any more.
+        """
+        secret = secrets.token_bytes(16)
+        name = ticket_name(secret)
+        dfd = self._dir_fd(os.geteuid(), importing=False)
+        try:
+            os.link(handle.segment_name, name, src_dir_fd=dfd, dst_dir_fd=dfd,
+                    follow_symlinks=False)
+        except FileNotFoundError:
+            raise HipError(hipError_t.hipErrorInvalidResourceHandle,
+                           "cannot send the memory: its export was revoked (freed, or the "
+                           "process is exiting)") from None
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise _no_space(exc, "cannot link a send ticket", self.own_path()) from exc
+            raise HipError(hipError_t.hipErrorOperatingSystem,
+                           f"cannot link a send ticket in {self.own_path()}: {exc.strerror}"
+                           ) from exc
+        return secret, name
+
+    def discard(self, name: str) -> bool:
+        """Unlink ``name`` from this user's store if it exists; True if it was there."""
+        path = self.own_path()
+        dfd = self._dirs.get(path)
+        if dfd is None:
+            if not os.path.isdir(path):
+                return False
+            dfd = self._dir_fd(os.geteuid(), importing=False)
+        try:
+            os.unlink(name, dir_fd=dfd)
+            return True
+        except OSError:
+            return False
+
+    def exists(self, name: str) -> bool:
+        """Whether ``name`` is in this user's store (a ticket not consumed yet)."""
+        dfd = self._dirs.get(self.own_path())
+        if dfd is None:
+            return False
+        try:
+            os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            return True
+        except OSError:
+            return False
+
     def revoke(self, handle: IpcHandle) -> None:
         """Remove the segment's name: later opens fail, open mappings stay valid."""
         dfd = self._dir_fd(os.geteuid(), importing=False)
@@ -445,7 +522,7 @@ class HandleStore:
 
     # -- importer side -------------------------------------------------------------------
 
-    def open(self, handle: IpcHandle) -> int:
+    def open(self, handle: IpcHandle, ticket: bytes | None = None) -> int:
         """Open the segment ``handle`` names and return its descriptor (``O_RDWR``).
 
         Never creates.  First, before the store is touched, the handle's node tag must be this
@@ -455,7 +532,12 @@ class HandleStore:
         the handle's uid with no mode bits beyond 0666, long enough, and a header whose
         identity equals the handle's, compared in constant time.  Raises
         ``hipErrorInvalidResourceHandle`` when no such segment exists (never exported, freed,
-        exporter gone) or it may not be opened, with the reason.
+        exporter gone) or it may not be opened, with the reason.  A segment whose exporter was
+        killed is refused too ("the exporter exited") and its name unlinked where this user
+        may (its own store).
+
+        ``ticket`` (a send-and-drop pickle's secret): open through the ticket's name, falling
+        back to the main name if the ticket was consumed already, and unlink the ticket.
         """
         if handle.node != node_tag():
             raise HipError(
@@ -466,21 +548,16 @@ class HandleStore:
                 f"process of one node the same ${NODE_ENV}",
             )
         name = handle.segment_name
+        names = [name] if ticket is None else [ticket_name(ticket), name]
+        dfd = self._dirs.get(self.path_for(handle.uid))
         fd = -1
-        for fresh in (False, True):
-            dfd = self._dirs.get(self.path_for(handle.uid)) if not fresh else None
+        if ticket is None and dfd is not None:  # the common case, without the retry loop
             try:
-                if dfd is None:
-                    dfd = self._dir_fd(handle.uid, importing=True, fresh=fresh)
                 fd = os.open(name, _IMPORT_FLAGS, dir_fd=dfd)
-                break
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE):
-                    fd = _os_call("opening a handle", os.open, name, _IMPORT_FLAGS, dir_fd=dfd)
-                    break
-                raise self._open_error(handle, exc, dfd) from None
+            except OSError:
+                pass  # every error is sorted out by the general path below
+        if fd < 0:
+            fd, name, dfd = self._open_first(handle, names)
         if fd < 0:
             raise HipError(
                 hipError_t.hipErrorInvalidResourceHandle,
@@ -495,15 +572,83 @@ class HandleStore:
                 raise HipError(hipError_t.hipErrorInvalidResourceHandle,
                                f"the segment is not a regular file of uid {handle.uid} with "
                                f"an expected mode (uid {st.st_uid}, mode {st.st_mode:o})")
-            if st.st_size < PAGE_SIZE + handle.size or not hmac.compare_digest(
-                os.pread(fd, _IDENTITY.size, 0), _identity(handle)
-            ):
+            # One pread for the identity and the exporter: the liveness check costs no read.
+            raw = os.pread(fd, _HEADER_SIZE, 0) if st.st_size >= PAGE_SIZE + handle.size \
+                else b""
+            if len(raw) < _HEADER_SIZE or not hmac.compare_digest(raw[:_IDENTITY.size],
+                                                                  _identity(handle)):
                 raise HipError(hipError_t.hipErrorInvalidResourceHandle,
                                "the segment does not match the handle")
+            pid, pidns, start, _ = _EXPORTER.unpack_from(raw, _IDENTITY.size)
+            # Fast path inline (open's cost is benchmarked): a cached exporter whose pidfd is
+            # not readable is alive.  Any other answer takes the careful path.
+            hit = _liveness.cache.get((pid, start, pidns))
+            if (hit is None or hit[1].poll(0)) and self._exporter_dead(raw, st):
+                self._reclaim(handle, names, dfd, st.st_uid)
+                raise HipError(hipError_t.hipErrorInvalidResourceHandle,
+                               f"the exporter (pid {pid}) exited without freeing: its memory "
+                               "died with it, as in CUDA")
         except BaseException:
             os.close(fd)
             raise
+        if name != handle.segment_name and st.st_uid == os.geteuid():
+            try:  # the ticket is consumed: the descriptor holds the file until it is mapped
+                os.unlink(name, dir_fd=dfd)
+            except OSError:
+                pass
         return fd
+
+    @staticmethod
+    def _exporter_dead(raw: bytes, st: os.stat_result) -> bool:
+        """Whether the exporter the header ``raw`` names has exited, believed only where the
+        header can be trusted: exporter fields a grantee rewrote (out of range, another uid)
+        never make a segment dead, and a segment others may write is dead only when no
+        process maps it (:func:`exporter_gone`), so nobody can get a live export reclaimed."""
+        info = SegmentInfo.parse(raw)
+        if info is None or untrusted_reason(info, st) is not None:
+            return False
+        if _liveness.alive(info.pid, info.start_time, info.pid_namespace):
+            return False
+        return exporter_gone(info, st, [])
+
+    def _open_first(self, handle: IpcHandle, names: list[str]) -> tuple[int, str, int | None]:
+        """Open the first of ``names`` that exists: (fd or -1, name, directory fd).
+
+        Each name through the cached directory first; only if all miss, once more through a
+        freshly opened one (the store may have been removed and recreated).
+        """
+        path = self.path_for(handle.uid)
+        for fresh in (False, True):
+            for name in names:
+                dfd = None if fresh and name is names[0] else self._dirs.get(path)
+                try:
+                    if dfd is None:
+                        dfd = self._dir_fd(handle.uid, importing=True, fresh=fresh)
+                    return os.open(name, _IMPORT_FLAGS, dir_fd=dfd), name, dfd
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    if exc.errno in (errno.EMFILE, errno.ENFILE):
+                        return (_os_call("opening a handle", os.open, name, _IMPORT_FLAGS,
+                                         dir_fd=dfd), name, dfd)
+                    raise self._open_error(handle, exc, dfd) from None
+        return -1, names[-1], None
+
+    def consume_ticket(self, handle: IpcHandle, ticket: bytes) -> None:
+        """Unlink a ticket without opening through it (the memory was open here already)."""
+        if handle.uid == os.geteuid():
+            self.discard(ticket_name(ticket))
+
+    @staticmethod
+    def _reclaim(handle: IpcHandle, names: list[str], dfd: int | None, owner: int) -> None:
+        """Unlink a dead exporter's names, where this user may (its own store)."""
+        if dfd is None or owner != os.geteuid() or handle.uid != owner:
+            return
+        for name in names:
+            try:
+                os.unlink(name, dir_fd=dfd)
+            except OSError:
+                pass
 
     def _open_error(self, handle: IpcHandle, exc: OSError, dfd: int) -> HipError:
         if exc.errno == errno.EACCES:

@@ -73,15 +73,17 @@ class HostBackend(HostDeviceMixin, Backend):
             os.close(fd)
             raise
 
-    def _open_segment(self, handle: IpcHandle) -> Mapping:
-        """Map the segment another process exported under ``handle``."""
-        fd, mapping = self._open_and_map(handle)
+    def _open_segment(self, handle: IpcHandle, ticket: bytes | None = None) -> Mapping:
+        """Map the segment another process exported under ``handle`` (through ``ticket``)."""
+        fd, mapping = self._open_and_map(handle, ticket)
         os.close(fd)
         return mapping
 
-    def _open_and_map(self, handle: IpcHandle) -> tuple[int, Mapping]:
-        """Open and map the segment ``handle`` names: (its descriptor, the mapping)."""
-        fd = self.store.open(handle)  # first: a handle that names nothing says so
+    def _open_and_map(self, handle: IpcHandle, ticket: bytes | None = None
+                      ) -> tuple[int, Mapping]:
+        """Open and map the segment ``handle`` names (through ``ticket``): (its descriptor,
+        the mapping)."""
+        fd = self.store.open(handle, ticket)  # first: a handle that names nothing says so
         try:
             if handle.kind not in _HOST_KINDS:
                 raise HipError(hipError_t.hipErrorNotSupported,
@@ -130,8 +132,8 @@ class HostBackend(HostDeviceMixin, Backend):
                 except OSError:  # closed already (EBADF): nothing left to drop
                     pass
 
-    def open(self, handle: IpcMemHandle) -> ImportedMemory:
-        mapping = self._open_segment(handle)
+    def open(self, handle: IpcMemHandle, ticket: bytes | None = None) -> ImportedMemory:
+        mapping = self._open_segment(handle, ticket)
         return ImportedMemory(mapping.addr, handle.size, handle.device, handle, mapping)
 
     def close(self, mem: ImportedMemory) -> None:
@@ -176,12 +178,12 @@ class HostBackend(HostDeviceMixin, Backend):
             raise
         return HostEvent(flags, device, state, handle, store=self.store, fd=fd)
 
-    def open_event(self, handle: IpcEventHandle) -> HostEvent:
+    def open_event(self, handle: IpcEventHandle, ticket: bytes | None = None) -> HostEvent:
         if handle.size != STATE_SIZE:
             raise HipError(hipError_t.hipErrorInvalidResourceHandle,
                            f"the event handle names {handle.size} bytes of state, this hipipc "
                            f"uses {STATE_SIZE}: exporter and importer run different versions")
-        fd, mapping = self._open_and_map(handle)
+        fd, mapping = self._open_and_map(handle, ticket)
         state = _mapped_state(mapping, fd)  # keeps the descriptor: the event's lock
         # An opened IPC event has the flags its creator had to use.
         return HostEvent(hipEventInterprocess | hipEventDisableTiming, handle.device, state,

@@ -463,6 +463,11 @@ class HostEvent(Event):
     def handle(self) -> IpcEventHandle | None:
         return self._handle
 
+    @property
+    def exported(self) -> bool:
+        """Whether this process linked the event in the store (the exit rule revokes it)."""
+        return self._exported
+
     def record(self, stream: Stream) -> None:
         state = _state_of(self)
         if not isinstance(stream, _HostStreamBase):
