@@ -240,9 +240,6 @@ class DeviceBuffer:
         """The buffer that holds the allocation: an owner, import or alias."""
         return self._target if self._role == _VIEW else self  # type: ignore[return-value]
 
-    def __len__(self) -> int:
-        return self._size
-
     def __getitem__(self, key: slice) -> DeviceBuffer:
         """``buf[a:b]``: a view of bytes ``a`` to ``b`` sharing the allocation's lifetime.
 
