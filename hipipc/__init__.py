@@ -6,6 +6,7 @@ memory, with no copy.  See ``hipipc.runtime`` for the calling convention.
 """
 
 from . import (
+           arrays,
            buffer,
            device,
            devtypes,
@@ -18,6 +19,8 @@ from . import (
            streams,
            transport,
 )
+from ._version import __version__ as __version__
+from .arrays import *  # noqa: F403
 from .buffer import *  # noqa: F403
 from .device import *  # noqa: F403
 from .devtypes import *  # noqa: F403
@@ -30,11 +33,10 @@ from .runtime import *  # noqa: F403
 from .streams import *  # noqa: F403
 from .transport import *  # noqa: F403
 
-__version__ = "0.1.0"
-
 __all__ = [*errors.__all__, *handle.__all__, *events.__all__, *streams.__all__,
            *runtime.__all__, *buffer.__all__, *transport.__all__, *devtypes.__all__,
-           *device.__all__, *hostmem.__all__, *lasterror.__all__]
+           *device.__all__, *hostmem.__all__, *lasterror.__all__,
+           *arrays.__all__]
 
 # Last: every public hip* function records the error it raises (hipGetLastError).
 lasterror.record_errors(globals())

@@ -1,7 +1,9 @@
 """The runner behind ``hipipc bench``: find benchmark scripts, run them, write a report.
 
-A benchmark is a file ``bench_<name>.py`` in the benchmarks directory with a module-level
-``run(quick: bool = False, progress=None) -> dict``.  ``progress``, when given, is a callable
+A benchmark is a module ``bench_<name>.py`` with a module-level
+``run(quick: bool = False, progress=None) -> dict``.  They ship in the package
+(:mod:`hipipc.benchmarks`); a source checkout's ``benchmarks/`` directory may add more, and
+``--dir DIR`` runs those of another directory instead.  ``progress``, when given, is a callable
 taking one string, called between cases.  The result::
 
     {"name": str,
@@ -11,29 +13,43 @@ taking one string, called between cases.  The result::
      "series": {SERIES: {"x_label": str, "y_label": str, "x": [numbers],
                          "lines": {label: [numbers]}}}}
 
-The report directory gets ``report.json`` (every result, the machine, the date) and one PNG
-per series (log-x, one labelled line each) when matplotlib is installed
-(``pip install hipipc[plot]``).
+The report directory gets ``report.json`` (every result, the machine, the date, a
+``schema_version``) and one PNG per series (one labelled line each, axes chosen as
+:func:`write_plots` says) when matplotlib is installed (``pip install hipipc[plot]``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
+import importlib
 import importlib.util
 import json
 import math
 import os
 import platform
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-__all__ = ["BenchError", "default_dir", "discover", "run_all", "write_report", "write_plots",
-           "format_table", "format_rows", "script_main", "stop_child", "ProgressBar",
-           "human_size"]
+# A benchmark result or a report: JSON-like, as described in the module docstring.
+Report = dict[str, Any]
+
+__all__ = ["BenchError", "default_dirs", "discover", "run_all", "write_report",
+           "write_plots", "format_table", "format_rows", "script_main", "start_child",
+           "stop_child", "ProgressBar", "human_size", "REPORT_SCHEMA_VERSION"]
+
+# Bumped when a key of report.json changes meaning or goes away (adding keys does not).
+REPORT_SCHEMA_VERSION = 1
+# The benchmarks shipped in the package, imported by module name (so that the processes they
+# spawn can import them too).
+PACKAGE_DIR = Path(__file__).resolve().parent / "benchmarks"
+_PACKAGE = "hipipc.benchmarks"
 
 PLOT_HINT = "plots need matplotlib: pip install hipipc[plot]"
 
@@ -52,52 +68,125 @@ def human_size(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def default_dir() -> Path:
-    """``benchmarks/`` of the source checkout holding this package, else ``./benchmarks``."""
+def default_dirs() -> list[Path]:
+    """Where ``hipipc bench`` looks without ``--dir``: the package's benchmarks, then the
+    ``benchmarks/`` directory of the source checkout holding this package, if there is one."""
     beside = Path(__file__).resolve().parent.parent / "benchmarks"
-    return beside if beside.is_dir() else Path.cwd() / "benchmarks"
+    return [PACKAGE_DIR] + ([beside] if beside.is_dir() else [])
 
 
-def discover(directory: Path, only: Sequence[str] = ()) -> list[Path]:
-    """The ``bench_*.py`` files of ``directory``, limited to ``only`` (names or file stems)."""
-    if not directory.is_dir():
-        raise BenchError(f"no benchmarks directory at {directory} (pass --dir)")
-    found = sorted(directory.glob("bench_*.py"))
-    if not found:
-        raise BenchError(f"no bench_*.py files in {directory} (pass --dir)")
+def discover(directory: Path | Sequence[Path], only: Sequence[str] = ()) -> list[Path]:
+    """The ``bench_*.py`` files of ``directory`` (or of several, the first holding a name
+    wins: a checkout's script that runs a package module is not run twice), limited to
+    ``only`` (names or file stems)."""
+    directories = [directory] if isinstance(directory, Path) else list(directory)
+    by_name: dict[str, Path] = {}
+    for d in directories:
+        if not d.is_dir():
+            if len(directories) == 1:
+                raise BenchError(f"no benchmarks directory at {d} (pass --dir)")
+            continue
+        for p in sorted(d.glob("bench_*.py")):
+            by_name.setdefault(p.stem.removeprefix("bench_"), p)
+    where = ", ".join(str(d) for d in directories)
+    if not by_name:
+        raise BenchError(f"no bench_*.py files in {where} (pass --dir)")
+    found = [by_name[name] for name in sorted(by_name)]
     if not only:
         return found
-    by_name = {p.stem.removeprefix("bench_"): p for p in found}
     chosen = []
     for name in only:
         path = by_name.get(name.removeprefix("bench_").removesuffix(".py"))
         if path is None:
-            raise BenchError(f"no benchmark named {name!r} in {directory} "
+            raise BenchError(f"no benchmark named {name!r} in {where} "
                              f"(available: {', '.join(sorted(by_name))})")
         if path not in chosen:
             chosen.append(path)
     return chosen
 
 
-class ProgressBar:
-    """A one-line text bar on a stream: completed benchmarks, the current one and its case.
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
-    On a terminal the line is redrawn in place; elsewhere (logs, CI) each update is a line.
+
+def start_child(proc: Any) -> None:
+    """Start a benchmark's helper process immune to Ctrl-C.
+
+    A terminal's Ctrl-C goes to the whole process group; the helper would die with a
+    traceback of its own.  It is started with SIGINT ignored (kept across exec, and Python
+    leaves an inherited SIG_IGN alone), so only the benchmark's process sees the interrupt and
+    stops the helper through :func:`stop_child`.
+    """
+    with _sigint_ignored():
+        proc.start()
+
+
+def _clock(seconds: float) -> str:
+    s = max(0, round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+    return f"{s // 60}:{s % 60:02d}"
+
+
+class ProgressBar:
+    """A one-line text bar on a stream: completed benchmarks, elapsed time, an estimate of the
+    time left, the current benchmark and its case.
+
+    The estimate is the mean time of the benchmarks completed so far times those left, less
+    the time the current one has run (``ETA ?`` until one completes).  On a terminal the line
+    is redrawn in place; elsewhere (logs, CI) each update is a line.
     """
 
-    def __init__(self, total: int, stream: TextIO | None = None, width: int = 20) -> None:
+    def __init__(self, total: int, stream: TextIO | None = None, width: int = 20,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.total = total
         self.stream = stream if stream is not None else sys.stderr
         self.width = width
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self._last = 0
+        self._clock = clock
+        self.started = clock()
+        self._current_started = self.started
+        self._done_seconds = 0.0
         self.done = 0
         self.label = ""
 
+    def begin(self, label: str) -> None:
+        """The next benchmark starts."""
+        self.label = label
+        self._current_started = self._clock()
+        self.show()
+
+    def advance(self) -> None:
+        """The current benchmark completed."""
+        self._done_seconds += self._clock() - self._current_started
+        self.done += 1
+
+    def eta(self) -> float | None:
+        """Seconds left by the estimate above; None before any benchmark completed."""
+        if self.done >= self.total:
+            return 0.0
+        if not self.done:
+            return None
+        mean = self._done_seconds / self.done
+        current = self._clock() - self._current_started
+        return max(0.0, mean * (self.total - self.done) - current)
+
     def show(self, case: str = "") -> None:
         filled = round(self.width * self.done / self.total) if self.total else self.width
+        eta = self.eta()
+        times = (f"{_clock(self._clock() - self.started)} elapsed, ETA "
+                 f"{'?' if eta is None else _clock(eta)}")
         text = (f"[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} "
-                f"{self.label}{': ' + case if case else ''}")
+                f"{times} {self.label}{': ' + case if case else ''}")
         if self.tty:
             try:
                 columns = os.get_terminal_size(self.stream.fileno()).columns
@@ -113,12 +202,18 @@ class ProgressBar:
     def finish(self) -> None:
         self.label = "done"
         self.show()
+        self.end_line()
+
+    def end_line(self) -> None:
+        """End the bar's line on a terminal, so that what follows starts on its own line."""
         if self.tty:
             self.stream.write("\n")
             self.stream.flush()
 
 
 def _load(path: Path) -> Any:
+    if path.parent == PACKAGE_DIR:
+        return importlib.import_module(f"{_PACKAGE}.{path.stem}")
     # Imported under its own stem with its directory on sys.path, so that spawned children
     # of a benchmark (multiprocessing pickles functions by module name) can import it too.
     directory = str(path.parent)
@@ -133,7 +228,7 @@ def _load(path: Path) -> Any:
     return module
 
 
-def _check_result(result: Any, path: Path) -> dict:
+def _check_result(result: Any, path: Path) -> Report:
     if not isinstance(result, dict) or not isinstance(result.get("rows", []), list) or \
             not isinstance(result.get("series", {}), dict):
         raise TypeError(f"{path.name}: run() must return a dict with a 'rows' list and a "
@@ -141,7 +236,7 @@ def _check_result(result: Any, path: Path) -> dict:
     return result
 
 
-def machine_info() -> dict:
+def machine_info() -> dict[str, Any]:
     """What the numbers depend on: CPU, memory, OS, Python, numpy, the hipipc backend."""
     info: dict[str, Any] = {
         "platform": platform.platform(),
@@ -174,7 +269,7 @@ def machine_info() -> dict:
 
 
 def run_all(paths: Sequence[Path], quick: bool = False, stream: TextIO | None = None
-            ) -> dict:
+            ) -> Report:
     """Run each benchmark and return the report; a failing one is recorded, not raised."""
     from . import __version__
 
@@ -182,14 +277,16 @@ def run_all(paths: Sequence[Path], quick: bool = False, stream: TextIO | None = 
     entries = []
     started = _dt.datetime.now(_dt.timezone.utc)
     for path in paths:
-        bar.label = path.stem.removeprefix("bench_")
-        bar.show()
+        bar.begin(path.stem.removeprefix("bench_"))
         t0 = time.perf_counter()
         progress: Callable[[str], None] = bar.show
         try:
             module = _load(path)
             result = _check_result(module.run(quick=quick, progress=progress), path)
             entry = {**result, "error": None}
+        except KeyboardInterrupt:
+            bar.end_line()  # the caller's one-line message starts on a line of its own
+            raise
         except (Exception, SystemExit) as exc:
             # One broken benchmark must not lose the others' numbers; a stray sys.exit()
             # in a script counts as broken too.
@@ -199,9 +296,10 @@ def run_all(paths: Sequence[Path], quick: bool = False, stream: TextIO | None = 
         entry["module"] = path.stem
         entry["seconds"] = round(time.perf_counter() - t0, 3)
         entries.append(entry)
-        bar.done += 1
+        bar.advance()
     bar.finish()
     return {
+        "schema_version": REPORT_SCHEMA_VERSION,
         "tool": "hipipc bench",
         "hipipc_version": __version__,
         "date": started.isoformat(timespec="seconds"),
@@ -221,7 +319,7 @@ def _json_default(obj: Any) -> Any:
     return str(obj)
 
 
-def write_report(report: dict, out: Path) -> Path:
+def write_report(report: Report, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "report.json"
     tmp = out / ".report.json.tmp"
@@ -240,7 +338,7 @@ def _numbers(values: Sequence[Any]) -> list[float]:
     return out
 
 
-def _provenance(report: dict) -> str:
+def _provenance(report: Report) -> str:
     """A plot's footnote: how, when and where its numbers were measured."""
     machine = report.get("machine") or {}
     cpus = machine.get("cpus_usable") or machine.get("cpus")
@@ -253,14 +351,25 @@ def _provenance(report: dict) -> str:
     return ", ".join(p for p in parts if p)
 
 
-def write_plots(report: dict, out: Path) -> list[Path] | None:
-    """One PNG per series (log-x); None when matplotlib is not installed."""
+def _plain_number(v: float) -> str:
+    return f"{v:g}" if v < 1e5 else f"{v:.3g}"
+
+
+def write_plots(report: Report, out: Path) -> list[Path] | None:
+    """One PNG per series; None when matplotlib is not installed.
+
+    Axes are chosen to be read, not just drawn: a size axis (its label says bytes or size) is
+    log2 with the measured sizes as ticks in binary units; any other axis with few points
+    (percentiles, say) puts them evenly spaced, labelled by value; the y axis starts at zero,
+    so heights compare, unless the values span more than 10x, when it is logarithmic with
+    plain-number ticks.
+    """
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.ticker import FuncFormatter, NullLocator
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
     except ImportError:
         return None
     out.mkdir(parents=True, exist_ok=True)
@@ -271,27 +380,38 @@ def write_plots(report: dict, out: Path) -> list[Path] | None:
             stem = sname if sname not in used else f"{bench['name']}-{sname}"
             used.add(stem)
             x = _numbers(series.get("x", []))
+            xl = str(series.get("x_label", "x"))
+            sizes = "byte" in xl.lower() or "size" in xl.lower()
+            positive = bool(x) and min(x) > 0
+            categorical = not sizes and 0 < len(x) <= 12
+            positions = list(range(len(x))) if categorical else x
             fig, ax = plt.subplots(figsize=(7.5, 4.5))
             ys_all = []
             for label, ys in (series.get("lines") or {}).items():
                 ys = _numbers(ys)[:len(x)]
                 ys_all += [y for y in ys if y > 0 and math.isfinite(y)]
-                ax.plot(x[:len(ys)], ys, marker="o", label=str(label))
-            if x and min(x) > 0:
+                ax.plot(positions[:len(ys)], ys, marker="o", label=str(label))
+            if sizes and positive:
                 ax.set_xscale("log", base=2)
-            if ys_all and max(ys_all) / min(ys_all) > 100:
-                ax.set_yscale("log")
-            elif ys_all:
-                ax.set_ylim(bottom=0)  # heights in proportion: ratios read true
-            xl = str(series.get("x_label", "x"))
-            if "byte" in xl.lower() or "size" in xl.lower():
-                if ax.get_xscale() == "log" and len(x) <= 12:
+                if len(x) <= 12:
                     ax.set_xticks(x)  # label the measured sizes themselves
                     ax.xaxis.set_minor_locator(NullLocator())
                 ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _p: human_size(v)))
+            elif categorical:
+                prefix = "p" if "percentile" in xl.lower() else ""
+                ax.set_xticks(positions)
+                ax.set_xticklabels([prefix + _plain_number(v) for v in x])
+                ax.set_xlim(-0.5, len(x) - 0.5)
+            if ys_all and max(ys_all) / min(ys_all) > 10:
+                ax.set_yscale("log")
+                ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+                ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _p: ""))
+                ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _p: _plain_number(v)))
+            elif ys_all:
+                ax.set_ylim(bottom=0)  # heights in proportion: ratios read true
             ax.set_xlabel(xl)
             ax.set_ylabel(str(series.get("y_label", "")))
-            ax.set_title(f"{bench['name']}: {sname}")
+            ax.set_title(f"{bench['name']}: {sname.replace('_', ' ')}")
             ax.grid(True, which="both", alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend()
@@ -315,7 +435,7 @@ def _fmt(v: Any, spec: str) -> str:
         return str(v)
 
 
-def format_rows(rows: Sequence[dict], indent: str = "") -> str:
+def format_rows(rows: Sequence[dict[str, Any]], indent: str = "") -> str:
     """One benchmark's rows as a plain-text table, columns as wide as their cells."""
     head = ("case", "median us", "baseline", "base us", "ratio", "target", "met")
     numeric = (False, True, False, True, True, False, False)
@@ -331,7 +451,7 @@ def format_rows(rows: Sequence[dict], indent: str = "") -> str:
                      for c in cells)
 
 
-def format_table(report: dict) -> str:
+def format_table(report: Report) -> str:
     """The rows of every benchmark in ``report`` (see :func:`run_all`) as plain-text tables."""
     lines = []
     for bench in report["benchmarks"]:
@@ -355,7 +475,7 @@ def stop_child(conn: Any, proc: Any) -> None:
         proc.join(5)
 
 
-def script_main(run: Callable[..., dict], description: str,
+def script_main(run: Callable[..., Report], description: str,
                 argv: Sequence[str] | None = None) -> int:
     """The command line of one ``benchmarks/bench_*.py``: ``[--quick] [--json PATH]``."""
     parser = argparse.ArgumentParser(description=description)

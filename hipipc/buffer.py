@@ -6,11 +6,39 @@ plugs into :mod:`multiprocessing` through ``__reduce__``: sending a buffer throu
 ``Pipe`` or ``Pool`` sends only its 64-byte handle, and the receiver gets a buffer already
 opened (``hipIpcOpenMemHandle``) that is closed (``hipIpcCloseMemHandle``) when it drops it.
 
-Lifetime rule (CUDA's, unchanged): the exporter must keep its buffer alive until every receiver
-has opened it.  ``multiprocessing.Queue.put`` returns before the handle is even pickled (a
-feeder thread sends it), so closing right after ``put`` races the receiver, which then gets
-``hipErrorInvalidResourceHandle``.  Wait for the receiver's reply (or ``Pool.map``'s result)
-before closing.  Once opened, an import stays valid after the exporter frees (host backend).
+Send-and-drop (torch's ``q.put(t); del t``; CuPy sending a temporary).  The exporter may
+drop its buffer right after handing it to a channel: every pickle carries, besides the handle,
+the secret of a one-time *ticket*, an extra hard link of the segment in the exporter's store
+(named by a one-way digest of the secret, :func:`hipipc.store.ticket_name`).  The protocol:
+
+1. Pickling an owner buffer (or a view, alias, or shared array of it) in its process exports
+   it (first time) and links a fresh ticket; the pickle holds handle, ticket secret, byte
+   offset and size.  Pickling an *import* (forwarding) sends the handle without a ticket: the
+   exporter still decides the lifetime.
+2. Unpickling opens through the ticket (same checks as ``hipIpcOpenMemHandle``: owner, mode,
+   header identity in constant time, exporter alive), then unlinks it; if the ticket is gone
+   (this pickle was unpickled before) it opens the main name.  In the exporting process it
+   returns an alias of the live owner and unlinks the ticket.
+3. Dropping or closing the owner revokes the main name at once (``hipFree``, CUDA's rule):
+   raw handles stop opening, but tickets already handed out stay valid until consumed.  The
+   memory itself is released when the owner and every receiver have dropped their objects
+   (a mapping or a name holds the file).
+4. At the sender's exit (the exit rule, :mod:`hipipc.registry`) every ticket not consumed yet
+   is unlinked with the exports, so a receiver that unpickles later gets
+   ``hipErrorInvalidResourceHandle``; after a kill -9 of the sender, the next open refuses
+   and reclaims them (the header names the dead exporter) and ``hipipc gc`` sweeps the rest.
+
+So a loop that sends and drops buffers holds at most the buffers in flight in the channel.
+Limits: a pickle that is never unpickled keeps its memory until the sender exits; a receiver
+of another user (``HIPIPC_SHARE``) cannot unlink a ticket in the exporter's store, so that
+ticket too lives until the sender exits.  Unpickling the same bytes twice: the second opens
+the main name (fails once the owner dropped it).
+
+Views: ``buf[3:9]`` is a 6-byte view at offset 3 that shares the allocation's lifetime (it
+keeps the buffer alive); it pickles with its offset and size and arrives as a view of the same
+bytes (CUDA exports whole allocations and loses the offset; numba, torch and CuPy carry it).
+A 0-byte buffer (``allocate(0)``, ``hipMalloc(0)``'s null pointer) or view pickles too and
+arrives empty.
 
 Unpickling in the exporting process itself (CUDA and HIP refuse to open a handle there,
 ``hipErrorInvalidContext``) returns a non-owning *alias* of the live owner buffer: same
@@ -30,6 +58,7 @@ import numpy as np
 from . import runtime
 from .errors import HipError, hipError_t
 from .handle import IpcMemHandle
+from .registry import get_registry
 
 __all__ = ["DeviceBuffer"]
 
@@ -38,7 +67,17 @@ __all__ = ["DeviceBuffer"]
 _owners: weakref.WeakValueDictionary[str, DeviceBuffer] = weakref.WeakValueDictionary()
 _owners_lock = threading.Lock()
 
-_OWNER, _IMPORT, _ALIAS = "owner", "import", "alias"
+
+def _fresh_owners_lock() -> None:
+    # Another thread may have held the lock when the process forked: the child's copy would
+    # stay locked forever.
+    global _owners_lock
+    _owners_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_fresh_owners_lock)
+
+_OWNER, _IMPORT, _ALIAS, _VIEW, _EMPTY = "owner", "import", "alias", "view", "empty"
 
 
 def _closed_error(what: str) -> HipError:
@@ -56,23 +95,27 @@ class DeviceBuffer:
     never raises).  Numpy views from :meth:`asarray` stay valid after ``close`` (the mapping is
     released with the last view), but pointer arithmetic on :attr:`ptr` does not.
 
-    Pickling sends the 64-byte handle (exporting an owner on first use) and nothing else; see
-    the module docstring for the lifetime rule and the same-process case.  In a forked child
-    an inherited buffer is inert: ``close`` there only marks it closed (the child's runtime
-    does not own the parent's memory) and views raise ``hipErrorInvalidContext``; send the
-    buffer to the child instead, which then opens its own import.
+    Pickling sends the 64-byte handle (exporting an owner on first use), a one-time ticket
+    and the view's offset and size; see the module docstring for the send-and-drop protocol
+    and the same-process case.  ``buf[a:b]`` is a view sharing the allocation's lifetime.
+    In a forked child an inherited buffer is inert: ``close`` there only marks it closed
+    (the child's runtime does not own the parent's memory) and views raise
+    ``hipErrorInvalidContext``; send the buffer to the child instead, which then opens its
+    own import.
     """
 
     __slots__ = ("_ptr", "_size", "_device", "_handle", "_role", "_target", "_pid", "_lock",
-                 "__weakref__")
+                 "_offset", "_open", "__weakref__")
 
     def __init__(self) -> None:
         raise TypeError("use DeviceBuffer.allocate(nbytes) or DeviceBuffer.open(handle)")
 
     @classmethod
     def _make(cls, ptr: int, size: int, device: int, handle: IpcMemHandle | None, role: str,
-              target: DeviceBuffer | None = None) -> DeviceBuffer:
+              target: DeviceBuffer | None = None, offset: int = 0) -> DeviceBuffer:
         self = object.__new__(cls)
+        self._offset = offset  # from the allocation's base (views)
+        self._open = True
         self._ptr = ptr
         self._size = size
         self._device = device
@@ -87,14 +130,18 @@ class DeviceBuffer:
 
     @classmethod
     def allocate(cls, nbytes: int, *, device: int | None = None) -> DeviceBuffer:
-        """Allocate ``nbytes`` (> 0) with ``hipMalloc`` on ``device`` (default: current).
+        """Allocate ``nbytes`` with ``hipMalloc`` on ``device`` (default: current).
 
-        Raises ``hipErrorInvalidValue`` for a size that is not a positive integer,
+        ``nbytes == 0`` gives an empty buffer (``ptr`` 0, as ``hipMalloc(0)``) that can be
+        viewed and sent.  Raises ``hipErrorInvalidValue`` for a size that is not an integer >= 0,
         ``hipErrorInvalidDevice`` for a bad device, ``hipErrorOutOfMemory`` when full.
         """
-        if isinstance(nbytes, bool) or not isinstance(nbytes, (int, np.integer)) or nbytes < 1:
+        if isinstance(nbytes, bool) or not isinstance(nbytes, (int, np.integer)) or nbytes < 0:
             raise HipError(hipError_t.hipErrorInvalidValue,
-                           f"DeviceBuffer.allocate needs a positive byte count, got {nbytes!r}")
+                           f"DeviceBuffer.allocate needs a byte count >= 0, got {nbytes!r}")
+        if nbytes == 0:
+            return cls._make(0, 0, runtime.hipGetDevice() if device is None else device,
+                             None, _EMPTY)
         previous = runtime.hipGetDevice()
         if device is not None:
             runtime.hipSetDevice(device)
@@ -120,27 +167,34 @@ class DeviceBuffer:
         return cls._make(ptr, handle.size, handle.device, handle, _IMPORT)
 
     @classmethod
-    def from_handle(cls, handle: IpcMemHandle | bytes | bytearray | memoryview
-                    ) -> DeviceBuffer:
+    def from_handle(cls, handle: IpcMemHandle | bytes | bytearray | memoryview,
+                    ticket: bytes | None = None) -> DeviceBuffer:
         """Like :meth:`open`, but in the exporting process return an alias of its owner buffer.
 
-        This is what unpickling does.  Raises ``hipErrorInvalidContext`` when this process
-        exported the handle through the bare ``hipIpcGetMemHandle`` (no owner buffer exists
-        to alias: use that pointer directly).
+        This is what unpickling does; ``ticket`` is a pickle's one-time ticket (module
+        docstring).  Raises ``hipErrorInvalidContext`` when this process exported the handle
+        through the bare ``hipIpcGetMemHandle`` (no owner buffer exists to alias: use that
+        pointer directly).
         """
         handle = IpcMemHandle.coerce(handle)
         with _owners_lock:
             owner = _owners.get(handle.segment_name)
+        reg = get_registry()
         if owner is not None and not owner.closed and owner._pid == os.getpid():
+            if ticket is not None:
+                reg.backend.store.consume_ticket(handle, ticket)
             return cls._make(owner._ptr, owner._size, owner._device, handle, _ALIAS, owner)
-        return cls.open(handle)
+        if ticket is None:
+            return cls.open(handle)
+        ptr = reg.open(handle, ticket)
+        return cls._make(ptr, handle.size, handle.device, handle, _IMPORT)
 
     # -- state ---------------------------------------------------------------------------
 
     @property
     def ptr(self) -> int:
-        """The device pointer (``hipErrorInvalidValue`` once closed)."""
-        if not self._ptr:
+        """The device pointer (``hipErrorInvalidValue`` once closed; 0 for an empty buffer)."""
+        if self.closed:
             raise _closed_error("ptr")
         return self._ptr
 
@@ -172,7 +226,41 @@ class DeviceBuffer:
 
     @property
     def closed(self) -> bool:
-        return not self._ptr
+        """True once closed; a view is closed with the buffer it views."""
+        target = self._target
+        return not self._open or (self._role == _VIEW and target is not None
+                                  and target.closed)
+
+    @property
+    def offset(self) -> int:
+        """Byte offset from the start of the allocation (non-zero for views)."""
+        return self._offset
+
+    def _root(self) -> DeviceBuffer:
+        """The buffer that holds the allocation: an owner, import or alias."""
+        return self._target if self._role == _VIEW else self  # type: ignore[return-value]
+
+    def __getitem__(self, key: slice) -> DeviceBuffer:
+        """``buf[a:b]``: a view of bytes ``a`` to ``b`` sharing the allocation's lifetime.
+
+        Only contiguous slices (step 1); raises ``TypeError`` for anything else.
+        """
+        if not isinstance(key, slice):
+            raise TypeError("a DeviceBuffer is indexed by contiguous slices (buf[3:9]); for "
+                            "elements use buf.asarray()[i]")
+        start, stop, step = key.indices(self._size)
+        if step != 1:
+            raise TypeError("a DeviceBuffer view must be contiguous (slice step 1); use "
+                            "buf.asarray()[::step] for a strided array view")
+        if self._role == _EMPTY:
+            if self.closed:
+                raise _closed_error("slicing")
+            return self._make(0, 0, self._device, None, _EMPTY)
+        ptr = self._check_process("slicing")
+        stop = max(start, stop)
+        root = self._root()
+        return self._make(ptr + start, stop - start, self._device, self._handle, _VIEW, root,
+                          self._offset + start)
 
     @property
     def handle(self) -> IpcMemHandle:
@@ -186,6 +274,11 @@ class DeviceBuffer:
         process is fine while the exporter keeps the memory); ``share`` is then refused with
         ``hipErrorInvalidValue``: only the exporter decides who may open its memory.
         """
+        if self._role in (_VIEW, _EMPTY):
+            if self._role == _EMPTY:
+                raise HipError(hipError_t.hipErrorInvalidValue,
+                               "an empty buffer (0 bytes, null pointer) has no handle")
+            return self._root().export(share)
         if self._handle is not None and (self._role != _OWNER or self._pid != os.getpid()):
             if share is not None:
                 raise HipError(hipError_t.hipErrorInvalidValue,
@@ -205,17 +298,39 @@ class DeviceBuffer:
                 ) -> Any:
         """A zero-copy array over the buffer (numpy for host memory, CuPy for GPU memory).
 
-        ``shape`` defaults to as many ``dtype`` items as fit.  The view keeps the memory mapped
-        even after :meth:`close`.  Raises ``hipErrorInvalidValue`` if the shape does not fit.
+        ``shape`` defaults to as many ``dtype`` items as fit.  The array (a
+        :class:`~hipipc.arrays.SharedArray`, pickled as shared memory) and its views keep this
+        buffer alive while they live; after an explicit :meth:`close` they keep only the
+        mapping (readable here, no longer shareable).  Raises ``hipErrorInvalidValue`` if the
+        shape does not fit.
         """
-        ptr = self._check_process("asarray")
         dt = np.dtype(dtype)
         if shape is None:
             if not dt.itemsize:
                 raise HipError(hipError_t.hipErrorInvalidValue,
                                f"asarray: dtype {dt} has no size; pass a shape")
             shape = self._size // dt.itemsize
-        return runtime.asarray(ptr, shape, dt)
+        if self._role == _EMPTY:
+            if self.closed:
+                raise _closed_error("asarray")
+            from .arrays import SharedArray
+            return np.empty(shape, dt).view(SharedArray)  # raises if the shape needs bytes
+        ptr = self._check_process("asarray")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        if nbytes > self._size:
+            raise HipError(hipError_t.hipErrorInvalidValue,
+                           f"asarray: {shape} of {dt} needs {nbytes} bytes, the buffer has "
+                           f"{self._size}")
+        arr = runtime.asarray(ptr, shape, dt)
+        from .arrays import _pin_of
+
+        pin = _pin_of(arr)
+        if pin is not None:
+            # The array keeps this buffer (so its allocation and export) alive, as a tensor
+            # keeps its storage: dropping the buffer while arrays of it live frees nothing,
+            # and the arrays can still be sent.  close() still frees at once.
+            pin._hip_buffer = self
+        return arr
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
         """``np.asarray(buf)``: the bytes as a zero-copy ``uint8`` array (numpy's copy rules)."""
@@ -227,12 +342,51 @@ class DeviceBuffer:
             return arr.astype(dtype)
         return arr.copy() if copy else arr
 
+    # -- host protocols: buffer, array interface, len, DLPack -------------------------------
+    # All of them export the same zero-copy view (``_host_view``), which owns a reference to
+    # the mapping: a consumer's array or memoryview stays valid after ``close`` like any view
+    # from ``asarray``, never a dangling pointer.  A typed view goes through ``asarray``:
+    # ``np.from_dlpack(buf.asarray(np.float32, (4, 4)))`` has that dtype and shape.
+
+    def _host_view(self) -> np.ndarray:
+        return self.asarray()
+
+    def __len__(self) -> int:
+        """The size in bytes (the length of ``memoryview(buf)``); kept after ``close``."""
+        return self._size
+
+    def __buffer__(self, flags: int) -> memoryview:
+        """The buffer protocol (PEP 688, Python >= 3.12): ``memoryview(buf)``, writable bytes.
+
+        Raises ``hipErrorInvalidValue`` once closed.  On Python 3.10 and 3.11, which have no
+        Python-level buffer protocol, use ``memoryview(buf.asarray())``.
+        """
+        return memoryview(self._host_view())
+
+    def __release_buffer__(self, view: memoryview) -> None:
+        view.release()
+
+    @property
+    def __array_interface__(self) -> dict[str, Any]:
+        """numpy's array interface (version 3): the bytes as ``uint8``, zero-copy and writable.
+
+        ``data`` is a memoryview of the view rather than a raw address, so the array numpy
+        builds holds the mapping alive.  Raises ``hipErrorInvalidValue`` once closed.
+        """
+        view = self._host_view()
+        return {"version": 3, "shape": view.shape, "typestr": view.dtype.str,
+                "data": memoryview(view), "strides": None}
+
     def __dlpack__(self, **kwargs: Any) -> Any:
-        """DLPack capsule of a byte view (host memory: kDLCPU); keeps the mapping alive."""
-        return self.asarray().__dlpack__(**kwargs)
+        """DLPack capsule of a byte view (host memory: kDLCPU); keeps the mapping alive.
+
+        The keywords (``stream``, ``max_version``, ``dl_device``, ``copy``) are numpy's.
+        """
+        return self._host_view().__dlpack__(**kwargs)
 
     def __dlpack_device__(self) -> tuple[int, int]:
-        return self.asarray().__dlpack_device__()
+        """``(kDLCPU = 1, 0)`` for host memory."""
+        return self._host_view().__dlpack_device__()
 
     # -- closing -------------------------------------------------------------------------
 
@@ -244,10 +398,11 @@ class DeviceBuffer:
         this object's back (for example with a bare ``hipFree``).
         """
         with self._lock:
-            ptr, self._ptr = self._ptr, 0
+            was_open, self._open = self._open, False
+            ptr = self._ptr
             target, self._target = self._target, None
-        del target  # an alias lets go of its owner here (which may free it, if last)
-        if not ptr or self._pid != os.getpid():
+        del target  # an alias or view lets go of its owner here (which may free it, if last)
+        if not was_open or not ptr or self._pid != os.getpid():
             return  # closed already, or inherited over fork: the parent owns it
         if self._role == _OWNER:
             if self._handle is not None:
@@ -272,18 +427,41 @@ class DeviceBuffer:
 
     # -- pickling ------------------------------------------------------------------------
 
-    def __reduce__(self) -> tuple[Any, tuple[bytes]]:
-        """Pickle as the 64-byte handle; the receiver opens it (see the module docstring)."""
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """Pickle as handle + one-time ticket + offset + size (the module docstring's
+        send-and-drop protocol); the receiver opens it."""
         if self.closed:
             raise _closed_error("pickling (sending)")
-        return (_rebuild, (bytes(self.export()),))
+        if self._role == _EMPTY or self._size == 0:
+            return (_rebuild_empty, (self._device,))
+        root = self._root()
+        handle = self.export()
+        ticket = None
+        if root._role in (_OWNER, _ALIAS) and self._pid == os.getpid():
+            ticket = get_registry().issue_ticket(handle)
+        return (_rebuild, (bytes(handle), ticket, self._offset, self._size))
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"ptr={self._ptr:#x}"
+        if self._role == _VIEW:
+            state += f" offset={self._offset}"
         ident = f", id={self._handle.fingerprint}" if self._handle is not None else ""
         return (f"<DeviceBuffer {self._role} {state} size={self._size} "
                 f"device={self._device}{ident}>")
 
 
-def _rebuild(raw: bytes) -> DeviceBuffer:
-    return DeviceBuffer.from_handle(raw)
+def _rebuild(raw: bytes, ticket: bytes | None = None, offset: int = 0,
+             size: int | None = None) -> DeviceBuffer:
+    root = DeviceBuffer.from_handle(raw, ticket)
+    if offset == 0 and (size is None or size == root.size):
+        return root
+    if offset < 0 or size is None or size < 0 or offset + size > root.size:
+        root.close()
+        raise HipError(hipError_t.hipErrorInvalidValue,
+                       f"a pickled view of {size} bytes at offset {offset} does not fit its "
+                       f"allocation of {root.size} bytes")
+    return root[offset:offset + size]  # the view holds the import; closed when dropped
+
+
+def _rebuild_empty(device: int) -> DeviceBuffer:
+    return DeviceBuffer._make(0, 0, device, None, _EMPTY)

@@ -13,11 +13,20 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .errors import HipError
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_MISSED = 0, 1, 2, 3
+# The "schema_version" of every --json output: bumped when a key changes meaning or goes away
+# (adding keys does not), so scripts can check what they parse.
+JSON_SCHEMA_VERSION = 1
+
+
+def _print_json(command: str, body: dict[str, Any]) -> None:
+    print(json.dumps({"schema_version": JSON_SCHEMA_VERSION, "command": command, **body},
+                     indent=2))
 
 
 def _human_age(seconds: float) -> str:
@@ -31,21 +40,46 @@ def _human_age(seconds: float) -> str:
     return f"{s // 86400}d"
 
 
-def _segments() -> tuple[str, list[dict]]:
+def _usable_store() -> Any:
+    """This user's store; HipError (exit 1) saying what is wrong with its path and the fix."""
+    from .errors import hipError_t
     from .store import HandleStore
 
     store = HandleStore()
+    problem = store.diagnose()
+    if problem is not None:
+        raise HipError(hipError_t.hipErrorOperatingSystem, problem)
+    return store
+
+
+def _warn(command: str, skipped: list[tuple[str, str]]) -> None:
+    """One line on stderr per segment whose header cannot be trusted (skipped, kept)."""
+    for name, why in skipped:
+        print(f"hipipc {command}: warning: skipped segment {name[:12]}: {why} (header "
+              "written by someone else?)", file=sys.stderr)
+
+
+def _segments(store: Any = None) -> tuple[str, list[dict[str, Any]], list[tuple[str, str]]]:
+    from .store import exporter_gone, untrusted_reason
+
+    store = store or _usable_store()
     now = time.time()
-    rows = []
+    rows: list[dict[str, Any]] = []
+    skipped: list[tuple[str, str]] = []
+    mapped: list = []
     for name, info, st in store.entries():
         if info is None:
             rows.append({"name": name, "kind": None, "size": st.st_size, "pid": None,
                          "alive": None, "age_s": now - st.st_mtime, "foreign": True})
             continue
+        problem = untrusted_reason(info, st)
+        if problem is not None:
+            skipped.append((name, problem))
+            continue
         rows.append({"name": name, "kind": info.kind.name.lower(), "size": info.size,
-                     "pid": info.pid, "alive": info.exporter_alive(),
+                     "pid": info.pid, "alive": not exporter_gone(info, st, mapped),
                      "age_s": round(now - info.created, 3), "foreign": False})
-    return store.own_path(), rows
+    return store.own_path(), rows, skipped
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -54,10 +88,15 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
     reg = get_registry()
     store = reg.backend.store
-    path, rows = _segments()
+    problem = store.diagnose()
+    if problem is None:
+        path, rows, _ = _segments(store)
+    else:
+        path, rows = store.own_path(), []
     share = os.environ.get(SHARE_ENV, "user")
     mode = share_mode()
     alive = sum(1 for r in rows if r["alive"])
+    dead = sum(1 for r in rows if r["alive"] is False)
     info = {
         "version": __version__,
         "backend": reg.backend.name,
@@ -67,30 +106,37 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "store_exists": os.path.isdir(path),
         "sharing": share,
         "segment_mode": f"{mode:04o}",
+        "store_problem": problem,
         "exports_alive": alive,
-        "exports_dead": len(rows) - alive,
+        "exports_dead": dead,
     }
+    status = EXIT_OK
+    if problem is not None:
+        print(f"hipipc info: error: {problem}", file=sys.stderr)
+        status = EXIT_FAIL
     if args.json:
-        print(json.dumps(info, indent=2))
-        return EXIT_OK
+        _print_json("info", info)
+        return status
     print(f"hipipc   {__version__}")
     print(f"backend  {info['backend']}")
     print(f"devices  {info['devices']}")
-    print(f"store    {path}{'' if info['store_exists'] else ' (not created yet)'}"
-          f"  (template {store.template})")
+    state = " (UNUSABLE, see the error)" if problem else \
+        "" if info["store_exists"] else " (not created yet)"
+    print(f"store    {path}{state}  (template {store.template})")
     print(f"sharing  {share} (exported segments get mode {mode:04o})")
     dead = f", {info['exports_dead']} of exited exporters (run 'hipipc gc')" \
         if info["exports_dead"] else ""
     print(f"exports  {alive} live{dead}")
-    return EXIT_OK
+    return status
 
 
 def _cmd_ls(args: argparse.Namespace) -> int:
     from .bench import human_size
 
-    path, rows = _segments()
+    path, rows, skipped = _segments()
+    _warn("ls", skipped)
     if args.json:
-        print(json.dumps({"store": path, "segments": rows}, indent=2))
+        _print_json("ls", {"store": path, "segments": rows})
         return EXIT_OK
     if rows:
         print(f"{'name':12}  {'kind':12}  {'size':>10}  {'exporter pid':>12}  {'state':6}  age")
@@ -109,23 +155,28 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _cmd_gc(args: argparse.Namespace) -> int:
-    from .store import HandleStore
-
-    store = HandleStore()
+    store = _usable_store()
+    path = store.own_path()
+    skipped: list[tuple[str, str]] = []
     # Nothing to collect without a store; collect() would create an empty one.
-    removed = store.collect() if os.path.isdir(store.own_path()) else []
-    for name in removed:
-        print(f"removed {name[:12]}")
-    print(f"removed {len(removed)} segment(s) of exited exporters from {store.own_path()}")
+    names = store.collect(skipped, dry_run=args.dry_run) if os.path.isdir(path) else []
+    _warn("gc", skipped)
+    if args.json:
+        _print_json("gc", {"store": path, "dry_run": args.dry_run, "removed": names})
+        return EXIT_OK
+    verb = "would remove" if args.dry_run else "removed"
+    for name in names:
+        print(f"{verb} {name[:12]}")
+    print(f"{verb} {len(names)} segment(s) of exited exporters from {path}")
     return EXIT_OK
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
-    directory = Path(args.dir) if args.dir else bench.default_dir()
+    directories = [Path(args.dir)] if args.dir else bench.default_dirs()
     try:
-        paths = bench.discover(directory, args.only or ())
+        paths = bench.discover(directories, args.only or ())
     except bench.BenchError as exc:
         print(f"hipipc bench: error: {exc}", file=sys.stderr)
         return EXIT_FAIL
@@ -186,15 +237,20 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Remove this user's segments whose exporter has exited "
                        "(checked by pid and process start time, so a reused pid is not "
                        "mistaken for the exporter).  Live exports are never touched.")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list what would be removed, remove nothing")
+    p.add_argument("--json", action="store_true",
+                   help="print JSON (full names of the removed segments) instead")
     p.set_defaults(func=_cmd_gc)
 
     p = sub.add_parser("bench", help="run the benchmarks, write report.json and plots",
-                       description="Run every benchmarks/bench_*.py (each defines "
-                       "run(quick, progress) -> dict), print a table, and write report.json "
-                       "and one PNG per series (needs matplotlib: pip install hipipc[plot]) "
-                       "to --out.")
-    p.add_argument("--dir", metavar="DIR", help="benchmarks directory (default: benchmarks/ "
-                   "of the source checkout, else ./benchmarks)")
+                       description="Run every benchmark (the bench_*.py modules of "
+                       "hipipc.benchmarks, plus those of a source checkout's benchmarks/ "
+                       "directory; each defines run(quick, progress) -> dict), print a table, "
+                       "and write report.json and one PNG per series (needs matplotlib: pip "
+                       "install hipipc[plot]) to --out.  Ctrl-C stops the run.")
+    p.add_argument("--dir", metavar="DIR", help="run the bench_*.py files of DIR instead "
+                   "(default: the package's benchmarks and the source checkout's)")
     p.add_argument("--out", metavar="DIR", default="bench-report",
                    help="report directory (default: ./bench-report)")
     p.add_argument("--quick", action="store_true", help="fewer sizes and repetitions")
@@ -211,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code: int = args.func(args)
+        return code
     except HipError as exc:
         print(f"hipipc {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_FAIL

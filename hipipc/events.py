@@ -11,6 +11,13 @@ CUDA/HIP rules kept here and by every backend:
   opened its handle may record it, query it, synchronize on it and make streams wait on it.
 - ``hipEventElapsedTime`` needs two completed events created with timing.
 
+Events travel (as torch and cuda.core send them through queues): pickling an interprocess
+event sends its IPC handle, plus a one-time ticket when the creator sends it, so that the
+creator may drop its event right after sending (the send-and-drop protocol of
+:mod:`hipipc.buffer`); the receiver gets the event opened (``hipIpcOpenEventHandle``), and
+the creating process gets its own event back.  A local event cannot be pickled: its records
+complete in private memory (``TypeError`` saying to create it with ``hipEventInterprocess``).
+
 Backends subclass :class:`Event`; nothing above ``backends/`` needs to know which one runs.
 """
 
@@ -124,6 +131,25 @@ class Event(abc.ABC):
     def forget(self) -> None:  # noqa: B027 - optional hook
         """In a forked child: drop per-process resources without touching the parent's."""
 
+    def __reduce__(self) -> tuple[Any, tuple[bytes, bytes | None]]:
+        """Pickle an interprocess event as its handle (+ a ticket from its creator)."""
+        if self.handle is None:
+            raise TypeError(
+                "a local event cannot be sent to another process (its records complete in "
+                "this process's private memory): create it with hipEventCreateWithFlags("
+                "hipEventInterprocess | hipEventDisableTiming) and send that event or its "
+                "hipIpcGetEventHandle")
+        if self.destroyed:
+            raise destroyed_event()
+        from .registry import get_registry  # registry imports this module
+
+        reg = get_registry()
+        ticket = None
+        if reg.own_event(self.handle) is self:
+            handle = self.export(0o600)  # the mode hipIpcGetEventHandle uses: user only
+            ticket = reg.issue_ticket(handle)
+        return (_rebuild_event, (bytes(self.handle), ticket))
+
     def __repr__(self) -> str:
         state = "destroyed" if self.destroyed else "live"
         ipc = f" ipc id={self.handle.fingerprint}" if self.handle is not None else ""
@@ -131,3 +157,17 @@ class Event(abc.ABC):
 
 
 hipEvent_t = Event
+
+
+def _rebuild_event(raw: bytes, ticket: bytes | None) -> Event:
+    """Unpickle an event: the creator's own event in its process, else open the handle."""
+    from .registry import get_registry
+
+    handle = IpcEventHandle.coerce(raw)
+    reg = get_registry()
+    own = reg.own_event(handle)
+    if own is not None and not own.destroyed:
+        if ticket is not None:
+            reg.backend.store.consume_ticket(handle, ticket)
+        return own
+    return reg.open_event(handle, ticket)

@@ -9,12 +9,24 @@ One registry exists per process (:func:`get_registry`); a forked child starts a 
 so it can import its parent's handles but cannot free its parent's memory.  The child keeps
 only the parent's address ranges (plain numbers, no descriptor), so that a parent's pointer
 used in the child gets an error that says where it comes from.
+
+Exit rule (CUDA's: a process's memory dies with it).  At a normal exit (the interpreter ends,
+``sys.exit``, an exception reaching the top, or a ``multiprocessing`` child finishing) the
+registry, in this order: drains its streams (enqueued work still completes), unlinks the name
+of every export of the process (memory and interprocess events) and every ticket it issued
+that no receiver consumed, then removes its store if that left it empty.  Processes that
+opened the memory already keep their mappings, as after ``hipFree``.  The hook runs from
+``multiprocessing``'s exit function when that module is loaded (after a ``Queue``'s feeder
+thread has flushed what was put, so a sent buffer is pickled before it is revoked), else from
+``atexit``.  After a kill -9 nothing runs: the store refuses the dead exporter's handles at the
+next open and reclaims them (:meth:`HandleStore.open`), and ``hipipc gc`` sweeps the rest.
 """
 
 from __future__ import annotations
 
 import atexit
 import bisect
+import contextlib
 import os
 import sys
 import threading
@@ -56,7 +68,18 @@ class Registry:
         self._own_events: weakref.WeakValueDictionary[str, Event] = \
             weakref.WeakValueDictionary()
         self._events: weakref.WeakSet[Event] = weakref.WeakSet()
-        atexit.register(self._drain_at_exit)
+        # Ticket names this process linked in its store (send-and-drop), pruned of consumed
+        # ones whenever the set doubles, removed at exit.
+        self._tickets: set[str] = set()
+        self._ticket_limit = 256
+        self._exited = False
+        mp_util = sys.modules.get("multiprocessing.util")
+        if mp_util is not None:
+            # Runs from multiprocessing's exit function (atexit in the main process, called
+            # explicitly in its children, forked ones included), after the Queue feeders.
+            mp_util.Finalize(None, self._at_exit, exitpriority=-100)
+        else:
+            atexit.register(self._at_exit)
 
     # -- devices -------------------------------------------------------------------------
 
@@ -158,20 +181,29 @@ class Registry:
                 alloc.exported = True
             return alloc.handle
 
+    def own_pointer(self, handle: IpcMemHandle) -> int | None:
+        """The base pointer of this process's live allocation under ``handle``, if any."""
+        with self._lock:
+            alloc = self._own.get(handle.segment_name)
+            return alloc.ptr if alloc is not None else None
+
     # -- imports -------------------------------------------------------------------------
 
-    def open(self, handle: IpcMemHandle) -> int:
+    def open(self, handle: IpcMemHandle, ticket: bytes | None = None) -> int:
+        """Open ``handle`` (through ``ticket``, a pickle's, if given: see :mod:`.buffer`)."""
         name = handle.segment_name
         with self._lock:
             mem = self._imports.get(name)
             if mem is not None:
                 mem.refs += 1
+                if ticket is not None:
+                    self.backend.store.consume_ticket(handle, ticket)
                 return mem.ptr
             if name in self._own:
                 raise HipError(hipError_t.hipErrorInvalidContext,
                                "this process exported the handle; use the pointer itself "
                                "(CUDA and HIP refuse to open a handle in its exporting process)")
-            mem = self.backend.open(handle)
+            mem = self.backend.open(handle, ticket)
             self._insert(mem)
             self._imports[name] = mem
             return mem.ptr
@@ -240,20 +272,40 @@ class Registry:
             self._own_events[event.handle.segment_name] = event
         return event
 
-    def open_event(self, handle: IpcEventHandle) -> Event:
+    def issue_ticket(self, handle: IpcMemHandle | IpcEventHandle) -> bytes:
+        """Link a one-time ticket to this process's exported ``handle``; its secret.
+
+        The ticket keeps the segment alive after the export is revoked, until a receiver
+        opens through it (and unlinks it) or this process exits.
+        """
+        with self._lock:
+            if len(self._tickets) >= self._ticket_limit:
+                # Amortised: forget the tickets receivers consumed, then allow twice as many.
+                store = self.backend.store
+                self._tickets = {t for t in self._tickets if store.exists(t)}
+                self._ticket_limit = max(256, 2 * len(self._tickets))
+            secret, name = self.backend.store.issue_ticket(handle)
+            self._tickets.add(name)
+        return secret
+
+    def open_event(self, handle: IpcEventHandle, ticket: bytes | None = None) -> Event:
         if handle.segment_name in self._own_events:
             raise HipError(hipError_t.hipErrorInvalidContext,
                            "this process created the event; use the event itself (CUDA and "
                            "HIP refuse to open a handle in its exporting process)")
         if handle.uid != os.geteuid():
-            # Event state holds a process-shared lock a writer could corrupt (eventstate.py).
+            # A peer could write the event's page and read-lock its file (eventstate.py).
             raise HipError(hipError_t.hipErrorInvalidResourceHandle,
                            f"the event was exported by uid {handle.uid}; interprocess events "
                            "work only between processes of one user (memory handles can be "
                            "shared further, see HIPIPC_SHARE)")
-        event = self.backend.open_event(handle)
+        event = self.backend.open_event(handle, ticket)
         self._events.add(event)
         return event
+
+    def own_event(self, handle: IpcEventHandle) -> Event | None:
+        """The live interprocess event this process created under ``handle``, if any."""
+        return self._own_events.get(handle.segment_name)
 
     def _drain_at_exit(self, timeout: float = 10.0) -> None:
         """At interpreter exit, let enqueued work finish (CUDA's rule: destroy and exit do
@@ -266,6 +318,36 @@ class Registry:
         except HipError:
             print(f"hipipc: work enqueued on {len(streams)} stream(s) did not finish within "
                   f"{timeout:.0f} s of exit; abandoning it", file=sys.stderr)
+
+    def _at_exit(self) -> None:
+        """The exit rule (module docstring): drain, revoke every export and ticket, remove
+        the store if empty.  Once per process; every step is guarded so the others run."""
+        if os.getpid() != self._pid or self._exited:
+            return
+        self._exited = True
+        try:
+            self._drain_at_exit()
+        except Exception:
+            pass
+        self.revoke_all()
+        with contextlib.suppress(Exception):
+            self.backend.store.remove_if_empty()
+
+    def revoke_all(self) -> None:
+        """Unlink the names of every export and unconsumed ticket of this process (the exit
+        rule); allocations stay mapped here and in the processes that opened them."""
+        store = self.backend.store
+        with self._lock:
+            handles = [a.handle for a in self._own.values() if a.exported]
+            tickets, self._tickets = self._tickets, set()
+        handles += [ev.handle for ev in list(self._own_events.values())
+                    if ev.handle is not None and getattr(ev, "exported", True)]
+        for handle in handles:
+            with contextlib.suppress(Exception):
+                store.revoke(handle)
+        for name in tickets:
+            with contextlib.suppress(Exception):
+                store.discard(name)
 
     # -- process lifetime ----------------------------------------------------------------
 
@@ -296,23 +378,38 @@ class Registry:
 
         Returns the address ranges the parent held (with those it inherited), for the child's
         registry to recognize the parent's pointers by; the child's null stream is fresh.
+        Never fails halfway: the fork may have caught another thread of the parent inside a
+        call, so each step tolerates what it left (a descriptor closed already, a lock held),
+        and one object's failure does not keep the others from being forgotten.
         """
+        self._lock = threading.RLock()  # the parent's other threads may have held it
         inherited = self._inherited + [(r.ptr, r.ptr + r.size, self._pid)
                                        for r in self._regions.values()]
-        for region in list(self._regions.values()):
-            self.backend.forget(region)
-        self.backend.null_stream().forget()
-        for stream in self._streams:
-            stream.forget()
-        for event in list(self._events):
-            event.forget()
-        self._streams.clear()
-        self._own_events.clear()
-        self._events.clear()
-        self._regions.clear()
-        self._bases.clear()
-        self._own.clear()
-        self._imports.clear()
+        objects: list = [*self._regions.values(), self.backend.null_stream(), *self._streams,
+                         *self._events]
+        for obj in objects:
+            try:
+                if isinstance(obj, Region):
+                    self.backend.forget(obj)
+                else:
+                    obj.forget()
+            except Exception:  # a descriptor leaked in the child is harmless
+                continue
+        store = getattr(self.backend, "store", None)
+        if store is not None:
+            try:
+                store.forget()
+            except Exception:  # as above
+                pass
+        self._streams = set()
+        self._own_events = weakref.WeakValueDictionary()
+        self._events = weakref.WeakSet()
+        self._regions = {}
+        self._bases = []
+        self._own = {}
+        self._imports = {}
+        self._tickets = set()  # the parent's: it removes them at its exit
+        self._exited = True  # this registry is the parent's; the child makes its own
         return sorted(inherited)
 
 
@@ -335,12 +432,50 @@ def get_registry() -> Registry:
     return reg
 
 
+# How long fork waits for another thread to finish its registry call before forking anyway
+# (the child then copes with a call caught midway: forget_all tolerates it).
+_FORK_LOCK_WAIT = 5.0
+# The locks the forking thread holds across fork (per thread: two threads may fork at once).
+_fork_locks = threading.local()
+
+
+def _before_fork() -> None:
+    """Hold the registry's and its store's locks across fork, so that no other thread is
+    inside an export, import or free when the child is made: the child never inherits a
+    half-done one.  Same order as every call takes them (registry, then store)."""
+    held: list = []
+    _fork_locks.held = held
+    reg = _registry
+    if reg is None:
+        return
+    for lock in (reg._lock, getattr(reg.backend.store, "_lock", None)):
+        if lock is not None and lock.acquire(timeout=_FORK_LOCK_WAIT):
+            held.append(lock)
+
+
+def _after_fork_in_parent() -> None:
+    held = getattr(_fork_locks, "held", [])
+    _fork_locks.held = []
+    for lock in reversed(held):
+        lock.release()
+
+
 def _after_fork_in_child() -> None:
+    """The child starts a fresh registry: it can import its parent's handles but cannot
+    free, export or close its parent's memory.  Never fails halfway: the registry is reset in
+    ``finally`` whatever forgetting the parent's objects raised."""
     global _registry, _registry_lock, _inherited
+    reg, _registry = _registry, None
     _registry_lock = threading.Lock()
-    if _registry is not None:
-        _inherited = _registry.forget_all()
-    _registry = None
+    _fork_locks.held = []  # the child's copies die with the old registry
+    try:
+        if reg is not None:
+            _inherited = reg.forget_all()
+    except Exception:  # hooks never raise; the child's registry is fresh anyway
+        pass
+    finally:
+        _registry = None
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                    after_in_child=_after_fork_in_child)

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from .arrays import as_shared
 from .errors import HipError, hipError_t, short_repr
 from .events import Event, check_event_flags, hipEventDefault
 from .handle import IpcEventHandle, IpcMemHandle
@@ -321,7 +322,8 @@ _MAX_DIM = int(np.iinfo(np.intp).max)
 def asarray(ptr: int, shape: int | tuple[int, ...], dtype: Any = np.uint8) -> Any:
     """A zero-copy array of ``shape``/``dtype`` over device memory at ``ptr``.
 
-    Host backend: a ``numpy.ndarray`` that keeps the mapping alive, even after ``hipFree`` or
+    Host backend: a ``numpy.ndarray`` (:class:`hipipc.arrays.SharedArray`: it and its views
+    pickle as shared memory) that keeps the mapping alive, even after ``hipFree`` or
     ``hipIpcCloseMemHandle`` (the memory is unmapped when the last view goes).  The range must
     lie inside one allocation, else ``hipErrorInvalidValue``.
     """
@@ -343,7 +345,8 @@ def asarray(ptr: int, shape: int | tuple[int, ...], dtype: Any = np.uint8) -> An
     nbytes = math.prod(dims) * dt.itemsize  # Python ints: no wrap-around for huge shapes
     reg = get_registry()
     region, offset = reg.check_range(ptr, nbytes)
-    return reg.backend.asarray(region, offset, shape, dt)
+    # A SharedArray: it and its views pickle as shared memory (hipipc.arrays).
+    return as_shared(reg.backend.asarray(region, offset, shape, dt))
 
 
 # -- IPC memory ------------------------------------------------------------------------

@@ -96,6 +96,13 @@ class Stream(abc.ABC):
     def destroyed(self) -> bool:
         """True after ``destroy``."""
 
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            "a stream belongs to the process that created it and cannot be sent: to order "
+            "work across processes, send an interprocess event (hipEventCreateWithFlags("
+            "hipEventInterprocess | hipEventDisableTiming)), record it here and call "
+            "hipStreamWaitEvent on the receiver's stream")
+
     @abc.abstractmethod
     def launch_host_func(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
         """Enqueue ``fn(*args)`` (``hipLaunchHostFunc``)."""

@@ -226,3 +226,84 @@ def test_bench_report_takes_numpy_values_and_the_table_keeps_whole_cells(bench_d
     assert row.split()[-1] == "yes"
     header = next(line for line in proc.stdout.splitlines() if "median us" in line)
     assert header.index("median us") + len("median us") == row.index("1.50") + len("1.50")
+
+
+def test_every_json_output_has_a_schema_version_and_gc_has_a_dry_run():
+    env = with_path()
+    for command in ("info", "ls"):
+        out = json.loads(hipipc(command, "--json", env=env).stdout)
+        assert out["schema_version"] == 1 and out["command"] == command
+    child = subprocess.Popen([sys.executable, "-c", EXPORTER], stdout=subprocess.PIPE,
+                             text=True, env=env)
+    try:
+        name = child.stdout.readline().strip()
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(30)
+        child.stdout.close()
+    # A dry run names the dead exporter's segment and removes nothing.
+    proc = hipipc("gc", "--dry-run", "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    dry = json.loads(proc.stdout)
+    assert dry["schema_version"] == 1 and dry["command"] == "gc" and dry["dry_run"] is True
+    assert name in dry["removed"]
+    text = hipipc("gc", "--dry-run", env=env).stdout
+    assert f"would remove {name[:12]}" in text
+    assert name in {s["name"] for s in json.loads(hipipc("ls", "--json", env=env).stdout)
+                    ["segments"]}
+    done = json.loads(hipipc("gc", "--json", env=env).stdout)
+    assert done["dry_run"] is False and name in done["removed"]
+    assert name not in json.loads(hipipc("gc", "--dry-run", "--json", env=env).stdout)["removed"]
+
+
+def test_bench_report_has_a_schema_version_and_the_bar_elapsed_time_and_eta(bench_dir, tmp_path):
+    (bench_dir / "bench_second.py").write_text(FAKE_BENCH.replace('"fake"', '"second"'))
+    out = tmp_path / "report"
+    proc = hipipc("bench", "--dir", str(bench_dir), "--out", str(out), "--quick", "--no-plots",
+                  env=with_path())
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "report.json").read_text())["schema_version"] == 1
+    bar = [line for line in proc.stderr.splitlines() if line.startswith("[")]
+    # Before any benchmark completed the time left is unknown; after one, it is estimated.
+    assert "0/2 0:00 elapsed, ETA ? fake" in bar[0]
+    assert any("1/2" in line and "elapsed, ETA 0:0" in line and "second" in line
+               for line in bar), bar
+    assert "2/2" in bar[-1] and "ETA 0:00 done" in bar[-1]
+
+
+def test_bench_finds_the_package_benchmarks_and_the_checkout_scripts_from_anywhere(tmp_path):
+    listed = hipipc("bench", "--list", env=with_path(), cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    assert {"events", "ipc"} <= set(listed.stdout.split())
+    # The checkout's scripts run the package modules; both command lines work.
+    for cmd in ([sys.executable, str(ROOT / "benchmarks" / "bench_ipc.py"), "--help"],
+                [sys.executable, "-m", "hipipc.benchmarks.bench_events", "--help"]):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60,
+                              env=with_path(), cwd=tmp_path)
+        assert proc.returncode == 0 and "--quick" in proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize("name, started", [("ipc", "open latency"), ("events", "wake-up")])
+def test_ctrl_c_during_bench_prints_one_line(tmp_path, name, started):
+    """Ctrl-C at a terminal signals the whole process group, the benchmark's helper included:
+    one line on stderr, exit code 130, no traceback from any process, and no segment left in
+    the store (the session fixture checks)."""
+    proc = subprocess.Popen([sys.executable, "-m", "hipipc", "bench", "--only", name, "--quick",
+                             "--no-plots", "--out", str(tmp_path / "out")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=with_path(), cwd=tmp_path, start_new_session=True)
+    try:
+        seen = []
+        while not any(started in line for line in seen):  # the helper process runs now
+            line = proc.stderr.readline()
+            assert line, f"the benchmark ended before {started!r}: {seen}"
+            seen.append(line)
+        os.killpg(proc.pid, signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate(timeout=30)
+    assert proc.returncode == 130, stderr
+    assert stderr.splitlines() == ["hipipc bench: interrupted"], stderr
+    assert "Traceback" not in stdout

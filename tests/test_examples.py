@@ -60,7 +60,8 @@ def lines(proc: subprocess.CompletedProcess) -> list[str]:
     return proc.stdout.splitlines()
 
 
-COVERED = {"quickstart", "simple_ipc", "producer_consumer", "mp_pool", "hip_tests_ipc"}
+COVERED = {"quickstart", "simple_ipc", "producer_consumer", "mp_pool", "hip_tests_ipc",
+           "hogwild"}
 ELSEWHERE = {"mpi_halo"}  # runs under mpiexec: tests/test_mpi.py
 
 
@@ -144,6 +145,17 @@ def test_mp_pool(run_example):
                    for line in out), output(proc)
     assert not any("FAILED" in line for line in out[:-1]), output(proc)
     assert out[-1] == "mp_pool: OK", output(proc)
+
+
+def test_hogwild(run_example):
+    proc = run_example(EXAMPLES / "hogwild.py")
+    assert proc.returncode == 0, output(proc)
+    out = lines(proc)
+    assert re.fullmatch(r"hogwild: 4 tasks in [1-4] worker process\(es\) ran \[200, 200, 200, "
+                        r"200\] SGD steps on 8 shared parameters in place", out[0]), output(proc)
+    assert re.fullmatch(r"hogwild: test loss 0\.000\d+, largest weight error 0\.00\d+",
+                        out[1]), output(proc)
+    assert out[-1] == "hogwild: PASSED", output(proc)
 
 
 # -- the same examples with one fault injected -------------------------------------------
@@ -257,7 +269,8 @@ DEVICES = {"simple_ipc": 4, "hip_tests_ipc": 2}  # HIPIPC_HOST_DEVICES for the f
 VERDICT = {"quickstart": "producer: consumer's writes MISSING",
            "simple_ipc": "simpleIPC: FAILED",
            "producer_consumer": "producer_consumer: FAILED",
-           "mp_pool": "mp_pool: FAILED"}
+           "mp_pool": "mp_pool: FAILED",
+           "hogwild": "hogwild: FAILED"}
 
 
 @pytest.mark.parametrize("module", sorted(COVERED - {"hip_tests_ipc"}))  # forks: see below

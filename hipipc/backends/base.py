@@ -77,8 +77,9 @@ class Backend(abc.ABC):
         """Revoke the export (if any) and release the memory; importers keep their mapping."""
 
     @abc.abstractmethod
-    def open(self, handle: IpcMemHandle) -> ImportedMemory:
-        """Map the memory another process exported under ``handle``."""
+    def open(self, handle: IpcMemHandle, ticket: bytes | None = None) -> ImportedMemory:
+        """Map the memory another process exported under ``handle``; through the one-time
+        ``ticket`` of a pickle if given (:meth:`HandleStore.open`)."""
 
     @abc.abstractmethod
     def close(self, mem: ImportedMemory) -> None:
@@ -109,8 +110,9 @@ class Backend(abc.ABC):
         """A new event; ``flags`` are valid (:func:`hipipc.events.check_event_flags`)."""
 
     @abc.abstractmethod
-    def open_event(self, handle: IpcEventHandle) -> Event:
-        """Open the interprocess event another process exported under ``handle``."""
+    def open_event(self, handle: IpcEventHandle, ticket: bytes | None = None) -> Event:
+        """Open the interprocess event another process exported under ``handle`` (through
+        ``ticket`` if given)."""
 
     def forget(self, region: Region) -> None:  # noqa: B027 - optional hook
         """Drop per-process resources of ``region`` in a forked child without freeing it."""

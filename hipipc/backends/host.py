@@ -10,6 +10,7 @@ exported, opened, revoked and collected exactly like memory.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +51,7 @@ class HostBackend(HostDeviceMixin, Backend):
     def __init__(self, store: HandleStore) -> None:
         super().__init__(store)
         self._null_stream = NullStream()
+        self._pid = os.getpid()
 
     def device_count(self) -> int:
         raw = os.environ.get(DEVICES_ENV, "1")
@@ -71,17 +73,26 @@ class HostBackend(HostDeviceMixin, Backend):
             os.close(fd)
             raise
 
-    def _open_segment(self, handle: IpcHandle) -> Mapping:
-        """Map the segment another process exported under ``handle``."""
-        fd = self.store.open(handle)  # first: a handle that names nothing says so
+    def _open_segment(self, handle: IpcHandle, ticket: bytes | None = None) -> Mapping:
+        """Map the segment another process exported under ``handle`` (through ``ticket``)."""
+        fd, mapping = self._open_and_map(handle, ticket)
+        os.close(fd)
+        return mapping
+
+    def _open_and_map(self, handle: IpcHandle, ticket: bytes | None = None
+                      ) -> tuple[int, Mapping]:
+        """Open and map the segment ``handle`` names (through ``ticket``): (its descriptor,
+        the mapping)."""
+        fd = self.store.open(handle, ticket)  # first: a handle that names nothing says so
         try:
             if handle.kind not in _HOST_KINDS:
                 raise HipError(hipError_t.hipErrorNotSupported,
                                f"the handle names {handle.kind.name} but this process runs "
                                "the host backend (set HIPIPC_BACKEND to match the exporter)")
-            return map_file(fd, _mapped_length(handle.size), PAGE_SIZE)
-        finally:
+            return fd, map_file(fd, _mapped_length(handle.size), PAGE_SIZE)
+        except BaseException:
             os.close(fd)
+            raise
 
     def allocate(self, nbytes: int, device: int) -> Allocation:
         handle = IpcMemHandle.new(HandleKind.HOST_MEMORY, nbytes, device, os.geteuid())
@@ -91,9 +102,10 @@ class HostBackend(HostDeviceMixin, Backend):
     def export(self, alloc: Allocation, mode: int) -> None:
         owned: _Owned = alloc.state
         self.store.publish(owned.fd, alloc.handle, mode)
-        # The name now keeps the file alive and the mapping needs no descriptor.
-        os.close(owned.fd)
-        owned.fd = -1
+        # The name now keeps the file alive and the mapping needs no descriptor.  Cleared
+        # before closed: a fork between the two must not leave the child a stale number.
+        fd, owned.fd = owned.fd, -1
+        os.close(fd)
 
     def free(self, alloc: Allocation) -> None:
         owned: _Owned = alloc.state
@@ -105,13 +117,23 @@ class HostBackend(HostDeviceMixin, Backend):
             owned.mapping.release()
 
     def forget(self, region: Region) -> None:
+        """Drop the unexported segment's descriptor (cleared first, so this never closes one
+        twice); in a forked child also give the mapping a fresh lock (another thread of the
+        parent may have held it at fork time)."""
         owned = region.state
-        if isinstance(owned, _Owned) and owned.fd >= 0:
-            os.close(owned.fd)
-            owned.fd = -1
+        mapping = owned.mapping if isinstance(owned, _Owned) else owned
+        if isinstance(mapping, Mapping) and os.getpid() != self._pid:
+            mapping._lock = threading.Lock()
+        if isinstance(owned, _Owned):
+            fd, owned.fd = owned.fd, -1
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:  # closed already (EBADF): nothing left to drop
+                    pass
 
-    def open(self, handle: IpcMemHandle) -> ImportedMemory:
-        mapping = self._open_segment(handle)
+    def open(self, handle: IpcMemHandle, ticket: bytes | None = None) -> ImportedMemory:
+        mapping = self._open_segment(handle, ticket)
         return ImportedMemory(mapping.addr, handle.size, handle.device, handle, mapping)
 
     def close(self, mem: ImportedMemory) -> None:
@@ -141,18 +163,27 @@ class HostBackend(HostDeviceMixin, Backend):
         handle = IpcEventHandle.new(HandleKind.HOST_EVENT, STATE_SIZE, device, os.geteuid())
         fd, mapping = self._new_segment(handle)
         try:
-            state = _mapped_state(mapping, initialize=True)
+            # The state locks through its own descriptor (eventstate's module doc); ours is
+            # closed once export has linked the segment in.
+            try:
+                lock_fd = os.dup(fd)
+            except OSError as exc:
+                mapping.release()
+                raise HipError(hipError_t.hipErrorOperatingSystem,
+                               f"cannot keep the event's segment open: {exc.strerror}") from exc
+            state = _mapped_state(mapping, lock_fd)
         except BaseException:
             os.close(fd)
             raise
         return HostEvent(flags, device, state, handle, store=self.store, fd=fd)
 
-    def open_event(self, handle: IpcEventHandle) -> HostEvent:
+    def open_event(self, handle: IpcEventHandle, ticket: bytes | None = None) -> HostEvent:
         if handle.size != STATE_SIZE:
             raise HipError(hipError_t.hipErrorInvalidResourceHandle,
                            f"the event handle names {handle.size} bytes of state, this hipipc "
                            f"uses {STATE_SIZE}: exporter and importer run different versions")
-        state = _mapped_state(self._open_segment(handle), initialize=False)
+        fd, mapping = self._open_and_map(handle, ticket)
+        state = _mapped_state(mapping, fd)  # keeps the descriptor: the event's lock
         # An opened IPC event has the flags its creator had to use.
         return HostEvent(hipEventInterprocess | hipEventDisableTiming, handle.device, state,
                          handle)
@@ -162,10 +193,13 @@ def _mapping_of(region: Region) -> Mapping:
     return region.state.mapping if isinstance(region.state, _Owned) else region.state
 
 
-def _mapped_state(mapping: Mapping, *, initialize: bool) -> EventState:
-    """The event state in a segment's payload; it owns the mapping from now on."""
+def _mapped_state(mapping: Mapping, fd: int) -> EventState:
+    """The event state in a segment's payload; it owns the mapping and ``fd`` from now on."""
     try:
         pin = mapping.buffer(0, STATE_SIZE)
-        return EventState(mapping.addr, pin, initialize=initialize)
+        return EventState(mapping.addr, pin, fd)
+    except BaseException:
+        os.close(fd)
+        raise
     finally:
         mapping.release()  # unmapped when the state (its pin) is gone

@@ -82,6 +82,8 @@ class _HostStreamBase(Stream):
         state = _state_of(event)
         target = state.target()
         if not state.is_done(target[0]):
+            if state.shared:  # a wait that could never end is refused now, not enqueued
+                state.check_target(target, bounded=False)
             self._enqueue(state.wait, (target, None), "hipStreamWaitEvent")
 
 
@@ -464,6 +466,11 @@ class HostEvent(Event):
     @property
     def handle(self) -> IpcEventHandle | None:
         return self._handle
+
+    @property
+    def exported(self) -> bool:
+        """Whether this process linked the event in the store (the exit rule revokes it)."""
+        return self._exported
 
     def record(self, stream: Stream) -> None:
         state = _state_of(self)
