@@ -20,6 +20,7 @@ import math
 import multiprocessing as mp
 import os
 import random
+import resource
 import socket
 import subprocess
 import sys
@@ -34,6 +35,11 @@ import hipipc as hip
 SEED, SECONDS, MAX_CALLS, LOG = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), \
     sys.argv[4]
 rng = random.Random(SEED)
+# A fuzzed size must never take the machine's memory from the other processes on it: cap
+# this process's address space (a huge request then fails with ENOMEM, as it should).
+_soft, _hard = resource.getrlimit(resource.RLIMIT_AS)
+resource.setrlimit(resource.RLIMIT_AS, (min(8 << 30, _hard) if _hard > 0 else 8 << 30,
+                                        _hard))
 ALLOWED = (hip.HipError, TypeError, ValueError)
 DOCUMENTED = (TimeoutError, EOFError)  # for the transport helpers and Mailbox methods
 TRANSPORT = {"send_handle", "recv_handle", "Mailbox.attach", "Mailbox.put", "Mailbox.get",
@@ -237,7 +243,13 @@ def instance_targets() -> list[tuple[str, object]]:
 
 def adopt(result: object) -> None:
     """Keep what a call made, so later calls use it and the end cleans it up."""
-    if isinstance(result, int) and not isinstance(result, bool) and result > 4096:
+    if isinstance(result, int) and not isinstance(result, bool):
+        # Only pointers: an int a query returned (total memory, a free byte count) would
+        # become a size somewhere, and a real 24 GiB allocation starves the machine.
+        try:
+            hip.hipMemGetAddressRange(result)
+        except (hip.HipError, TypeError, ValueError):
+            return
         state["live"].append(result)
     elif isinstance(result, hip.Stream) and not result.is_null:
         state["streams"].append(result)
