@@ -346,7 +346,7 @@ from hipipc.mpi import NodeComm
 comm = MPI.COMM_WORLD
 nc = NodeComm(comm)
 mine, peers = nc.allocate_shared(1 << 20)
-os.write(1, f"pid {os.getpid()}\n".encode())  # one write: ranks cannot interleave it
+os.write(1, f"pid {os.getpid()}\\n".encode())  # one write: ranks cannot interleave it
 comm.Barrier()
 if comm.Get_rank() == 1:
     os.kill(os.getpid(), signal.SIGKILL)
