@@ -38,7 +38,7 @@ from .errors import HipError, hipError_t
 from .events import Event
 from .handle import IpcEventHandle, IpcMemHandle
 from .store import HandleStore, share_mode
-from .streams import Stream, refuse_on_stream
+from .streams import Stream, refuse_on_stream, running_on_stream
 
 __all__ = ["Registry", "get_registry"]
 
@@ -162,7 +162,19 @@ class Registry:
                            "only the exporter may do this")
         return region
 
+    def _quiesce(self) -> None:
+        """CUDA's implicit synchronization of ``cudaFree``: wait for the work this process has
+        enqueued so far, which may still use the memory (a host function holds raw pointers,
+        and the null stream is asynchronous), before memory is released.  Failures stay for
+        the next synchronize.  Skipped on a stream's own thread, which would wait for itself."""
+        if not self._streams and self.backend.null_stream().query():
+            return  # the common case: nothing enqueued, no lock, no list
+        if running_on_stream():
+            return
+        self._wait_idle(self._all_streams(), None)
+
     def free(self, ptr: int) -> None:
+        self._quiesce()
         with self._lock:
             alloc = self._own_allocation(ptr, "hipFree")
             if alloc.ptr != ptr:
@@ -209,6 +221,7 @@ class Registry:
             return mem.ptr
 
     def close(self, ptr: int) -> None:
+        self._quiesce()
         with self._lock:
             region = self._regions.get(ptr)
             if not isinstance(region, ImportedMemory):

@@ -346,7 +346,7 @@ from hipipc.mpi import NodeComm
 comm = MPI.COMM_WORLD
 nc = NodeComm(comm)
 mine, peers = nc.allocate_shared(1 << 20)
-print("pid", os.getpid(), flush=True)
+os.write(1, f"pid {os.getpid()}\\n".encode())  # one write: ranks cannot interleave it
 comm.Barrier()
 if comm.Get_rank() == 1:
     os.kill(os.getpid(), signal.SIGKILL)
@@ -365,7 +365,7 @@ def test_a_rank_killed_with_sigkill_leaves_only_what_gc_cleans(tmp_path):
     before = store_names()
     proc = mpirun(3, str(script), nodes=1)
     assert proc.returncode != 0, output(proc)
-    pids = [int(line.split()[1]) for line in proc.stdout.splitlines() if line.startswith("pid")]
+    pids = [int(p) for p in re.findall(r"pid (\d+)\n", proc.stdout)]
     assert len(pids) == 3, output(proc)
     deadline = time.monotonic() + 30
     while any(os.path.exists(f"/proc/{p}") and not _zombie(p) for p in pids):

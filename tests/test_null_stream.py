@@ -368,8 +368,9 @@ def test_an_ipc_event_recorded_on_the_null_stream_completes_in_another_process()
         hip.hipEventDestroy(ev)
 
 
-def test_null_stream_work_keeps_its_buffers_alive_and_pinned(gate):
-    """Async copies on the null stream hold their host buffer and device mapping until run."""
+def test_null_stream_work_keeps_its_buffers_alive_and_free_waits_for_it(gate):
+    """Async copies on the null stream hold their host buffer and device mapping until run,
+    and hipFree waits for them (CUDA's implicit synchronization of cudaFree)."""
     g = gate()
     n = 1 << 16
     src = hip.hipMalloc(n)
@@ -377,10 +378,15 @@ def test_null_stream_work_keeps_its_buffers_alive_and_pinned(gate):
     out = np.zeros(n, np.uint8)
     hip.hipLaunchHostFunc(None, hold, g)
     hip.hipMemcpyAsync(out, src, n, hip.hipMemcpyDeviceToHost, None)
-    hip.hipFree(src)  # freed while the copy is pending: the copy still reads valid memory
-    g.set()
+    opener = threading.Timer(0.3, g.set)
+    opener.start()
+    try:
+        hip.hipFree(src)  # returns once the pending copy has run
+        assert g.is_set() and (out == 0x42).all()
+    finally:
+        opener.cancel()
+        g.set()
     hip.hipStreamSynchronize(None, timeout=LIMIT)
-    assert (out == 0x42).all()
 
 
 def test_threads_enqueueing_on_null_and_blocking_streams_at_once_neither_deadlock_nor_reorder(
@@ -433,3 +439,22 @@ def test_threads_enqueueing_on_null_and_blocking_streams_at_once_neither_deadloc
         for which in (0, 1, 2, 3):
             mine = [position[t, i] for i in range(150) if plan[i] == which]
             assert mine == sorted(mine), (t, which)
+
+
+def test_hip_free_waits_for_enqueued_work_that_uses_the_memory():
+    """CUDA's implicit synchronization of cudaFree: a host function enqueued on the
+    (asynchronous) null stream with a raw pointer still finds the memory when the caller
+    frees it right after enqueueing."""
+    ptr = hip.hipMalloc(4096)
+    seen: list[int] = []
+
+    def kernel(p: int) -> None:
+        time.sleep(0.2)  # still pending when hipFree is called
+        view = hip.asarray(p, 4096)
+        view[:] = 7
+        seen.append(int(view.sum()))
+
+    hip.hipLaunchHostFunc(None, kernel, ptr)
+    hip.hipFree(ptr)
+    hip.hipDeviceSynchronize(timeout=30)  # raises if the kernel failed
+    assert seen == [7 * 4096]
