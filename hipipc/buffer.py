@@ -48,6 +48,8 @@ pointer, ``is_owner`` false, and it keeps the owner alive until the alias is clo
 
 from __future__ import annotations
 
+import math
+import operator
 import os
 import threading
 import weakref
@@ -56,7 +58,7 @@ from typing import Any
 import numpy as np
 
 from . import runtime
-from .errors import HipError, hipError_t
+from .errors import HipError, hipError_t, short_repr
 from .handle import IpcMemHandle
 from .registry import get_registry
 
@@ -306,18 +308,27 @@ class DeviceBuffer:
         """
         dt = np.dtype(dtype)
         if shape is None:
+            if not dt.itemsize:
+                raise HipError(hipError_t.hipErrorInvalidValue,
+                               f"asarray: dtype {dt} has no size; pass a shape")
             shape = self._size // dt.itemsize
+        # Python ints: np.prod would overflow (or wrap) for huge shapes.
+        try:
+            nbytes = math.prod(operator.index(n) for n in (
+                shape if hasattr(shape, "__iter__") else (shape,))) * dt.itemsize
+        except TypeError:
+            raise HipError(hipError_t.hipErrorInvalidValue,
+                           f"asarray: shape must be integers, not {short_repr(shape)}") from None
+        if nbytes > self._size:
+            raise HipError(hipError_t.hipErrorInvalidValue,
+                           f"asarray: {short_repr(shape)} of {dt} needs {nbytes} bytes, the "
+                           f"buffer has {self._size}")
         if self._role == _EMPTY:
             if self.closed:
                 raise _closed_error("asarray")
             from .arrays import SharedArray
             return np.empty(shape, dt).view(SharedArray)  # raises if the shape needs bytes
         ptr = self._check_process("asarray")
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-        if nbytes > self._size:
-            raise HipError(hipError_t.hipErrorInvalidValue,
-                           f"asarray: {shape} of {dt} needs {nbytes} bytes, the buffer has "
-                           f"{self._size}")
         arr = runtime.asarray(ptr, shape, dt)
         from .arrays import _pin_of
 

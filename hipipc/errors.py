@@ -8,7 +8,10 @@ hipipc means the same thing as one printed by a HIP program.  Every failing hip*
 from __future__ import annotations
 
 import enum
+import math
+import numbers
 import operator
+from typing import Any
 
 __all__ = ["hipError_t", "HipError", "hipGetErrorName", "hipGetErrorString"]
 
@@ -182,11 +185,24 @@ def short_repr(value: object, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def _as_code(code: int) -> hipError_t:
+def _as_code(code: Any) -> hipError_t:
+    """``code`` as a ``hipError_t``; ``hipErrorUnknown`` for any number HIP does not define
+    (huge, negative, fractional, inf, nan), as HIP answers for unknown codes.  Raises
+    ``TypeError`` for what is no number at all (a string, None)."""
+    if isinstance(code, hipError_t):
+        return code
     try:
-        return hipError_t(int(code))
-    except ValueError:
-        return hipError_t.hipErrorUnknown
+        value = operator.index(code)
+    except TypeError:
+        if not isinstance(code, numbers.Real):
+            raise TypeError(f"a hipError_t code is an int, not {type(code).__name__}") from None
+        # A float code: only a finite whole number names a code (int(inf) would overflow).
+        real = float(code)
+        value = int(real) if math.isfinite(real) and real.is_integer() else -1
+    return _BY_VALUE.get(value, hipError_t.hipErrorUnknown)
+
+
+_BY_VALUE = {int(member): member for member in hipError_t}
 
 
 def _code_argument(code: object) -> hipError_t:

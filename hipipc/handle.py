@@ -215,6 +215,10 @@ class IpcHandle:
         of 2**64 bytes or more, a negative or 32-bit-overflowing device or uid).
         """
         try:
+            kind = HandleKind(kind)
+        except (ValueError, TypeError):  # inf, nan, strings: no kind (int() would overflow)
+            raise _invalid(f"{kind!r} is not a HandleKind") from None
+        try:
             raw = _LAYOUT.pack(
                 _MAGIC, _VERSION, int(kind), node_tag(), secrets.token_bytes(_SECRET_BYTES),
                 size, device, uid, _ZERO_TAIL,

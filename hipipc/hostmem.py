@@ -28,6 +28,7 @@ from .devtypes import (
     hipPointerAttribute_t,
 )
 from .errors import HipError, hipError_t
+from .hostbuf import refuse_objects
 from .mapping import Mapping
 from .registry import get_registry
 
@@ -72,14 +73,16 @@ _REGISTER_FLAGS = (hipHostRegisterPortable | hipHostRegisterMapped | hipHostRegi
 
 
 class _ViewPins:
-    """``Mapping.buffer``'s interface over a registered buffer: what the backend's ``pin``
-    and ``asarray`` call on a region's state."""
+    """``Mapping.buffer``/``Mapping.pin``'s interface over a registered buffer: what the
+    backend's ``pin`` and ``asarray`` call on a region's state."""
 
     def __init__(self, view: memoryview) -> None:
         self.view = view
 
     def buffer(self, offset: int, nbytes: int) -> memoryview:
         return self.view[offset:offset + nbytes]  # a new view: valid after unregister too
+
+    pin = buffer  # Mapping.pin: the slice keeps the registered buffer alive as long
 
 
 @dataclass(eq=False)
@@ -148,6 +151,7 @@ def _address(obj: Any, what: str) -> int | None:
         return None
     if isinstance(obj, (int, np.integer)) and not isinstance(obj, bool):
         return int(obj) or None
+    refuse_objects(obj, what)
     try:
         arr = np.frombuffer(obj, dtype=np.uint8)
     except (TypeError, ValueError, BufferError) as exc:
@@ -238,6 +242,7 @@ def hipHostRegister(buf: Any, nbytes: int, flags: int = hipHostRegisterDefault) 
                        "cannot be checked)")
     if isinstance(nbytes, bool) or not isinstance(nbytes, (int, np.integer)) or nbytes <= 0:
         raise _invalid(f"hipHostRegister size must be an int > 0, not {nbytes!r}")
+    refuse_objects(buf, "hipHostRegister buffer")  # copies to its device pointer: raw bytes
     try:
         view = memoryview(buf).cast("B")
     except (TypeError, ValueError) as exc:

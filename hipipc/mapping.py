@@ -13,6 +13,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import sys
 import threading
 
 from .errors import HipError, hipError_t
@@ -20,10 +21,10 @@ from .errors import HipError, hipError_t
 __all__ = ["Mapping", "map_file"]
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_mmap = _libc.mmap
-_mmap.restype = ctypes.c_void_p
-_mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                  ctypes.c_long]
+_raw_mmap = _libc.mmap
+_raw_mmap.restype = ctypes.c_void_p
+_raw_mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_long]
 _munmap = _libc.munmap
 _munmap.restype = ctypes.c_int
 _munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
@@ -31,6 +32,17 @@ _munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _PROT_RW = 0x1 | 0x2
 _MAP_SHARED = 0x01
 _MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def _mmap(addr: int | None, length: int, prot: int, flags: int, fd: int, offset: int
+          ) -> int | None:
+    """libc's mmap, refusing (ENOMEM) a length or offset its C types cannot hold: ctypes
+    would silently keep the low 64 bits, mapping a few pages for a huge request while the
+    caller believes it has the whole length."""
+    if not 0 < length <= sys.maxsize or not 0 <= offset <= sys.maxsize:
+        ctypes.set_errno(errno.ENOMEM)
+        return _MAP_FAILED
+    return _raw_mmap(addr, length, prot, flags, fd, offset)
 
 
 class Mapping:
@@ -49,17 +61,30 @@ class Mapping:
         self._released = False
         self._lock = threading.Lock()
 
-    def buffer(self, offset: int, nbytes: int) -> ctypes.Array:
-        """A writable buffer over ``[addr+offset, addr+offset+nbytes)`` that pins the mapping."""
+    def pin(self, offset: int, nbytes: int) -> _Pin:
+        """An object that keeps ``[addr+offset, addr+offset+nbytes)`` mapped while it lives.
+
+        Raises ``hipErrorInvalidValue`` once the mapping was released with no pin left: the
+        check and the count are one step under the lock, so a concurrent :meth:`release`
+        either comes first (this raises, nothing is touched) or waits for the pin to go (the
+        caller works on the old pages, never on whatever is mapped at the address later).
+        """
         if offset < 0 or nbytes < 0 or offset + nbytes > self.length:
             raise HipError(hipError_t.hipErrorInvalidValue, "view outside the mapping")
         with self._lock:
             if self._released and self._live == 0:
-                raise HipError(hipError_t.hipErrorInvalidValue, "mapping already released")
+                raise HipError(hipError_t.hipErrorInvalidValue,
+                               "the memory was freed or closed (mapping already released)")
             self._live += 1
+        # Made after the count: if _Pin() itself failed the count would leak, not the pages.
+        return _Pin(self)
+
+    def buffer(self, offset: int, nbytes: int) -> ctypes.Array:
+        """A writable buffer over ``[addr+offset, addr+offset+nbytes)`` that pins the mapping."""
+        pin = self.pin(offset, nbytes)
         arr = (ctypes.c_char * nbytes).from_address(self.addr + offset)
         # The ctypes array is the object numpy's views reference; when it dies, so does the pin.
-        arr._pin = _Pin(self)
+        arr._pin = pin
         return arr
 
     def _unpin(self) -> None:

@@ -32,8 +32,10 @@ from .arrays import as_shared
 from .errors import HipError, hipError_t, short_repr
 from .events import Event, check_event_flags, hipEventDefault
 from .handle import IpcEventHandle, IpcMemHandle
+from .hostbuf import host_address
 from .registry import get_registry
 from .streams import Stream, destroyed_stream, hipStreamDefault, hipStreamNonBlocking
+from .timeouts import check_timeout
 
 __all__ = [
     "hipMemcpyKind",
@@ -140,20 +142,6 @@ def _pointer(value: Any, what: str) -> int:
     return _integer(value, what)
 
 
-def _host_address(buf: Any, nbytes: int, writable: bool, what: str) -> tuple[int, Any]:
-    """Address of a host buffer with at least ``nbytes``, and the object that keeps it alive."""
-    try:
-        arr = np.frombuffer(buf, dtype=np.uint8)
-    except (TypeError, ValueError, BufferError) as exc:
-        raise _invalid(f"{what} must be a C-contiguous buffer (numpy array, bytearray, "
-                       f"memoryview) or, for a device side, an int pointer: {exc}") from None
-    if arr.size < nbytes:
-        raise _invalid(f"{what} holds {arr.size} bytes, {nbytes} needed")
-    if writable and not arr.flags.writeable:
-        raise _invalid(f"{what} is read-only")
-    return arr.__array_interface__["data"][0], arr
-
-
 # -- devices ---------------------------------------------------------------------------
 
 
@@ -224,8 +212,12 @@ def hipMemset(ptr: int, value: int, nbytes: int) -> None:
     ordered like ``hipMemcpy``."""
     ptr, value, nbytes = _memset_args(ptr, value, nbytes, "hipMemset")
     if nbytes:
-        get_registry().check_range(ptr, nbytes)
-        _null_sync().memset(ptr, value, nbytes, ())
+        # Pinned as on the async path: a hipFree/close racing in another thread either comes
+        # first (hipErrorInvalidValue here) or waits for the pin (the old pages are written).
+        reg = get_registry()
+        region, offset = reg.check_range(ptr, nbytes)
+        pin = reg.backend.pin(region, offset, nbytes)
+        _null_sync().memset(ptr, value, nbytes, (pin,))
 
 
 def hipMemsetAsync(ptr: int, value: int, nbytes: int, stream: Stream | None = None) -> None:
@@ -268,7 +260,7 @@ def _copy_side(obj: Any, is_device: bool, nbytes: int, writable: bool, what: str
     if _is_pointer(obj):
         raise _invalid(f"{what} is an int but this copy kind says it is host memory; "
                        "pass a buffer or use hipMemcpyDefault")
-    return _host_address(obj, nbytes, writable, what)
+    return host_address(obj, nbytes, writable, what)
 
 
 def _copy_args(dst: Any, src: Any, nbytes: Any, kind: Any, what: str, pin: bool
@@ -301,10 +293,12 @@ def hipMemcpy(dst: Any, src: Any, nbytes: int, kind: int = hipMemcpyDefault) -> 
     Raises ``hipErrorInvalidMemcpyDirection`` for an unknown ``kind`` and
     ``hipErrorInvalidValue`` for sides that do not match it or ranges out of bounds.
     """
-    dst_addr, src_addr, nbytes, kind, _keep = _copy_args(dst, src, nbytes, kind, "hipMemcpy",
-                                                         pin=False)
+    # Pinned as on the async path, so that a hipFree/close racing in another thread cannot
+    # unmap (or remap) the memory under the copy.
+    dst_addr, src_addr, nbytes, kind, keep = _copy_args(dst, src, nbytes, kind, "hipMemcpy",
+                                                        pin=True)
     if nbytes:
-        _null_sync().memcpy(dst_addr, src_addr, nbytes, kind, ())
+        _null_sync().memcpy(dst_addr, src_addr, nbytes, kind, keep)
 
 
 def hipMemcpyAsync(dst: Any, src: Any, nbytes: int, kind: int = hipMemcpyDefault,
@@ -320,6 +314,9 @@ def hipMemcpyAsync(dst: Any, src: Any, nbytes: int, kind: int = hipMemcpyDefault
     s = _stream(stream)
     if nbytes:
         s.memcpy(dst_addr, src_addr, nbytes, kind, keep)
+
+
+_MAX_DIM = int(np.iinfo(np.intp).max)
 
 
 def asarray(ptr: int, shape: int | tuple[int, ...], dtype: Any = np.uint8) -> Any:
@@ -340,6 +337,8 @@ def asarray(ptr: int, shape: int | tuple[int, ...], dtype: Any = np.uint8) -> An
         raise _invalid(f"asarray: dtype must be a numpy dtype ({exc})") from None
     if any(n < 0 for n in dims):
         raise _invalid(f"asarray: negative dimension in {short_repr(tuple(dims))}")
+    if any(n > _MAX_DIM for n in dims):  # numpy's limit; reachable with a zero-size dtype
+        raise _invalid(f"asarray: a dimension of {short_repr(tuple(dims))} exceeds {_MAX_DIM}")
     if dt.hasobject:
         raise _invalid(f"asarray: dtype {dt} holds Python objects, which raw memory cannot")
     shape = tuple(dims)
@@ -397,13 +396,8 @@ def hipIpcCloseMemHandle(ptr: int) -> None:
 
 
 def _timeout(timeout: Any) -> float | None:
-    """Seconds to wait, None for no limit (``math.inf`` too)."""
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or \
-            not timeout >= 0:  # also refuses nan
-        raise _invalid(f"timeout must be None or a number of seconds >= 0, got {timeout!r}")
-    return None if math.isinf(timeout) else float(timeout)
+    """Seconds to wait, None for no limit: the package's one rule (:mod:`hipipc.timeouts`)."""
+    return check_timeout(timeout)
 
 
 def _is_null(stream: Any) -> bool:

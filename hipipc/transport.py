@@ -10,8 +10,10 @@ timeouts and the validation (received bytes are untrusted and parsed as such).
   ``posix_ipc.MessageQueue`` (see :func:`create_handle_queue`), a stream socket (exact 64-byte
   framing) or a ``multiprocessing`` ``Connection``.
 
-Timeouts raise the built-in :class:`TimeoutError` (``timeout=None`` waits without limit);
-malformed input raises :class:`~hipipc.errors.HipError` with ``hipErrorInvalidValue``.
+Timeouts raise the built-in :class:`TimeoutError` (``timeout=None`` or ``inf`` waits without
+limit) and bound the whole call; every timeout is checked by :mod:`hipipc.timeouts` (nan,
+negative or non-numbers: ``hipErrorInvalidValue``).  Malformed input raises
+:class:`~hipipc.errors.HipError` with ``hipErrorInvalidValue``.
 
 Names: POSIX names (``/dev/shm/<name>``, ``/dev/shm/sem.<name>``, message queues) are visible
 to every user, so objects are created ``0600`` (only this uid can read the handle bytes, and a
@@ -36,7 +38,10 @@ from typing import Any
 import posix_ipc
 
 from .errors import HipError, hipError_t
+from .framing import read_frame, write_frame
 from .handle import HANDLE_SIZE, HandleKind, IpcEventHandle, IpcHandle, IpcMemHandle
+from .hostbuf import refuse_objects
+from .timeouts import deadline, remaining
 
 __all__ = [
     "Mailbox",
@@ -66,23 +71,15 @@ def _invalid(detail: str) -> HipError:
     return HipError(hipError_t.hipErrorInvalidValue, detail)
 
 
-def _deadline(timeout: float | None) -> float | None:
-    if timeout is None:
-        return None
-    if timeout < 0:
-        raise _invalid(f"timeout must be None or >= 0 seconds, got {timeout!r}")
-    return time.monotonic() + timeout
+def _deadline(timeout: Any) -> float | None:
+    return deadline(timeout)  # the package's one timeout rule (hipipc.timeouts)
 
 
 def _acquire(sem: posix_ipc.Semaphore, deadline: float | None) -> bool:
     """Acquire ``sem`` before ``deadline`` (None: no limit); False if the deadline passed."""
     while True:
-        if deadline is None:
-            wait = _SLICE
-        else:
-            wait = min(_SLICE, deadline - time.monotonic())
-            if wait <= 0:
-                wait = 0
+        left = remaining(deadline)
+        wait = _SLICE if left is None else min(_SLICE, left)
         try:
             sem.acquire(wait)
             return True
@@ -221,7 +218,8 @@ class Mailbox:
                 return cls._attach_once(name)
             except _NotReady as exc:
                 if deadline is None or time.monotonic() < deadline:
-                    time.sleep(delay)
+                    left = remaining(deadline)
+                    time.sleep(delay if left is None else min(delay, left))
                     delay = min(delay * 2, 0.05)
                     continue
                 raise HipError(hipError_t.hipErrorNotFound,
@@ -295,6 +293,8 @@ class Mailbox:
         malformed handle bytes.
         """
         base = self._slot(slot)
+        for side, what in ((mem, "mem"), (event, "event")):
+            refuse_objects(side, f"Mailbox.put {what}")
         mem_raw = bytes(IpcMemHandle.coerce(mem)) if mem is not None else bytes(HANDLE_SIZE)
         ev_raw = bytes(IpcEventHandle.coerce(event)) if event is not None else \
             bytes(HANDLE_SIZE)
@@ -331,13 +331,15 @@ class Mailbox:
         deadline = _deadline(timeout)
         delay = 0.0005
         while True:
-            got = self.get(slot)
+            left = remaining(deadline)
+            got = self.get(slot, timeout=_LOCK_GRACE if left is None else left)
             if got != (None, None):
                 return got
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"mailbox {self.name}: slot {slot} still empty after "
                                    f"{timeout} s")
-            time.sleep(delay)
+            left = remaining(deadline)
+            time.sleep(delay if left is None else min(delay, left))
             delay = min(delay * 2, 0.02)
 
     def clear(self, slot: int) -> None:
@@ -444,6 +446,7 @@ def parse_handle(raw: Any) -> IpcMemHandle | IpcEventHandle:
     """Parse 64 untrusted bytes as a memory or an event handle (by its kind byte)."""
     if isinstance(raw, IpcHandle):
         return raw
+    refuse_objects(raw, "a handle")
     try:
         data = bytes(memoryview(raw).cast("B"))
     except (TypeError, ValueError):
@@ -462,6 +465,10 @@ def create_handle_queue(name: str | None = None, *, max_messages: int = 8
     capped by ``/proc/sys/fs/mqueue/msg_max`` (10 by default) for unprivileged users.
     """
     name = _check_name(name) if name is not None else f"/hipipc-mq-{secrets.token_hex(8)}"
+    if isinstance(max_messages, bool) or not isinstance(max_messages, int) or \
+            not 1 <= max_messages <= _MAX_SLOTS:
+        raise _invalid(f"max_messages must be an int in [1, {_MAX_SLOTS}], got "
+                       f"{max_messages!r}")
     try:
         return posix_ipc.MessageQueue(name, posix_ipc.O_CREX, 0o600, max_messages,
                                       HANDLE_SIZE)
@@ -476,28 +483,26 @@ def create_handle_queue(name: str | None = None, *, max_messages: int = 8
 def send_handle(channel: Any, handle: Any, timeout: float | None = None) -> None:
     """Send one handle (64 bytes) over ``channel``.
 
-    ``channel``: a ``posix_ipc.MessageQueue``, a stream ``socket.socket`` or a
-    ``multiprocessing`` ``Connection`` (whose sends block only when the pipe is full; the
-    timeout does not apply).  Raises ``TimeoutError`` when a full queue or socket does not
-    accept it in time, ``hipErrorInvalidValue`` for a malformed handle or unknown channel.
+    ``channel``: a ``posix_ipc.MessageQueue``, a stream ``socket.socket`` (blocking or not)
+    or a ``multiprocessing`` ``Connection``.  ``timeout`` (seconds, None or inf: no limit)
+    bounds the whole send.  Raises ``TimeoutError`` when a full queue, socket or pipe does not
+    accept it in time, ``EOFError`` when the peer has closed the channel, and
+    ``hipErrorInvalidValue`` for a malformed handle, a bad timeout, a closed or unknown
+    channel.
     """
     raw = bytes(parse_handle(handle))
+    end = deadline(timeout, "send_handle timeout")
     if isinstance(channel, posix_ipc.MessageQueue):
         try:
-            channel.send(raw, timeout)
+            channel.send(raw, remaining(end))
         except posix_ipc.BusyError:
             raise TimeoutError(f"message queue {channel.name} stayed full for {timeout} s"
                                ) from None
-    elif isinstance(channel, socket.socket):
-        previous = channel.gettimeout()
-        if timeout is not None:
-            channel.settimeout(timeout)
-        try:
-            channel.sendall(raw)
-        finally:
-            channel.settimeout(previous)
-    elif isinstance(channel, Connection):
-        channel.send_bytes(raw)
+        except posix_ipc.Error as exc:
+            raise _invalid(f"cannot send on message queue {channel.name}: {exc} (closed, "
+                           "or opened read-only?)") from None
+    elif isinstance(channel, (socket.socket, Connection)):
+        write_frame(channel, raw, end)
     else:
         raise _invalid(f"cannot send a handle over a {type(channel).__name__}: use a "
                        "posix_ipc.MessageQueue, a socket or a multiprocessing Connection")
@@ -506,59 +511,31 @@ def send_handle(channel: Any, handle: Any, timeout: float | None = None) -> None
 def recv_handle(channel: Any, timeout: float | None = None) -> IpcMemHandle | IpcEventHandle:
     """Receive one handle sent by :func:`send_handle` and parse it.
 
-    Raises ``TimeoutError`` when nothing (complete) arrives within ``timeout`` s (a socket is
-    then out of step and should be closed), ``EOFError`` when the peer closed the stream
-    between handles, and ``hipErrorInvalidValue`` for a message that is not a valid handle
-    (wrong length, truncated by a closing peer, garbage).
+    ``timeout`` (seconds, None or inf: no limit) bounds the whole receive, however the peer
+    dribbles its bytes.  Raises ``TimeoutError`` when nothing complete arrives in time (what
+    arrived of a handle is kept: the next call on the channel continues it), ``EOFError``
+    when the peer closed the channel between handles, and ``hipErrorInvalidValue`` for a
+    message that is not a valid handle (wrong length, truncated by a closing peer, garbage),
+    a bad timeout, or a closed or unknown channel.  A message longer than a handle on a
+    ``Connection`` is reported once and skipped, so the channel stays in step.
     """
-    deadline = _deadline(timeout)
+    end = deadline(timeout, "recv_handle timeout")
     if isinstance(channel, posix_ipc.MessageQueue):
         try:
-            raw, _priority = channel.receive(timeout)
+            raw, _priority = channel.receive(remaining(end))
         except posix_ipc.BusyError:
             raise TimeoutError(f"no handle arrived on {channel.name} within {timeout} s"
                                ) from None
+        except posix_ipc.Error as exc:
+            raise _invalid(f"cannot receive on message queue {channel.name}: {exc} "
+                           "(closed, or opened write-only?)") from None
     elif isinstance(channel, socket.socket):
-        raw = _recv_exact(channel, deadline, timeout)
+        raw = read_frame(channel, HANDLE_SIZE, end, framed=False)
     elif isinstance(channel, Connection):
-        if timeout is not None and not channel.poll(timeout):
-            raise TimeoutError(f"no handle arrived within {timeout} s")
-        try:
-            raw = channel.recv_bytes(HANDLE_SIZE)
-        except OSError as exc:  # longer than a handle ("bad message length")
-            raise _invalid(f"the message is not a {HANDLE_SIZE}-byte handle ({exc})") from None
+        raw = read_frame(channel, HANDLE_SIZE, end, framed=True)
     else:
         raise _invalid(f"cannot receive a handle from a {type(channel).__name__}: use a "
                        "posix_ipc.MessageQueue, a socket or a multiprocessing Connection")
     if len(raw) != HANDLE_SIZE:
         raise _invalid(f"received {len(raw)} bytes, a handle is {HANDLE_SIZE}")
     return parse_handle(raw)
-
-
-def _recv_exact(sock: socket.socket, deadline: float | None, timeout: float | None) -> bytes:
-    buf = bytearray(HANDLE_SIZE)
-    view = memoryview(buf)
-    got = 0
-    previous = sock.gettimeout()
-    try:
-        while got < HANDLE_SIZE:
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError
-                sock.settimeout(left)
-            n = sock.recv_into(view[got:])
-            if n == 0:
-                if got == 0:
-                    raise EOFError("the peer closed the socket")
-                raise _invalid(f"the peer closed the socket after {got} of {HANDLE_SIZE} "
-                               "handle bytes")
-            got += n
-    except TimeoutError:
-        raise TimeoutError(f"received {got} of {HANDLE_SIZE} handle bytes within {timeout} s"
-                           + ("; the stream is out of step, close it" if got else "")
-                           ) from None
-    finally:
-        view.release()
-        sock.settimeout(previous)
-    return bytes(buf)

@@ -142,13 +142,12 @@ class HostBackend(HostDeviceMixin, Backend):
     def asarray(self, region: Region, offset: int, shape: tuple[int, ...], dtype: Any) -> Any:
         dtype = np.dtype(dtype)
         count = int(np.prod(shape, dtype=np.int64))
-        buf = self.pin(region, offset, count * dtype.itemsize)
+        buf = _mapping_of(region).buffer(offset, count * dtype.itemsize)
         return np.frombuffer(buf, dtype=dtype, count=count).reshape(shape)
 
     def pin(self, region: Region, offset: int, nbytes: int) -> Any:
-        mapping: Mapping = region.state.mapping if isinstance(region.state, _Owned) \
-            else region.state
-        return mapping.buffer(offset, nbytes)
+        # A bare pin, not a ctypes buffer: ctypes caches one array type per length forever.
+        return _mapping_of(region).pin(offset, nbytes)
 
     # -- streams and events --------------------------------------------------------------
 
@@ -188,6 +187,10 @@ class HostBackend(HostDeviceMixin, Backend):
         # An opened IPC event has the flags its creator had to use.
         return HostEvent(hipEventInterprocess | hipEventDisableTiming, handle.device, state,
                          handle)
+
+
+def _mapping_of(region: Region) -> Mapping:
+    return region.state.mapping if isinstance(region.state, _Owned) else region.state
 
 
 def _mapped_state(mapping: Mapping, fd: int) -> EventState:

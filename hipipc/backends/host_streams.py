@@ -35,6 +35,8 @@ from ..streams import (
     mark_stream_worker,
     running_on_stream,
 )
+from ..timeouts import check_timeout
+from ..timeouts import deadline as _deadline
 from .eventstate import LIVENESS_INTERVAL, EventState
 
 __all__ = ["HostStream", "NullStream", "HostEvent"]
@@ -193,6 +195,7 @@ class HostStream(_HostStreamBase):
         return self._done == self._submitted
 
     def wait_idle(self, timeout: float | None) -> None:
+        timeout = check_timeout(timeout)  # threading overflows past ~9.2e9 s, nan loops
         wait = self._marker()  # not behind a later null-stream operation: no wait for it
         if wait is not None and not wait(timeout):
             raise HipError(hipError_t.hipErrorNotReady,
@@ -348,6 +351,7 @@ class NullStream(_HostStreamBase):
     def wait_idle(self, timeout: float | None) -> None:
         """Wait for this queue and, through it, for the work enqueued before now on every
         blocking stream (a null-stream synchronize)."""
+        timeout = check_timeout(timeout)  # Condition.wait overflows past ~9.2e9 s
         if self._forgotten:
             return
         with self._lock:
@@ -552,9 +556,3 @@ class HostEvent(Event):
             self.destroy()
         except Exception:  # destructors never raise
             pass
-
-
-def _deadline(timeout: float | None) -> float | None:
-    if timeout is None:
-        return None
-    return time.monotonic() + max(0.0, float(timeout))
