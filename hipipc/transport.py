@@ -33,7 +33,7 @@ import struct
 import time
 import weakref
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, cast
 
 import posix_ipc
 
@@ -130,6 +130,16 @@ class Mailbox:
     usable; if the last party arrives during the withdrawal, the caller passes instead.
     A party that dies inside ``wait`` leaves the round short by one; the others time out.
     """
+
+    name: str
+    is_creator: bool
+    slots: int
+    parties: int
+    _map: mmap.mmap
+    _lock_sem: posix_ipc.Semaphore
+    _gates: tuple[posix_ipc.Semaphore, ...]
+    _closed: bool
+    _finalizer: weakref.finalize[[str, int], Mailbox] | None
 
     def __init__(self) -> None:
         raise TypeError("use Mailbox.create(...) or Mailbox.attach(name)")
@@ -356,6 +366,7 @@ class Mailbox:
         """
         self._check_open()
         deadline = _deadline(timeout)
+        gen: int  # the round number: a u32 of the mailbox header
         self._locked(deadline)
         try:
             count, gen = _COUNTERS.unpack_from(self._map, _COUNTERS_OFFSET)
@@ -445,7 +456,8 @@ class _NotReady(Exception):
 def parse_handle(raw: Any) -> IpcMemHandle | IpcEventHandle:
     """Parse 64 untrusted bytes as a memory or an event handle (by its kind byte)."""
     if isinstance(raw, IpcHandle):
-        return raw
+        # IpcHandle itself parses no kind: every instance is one of the two subclasses.
+        return cast("IpcMemHandle | IpcEventHandle", raw)
     refuse_objects(raw, "a handle")
     try:
         data = bytes(memoryview(raw).cast("B"))
