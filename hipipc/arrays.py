@@ -78,7 +78,7 @@ def _extent(arr: np.ndarray) -> tuple[int, int]:
     return lo, hi + arr.itemsize
 
 
-def is_shared(arr: Any) -> bool:
+def is_shared(arr: object) -> bool:
     """Whether pickling ``arr`` sends shared memory (not a copy)."""
     return isinstance(arr, np.ndarray) and arr.size > 0 and _pin_of(arr) is not None \
         and _region_of(arr, strict=False) is not None

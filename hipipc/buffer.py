@@ -56,7 +56,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
-from numpy.typing import NDArray
+from numpy.typing import DTypeLike, NDArray
 
 from . import runtime
 from .errors import HipError, hipError_t, short_repr
@@ -311,7 +311,7 @@ class DeviceBuffer:
 
     # -- views ---------------------------------------------------------------------------
 
-    def asarray(self, dtype: Any = np.uint8, shape: int | tuple[int, ...] | None = None
+    def asarray(self, dtype: DTypeLike = np.uint8, shape: int | tuple[int, ...] | None = None
                 ) -> NDArray[Any]:
         """A zero-copy array over the buffer (numpy for host memory, CuPy for GPU memory).
 
@@ -355,7 +355,8 @@ class DeviceBuffer:
             pin._hip_buffer = self
         return arr
 
-    def __array__(self, dtype: Any = None, copy: bool | None = None) -> NDArray[Any]:
+    def __array__(self, dtype: DTypeLike | None = None, copy: bool | None = None
+                  ) -> NDArray[Any]:
         """``np.asarray(buf)``: the bytes as a zero-copy ``uint8`` array (numpy's copy rules)."""
         arr = self.asarray()
         if dtype is not None and np.dtype(dtype) != arr.dtype:

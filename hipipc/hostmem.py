@@ -177,7 +177,7 @@ def _unpublish(r: _HostRange) -> None:
         get_registry().remove_host_range(r.region)
 
 
-def hipHostMalloc(nbytes: int, flags: int = hipHostMallocDefault) -> np.ndarray | None:
+def hipHostMalloc(nbytes: int, flags: int = hipHostMallocDefault) -> NDArray[np.uint8] | None:
     """``nbytes`` of pinned host memory as a writable ``numpy.uint8`` array (None for 0
     bytes, HIP's nullptr).
 

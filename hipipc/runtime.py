@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import numpy as np
-from numpy.typing import NDArray
+from numpy.typing import DTypeLike, NDArray
 
 from .arrays import as_shared
 from .errors import HipError, hipError_t, short_repr
@@ -320,7 +320,8 @@ def hipMemcpyAsync(dst: Any, src: Any, nbytes: int, kind: int = hipMemcpyDefault
 _MAX_DIM = int(np.iinfo(np.intp).max)
 
 
-def asarray(ptr: int, shape: int | tuple[int, ...], dtype: Any = np.uint8) -> NDArray[Any]:
+def asarray(ptr: int, shape: int | tuple[int, ...], dtype: DTypeLike = np.uint8
+            ) -> NDArray[Any]:
     """A zero-copy array of ``shape``/``dtype`` over device memory at ``ptr``.
 
     Host backend: a ``numpy.ndarray`` (:class:`hipipc.arrays.SharedArray`: it and its views

@@ -33,7 +33,7 @@ import struct
 import time
 import weakref
 from multiprocessing.connection import Connection
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import posix_ipc
 
@@ -139,7 +139,8 @@ class Mailbox:
     _lock_sem: posix_ipc.Semaphore
     _gates: tuple[posix_ipc.Semaphore, ...]
     _closed: bool
-    _finalizer: weakref.finalize[[str, int], Mailbox] | None
+    if TYPE_CHECKING:  # finalize is generic in the stubs only: keep this from pdoc's eval
+        _finalizer: weakref.finalize[[str, int], Mailbox] | None
 
     def __init__(self) -> None:
         raise TypeError("use Mailbox.create(...) or Mailbox.attach(name)")
@@ -295,7 +296,8 @@ class Mailbox:
             raise TimeoutError(f"mailbox {self.name}: lock not acquired in time (a process "
                                "may have died holding it)")
 
-    def put(self, slot: int, mem: Any = None, event: Any = None, *,
+    def put(self, slot: int, mem: IpcMemHandle | bytes | bytearray | memoryview | None = None,
+            event: IpcEventHandle | bytes | bytearray | memoryview | None = None, *,
             timeout: float | None = _LOCK_GRACE) -> None:
         """Write ``mem`` (an :class:`IpcMemHandle` or 64 bytes) and/or ``event`` into ``slot``.
 
@@ -492,7 +494,8 @@ def create_handle_queue(name: str | None = None, *, max_messages: int = 8
                        "above /proc/sys/fs/mqueue/msg_max?)") from exc
 
 
-def send_handle(channel: Any, handle: Any, timeout: float | None = None) -> None:
+def send_handle(channel: Any, handle: IpcHandle | bytes | bytearray | memoryview,
+                timeout: float | None = None) -> None:
     """Send one handle (64 bytes) over ``channel``.
 
     ``channel``: a ``posix_ipc.MessageQueue``, a stream ``socket.socket`` (blocking or not)
