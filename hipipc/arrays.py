@@ -21,13 +21,14 @@ pickling raises ``hipErrorInvalidValue`` instead of silently sending a copy.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, SupportsIndex, cast
 
 import numpy as np
+from numpy.typing import NDArray
 
 from .errors import HipError, hipError_t
 from .handle import IpcMemHandle
-from .registry import get_registry
+from .registry import Registry, get_registry
 
 __all__ = ["SharedArray", "is_shared"]
 
@@ -35,13 +36,13 @@ __all__ = ["SharedArray", "is_shared"]
 class SharedArray(np.ndarray):
     """A numpy array over hipipc memory that pickles as shared memory (module docstring)."""
 
-    def __reduce__(self) -> tuple[Any, ...]:
+    def __reduce__(self) -> str | tuple[Any, ...]:
         spec = _shared_spec(self)
         if spec is None:
             return self.view(np.ndarray).__reduce__()
         return (_rebuild_array, spec)
 
-    def __reduce_ex__(self, protocol: int) -> tuple[Any, ...]:
+    def __reduce_ex__(self, protocol: SupportsIndex) -> str | tuple[Any, ...]:
         # ndarray's own __reduce_ex__ (protocol 5 buffers) would bypass __reduce__.
         spec = _shared_spec(self)
         if spec is None:
@@ -49,7 +50,7 @@ class SharedArray(np.ndarray):
         return (_rebuild_array, spec)
 
 
-def as_shared(arr: Any) -> Any:
+def as_shared(arr: NDArray[Any]) -> NDArray[Any]:
     """``arr`` as a :class:`SharedArray` if it is a plain numpy array (CuPy arrays pass)."""
     return arr.view(SharedArray) if type(arr) is np.ndarray else arr
 
@@ -77,7 +78,7 @@ def _extent(arr: np.ndarray) -> tuple[int, int]:
     return lo, hi + arr.itemsize
 
 
-def is_shared(arr: Any) -> bool:
+def is_shared(arr: object) -> bool:
     """Whether pickling ``arr`` sends shared memory (not a copy)."""
     return isinstance(arr, np.ndarray) and arr.size > 0 and _pin_of(arr) is not None \
         and _region_of(arr, strict=False) is not None
@@ -147,9 +148,9 @@ def _rebuild_array(raw: bytes, ticket: bytes | None, offset: int, shape: tuple[i
     except (TypeError, ValueError) as exc:
         raise HipError(hipError_t.hipErrorInvalidValue,
                        f"a pickled array does not fit its allocation: {exc}") from None
-    return arr.view(SharedArray)
+    return cast(SharedArray, arr.view(SharedArray))  # numpy's stubs: np.ndarray(...) is Any
 
 
-def _plain(reg: Any, ptr: int, size: int) -> np.ndarray:
+def _plain(reg: Registry, ptr: int, size: int) -> NDArray[Any]:
     region, offset = reg.find(ptr)
     return reg.backend.asarray(region, offset, (size,), np.uint8)

@@ -53,14 +53,19 @@ import operator
 import os
 import threading
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
+from numpy.typing import DTypeLike, NDArray
 
 from . import runtime
 from .errors import HipError, hipError_t, short_repr
 from .handle import IpcMemHandle
 from .registry import get_registry
+
+if TYPE_CHECKING:
+    # ndarray has the C buffer protocol; numpy's stubs declare __buffer__ only for 3.12+.
+    from typing_extensions import Buffer
 
 __all__ = ["DeviceBuffer"]
 
@@ -108,6 +113,16 @@ class DeviceBuffer:
 
     __slots__ = ("_ptr", "_size", "_device", "_handle", "_role", "_target", "_pid", "_lock",
                  "_offset", "_open", "__weakref__")
+    _ptr: int
+    _size: int
+    _device: int
+    _handle: IpcMemHandle | None
+    _role: str
+    _target: DeviceBuffer | None
+    _pid: int
+    _lock: threading.Lock
+    _offset: int
+    _open: bool
 
     def __init__(self) -> None:
         raise TypeError("use DeviceBuffer.allocate(nbytes) or DeviceBuffer.open(handle)")
@@ -296,8 +311,8 @@ class DeviceBuffer:
 
     # -- views ---------------------------------------------------------------------------
 
-    def asarray(self, dtype: Any = np.uint8, shape: int | tuple[int, ...] | None = None
-                ) -> Any:
+    def asarray(self, dtype: DTypeLike = np.uint8, shape: int | tuple[int, ...] | None = None
+                ) -> NDArray[Any]:
         """A zero-copy array over the buffer (numpy for host memory, CuPy for GPU memory).
 
         ``shape`` defaults to as many ``dtype`` items as fit.  The array (a
@@ -340,7 +355,8 @@ class DeviceBuffer:
             pin._hip_buffer = self
         return arr
 
-    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+    def __array__(self, dtype: DTypeLike | None = None, copy: bool | None = None
+                  ) -> NDArray[Any]:
         """``np.asarray(buf)``: the bytes as a zero-copy ``uint8`` array (numpy's copy rules)."""
         arr = self.asarray()
         if dtype is not None and np.dtype(dtype) != arr.dtype:
@@ -356,7 +372,7 @@ class DeviceBuffer:
     # from ``asarray``, never a dangling pointer.  A typed view goes through ``asarray``:
     # ``np.from_dlpack(buf.asarray(np.float32, (4, 4)))`` has that dtype and shape.
 
-    def _host_view(self) -> np.ndarray:
+    def _host_view(self) -> NDArray[Any]:
         return self.asarray()
 
     def __len__(self) -> int:
@@ -369,7 +385,7 @@ class DeviceBuffer:
         Raises ``hipErrorInvalidValue`` once closed.  On Python 3.10 and 3.11, which have no
         Python-level buffer protocol, use ``memoryview(buf.asarray())``.
         """
-        return memoryview(self._host_view())
+        return memoryview(cast("Buffer", self._host_view()))
 
     def __release_buffer__(self, view: memoryview) -> None:
         view.release()
@@ -383,7 +399,7 @@ class DeviceBuffer:
         """
         view = self._host_view()
         return {"version": 3, "shape": view.shape, "typestr": view.dtype.str,
-                "data": memoryview(view), "strides": None}
+                "data": memoryview(cast("Buffer", view)), "strides": None}
 
     def __dlpack__(self, **kwargs: Any) -> Any:
         """DLPack capsule of a byte view (host memory: kDLCPU); keeps the mapping alive.

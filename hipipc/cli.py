@@ -66,7 +66,7 @@ def _segments(store: Any = None) -> tuple[str, list[dict[str, Any]], list[tuple[
     now = time.time()
     rows: list[dict[str, Any]] = []
     skipped: list[tuple[str, str]] = []
-    mapped: list = []
+    mapped: list[set[tuple[int, int]]] = []
     for name, info, st in store.entries():
         if info is None:
             rows.append({"name": name, "kind": None, "size": st.st_size, "pid": None,
@@ -124,9 +124,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "" if info["store_exists"] else " (not created yet)"
     print(f"store    {path}{state}  (template {store.template})")
     print(f"sharing  {share} (exported segments get mode {mode:04o})")
-    dead = f", {info['exports_dead']} of exited exporters (run 'hipipc gc')" \
+    dead_note = f", {info['exports_dead']} of exited exporters (run 'hipipc gc')" \
         if info["exports_dead"] else ""
-    print(f"exports  {alive} live{dead}")
+    print(f"exports  {alive} live{dead_note}")
     return status
 
 

@@ -47,7 +47,7 @@ HIP_VERSION = 6 * 10**7 + 2 * 10**5
 _A = hipDeviceAttribute_t
 _NOT_SUPPORTED = 0  # textures, surfaces, cooperative launches: the host backend has none
 # hipDeviceGetAttribute -> the hipDeviceProp_t field that holds its value (None: 0, unsupported)
-_ATTRIBUTE_FIELDS: dict[hipDeviceAttribute_t, str | None] = {
+_ATTRIBUTE_FIELDS: dict[hipDeviceAttribute_t, str] = {
     _A.hipDeviceAttributeEccEnabled: "ECCEnabled",
     _A.hipDeviceAttributeAccessPolicyMaxWindowSize: "accessPolicyMaxWindowSize",
     _A.hipDeviceAttributeAsyncEngineCount: "asyncEngineCount",

@@ -31,7 +31,7 @@ import operator
 import os
 import secrets
 import struct
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import HipError, hipError_t
 
@@ -51,6 +51,7 @@ _VERSION = 1
 _LAYOUT = struct.Struct("<4sBBH16sQII24s")
 _ZERO_TAIL = bytes(24)
 _SECRET_BYTES = 16
+_H = TypeVar("_H", bound="IpcHandle")
 assert _LAYOUT.size == HANDLE_SIZE
 
 
@@ -156,6 +157,12 @@ class IpcHandle:
 
     __slots__ = ("_data", "_kind", "_size", "_device", "_uid", "_node", "_name", "_verifier")
     _KINDS: dict[int, HandleKind] = {}  # value -> kind; a dict lookup is cheaper than Enum()
+    _data: bytes
+    _kind: HandleKind
+    _size: int
+    _device: int
+    _uid: int
+    _node: int
 
     def __init__(self, data: Any) -> None:
         if isinstance(data, IpcHandle):
@@ -200,14 +207,26 @@ class IpcHandle:
     # Read-only fields: the registry hands its own handle object to callers, and a field
     # rewritten in place would no longer match the bytes (and hash) it was parsed from.
     # attrgetter properties cost next to nothing on the open path.
-    kind = property(operator.attrgetter("_kind"), doc="What the handle names (HandleKind).")
-    size = property(operator.attrgetter("_size"), doc="Bytes of the allocation or event state.")
-    device = property(operator.attrgetter("_device"), doc="The exporter's device ordinal.")
-    uid = property(operator.attrgetter("_uid"), doc="The exporter's effective uid.")
-    node = property(operator.attrgetter("_node"), doc="The exporter's node tag (node_tag()).")
+    if TYPE_CHECKING:  # what the attrgetter properties below return
+        @property
+        def kind(self) -> HandleKind: ...
+        @property
+        def size(self) -> int: ...
+        @property
+        def device(self) -> int: ...
+        @property
+        def uid(self) -> int: ...
+        @property
+        def node(self) -> int: ...
+    else:
+        kind = property(operator.attrgetter("_kind"), doc="What the handle names (HandleKind).")
+        size = property(operator.attrgetter("_size"), doc="Bytes of the allocation or event state.")
+        device = property(operator.attrgetter("_device"), doc="The exporter's device ordinal.")
+        uid = property(operator.attrgetter("_uid"), doc="The exporter's effective uid.")
+        node = property(operator.attrgetter("_node"), doc="The exporter's node tag (node_tag()).")
 
     @classmethod
-    def new(cls, kind: HandleKind, size: int, device: int, uid: int) -> IpcHandle:
+    def new(cls: type[_H], kind: HandleKind, size: int, device: int, uid: int) -> _H:
         """A fresh handle with a new 128-bit secret (never reused), tagged with
         :func:`node_tag`.
 
@@ -229,7 +248,7 @@ class IpcHandle:
         return cls(raw)
 
     @classmethod
-    def coerce(cls, obj: Any) -> IpcHandle:
+    def coerce(cls: type[_H], obj: Any) -> _H:
         """``obj`` if it already is one, else parse it as 64 raw bytes."""
         return obj if type(obj) is cls else cls(obj)
 

@@ -12,7 +12,7 @@ addresses to other processes.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -36,7 +36,7 @@ def holds_objects(buf: Any) -> bool:
     if kind is bytearray or kind is bytes:  # the common cases, without a memoryview
         return False
     if isinstance(buf, np.ndarray):
-        return buf.dtype.hasobject
+        return cast(bool, buf.dtype.hasobject)  # numpy's stubs: Any
     dtype = getattr(buf, "dtype", None)
     if isinstance(dtype, np.dtype) and dtype.hasobject:
         return True

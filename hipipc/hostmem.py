@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from .backends import Allocation, ImportedMemory, Region
 from .devtypes import (
@@ -176,7 +177,7 @@ def _unpublish(r: _HostRange) -> None:
         get_registry().remove_host_range(r.region)
 
 
-def hipHostMalloc(nbytes: int, flags: int = hipHostMallocDefault) -> np.ndarray | None:
+def hipHostMalloc(nbytes: int, flags: int = hipHostMallocDefault) -> NDArray[np.uint8] | None:
     """``nbytes`` of pinned host memory as a writable ``numpy.uint8`` array (None for 0
     bytes, HIP's nullptr).
 
@@ -196,7 +197,10 @@ def hipHostMalloc(nbytes: int, flags: int = hipHostMallocDefault) -> np.ndarray 
     reg = get_registry()
     mapping, locked = reg.backend.host_alloc(int(nbytes), flags)
     try:
-        array = np.frombuffer(mapping.buffer(0, int(nbytes)), dtype=np.uint8)
+        # ignore: a ctypes array has the buffer protocol; numpy's stubs for Python < 3.12
+        # list only some buffer types.
+        array: NDArray[np.uint8] = np.frombuffer(  # type: ignore[call-overload]
+            mapping.buffer(0, int(nbytes)), dtype=np.uint8)
         r = _HostRange(mapping.addr, int(nbytes), flags, reg.device, locked, mapping)
         with _table.lock:
             _publish_locked(r, mapping)
@@ -303,6 +307,7 @@ def hipHostGetDevicePointer(ptr: Any, flags: int = 0) -> int:
     if r is None:
         raise _invalid(f"hipHostGetDevicePointer: {addr or 0:#x} is neither hipHostMalloc "
                        "nor hipHostRegister memory")
+    assert addr is not None  # r was found at it
     return addr
 
 

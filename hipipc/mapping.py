@@ -15,6 +15,7 @@ import errno
 import os
 import sys
 import threading
+from typing import cast
 
 from .errors import HipError, hipError_t
 
@@ -42,7 +43,7 @@ def _mmap(addr: int | None, length: int, prot: int, flags: int, fd: int, offset:
     if not 0 < length <= sys.maxsize or not 0 <= offset <= sys.maxsize:
         ctypes.set_errno(errno.ENOMEM)
         return _MAP_FAILED
-    return _raw_mmap(addr, length, prot, flags, fd, offset)
+    return cast("int | None", _raw_mmap(addr, length, prot, flags, fd, offset))  # c_void_p
 
 
 class Mapping:
@@ -79,12 +80,12 @@ class Mapping:
         # Made after the count: if _Pin() itself failed the count would leak, not the pages.
         return _Pin(self)
 
-    def buffer(self, offset: int, nbytes: int) -> ctypes.Array:
+    def buffer(self, offset: int, nbytes: int) -> ctypes.Array[ctypes.c_char]:
         """A writable buffer over ``[addr+offset, addr+offset+nbytes)`` that pins the mapping."""
         pin = self.pin(offset, nbytes)
         arr = (ctypes.c_char * nbytes).from_address(self.addr + offset)
         # The ctypes array is the object numpy's views reference; when it dies, so does the pin.
-        arr._pin = pin
+        arr._pin = pin  # type: ignore[attr-defined]  # ctypes arrays take attributes
         return arr
 
     def _unpin(self) -> None:

@@ -32,11 +32,12 @@ import sys
 import threading
 import time
 import weakref
+from typing import Any
 
 from .backends import Allocation, Backend, ImportedMemory, Region, create_backend
 from .errors import HipError, hipError_t
 from .events import Event
-from .handle import IpcEventHandle, IpcMemHandle
+from .handle import IpcEventHandle, IpcHandle, IpcMemHandle
 from .store import HandleStore, share_mode
 from .streams import Stream, refuse_on_stream, running_on_stream
 
@@ -351,7 +352,7 @@ class Registry:
         rule); allocations stay mapped here and in the processes that opened them."""
         store = self.backend.store
         with self._lock:
-            handles = [a.handle for a in self._own.values() if a.exported]
+            handles: list[IpcHandle] = [a.handle for a in self._own.values() if a.exported]
             tickets, self._tickets = self._tickets, set()
         handles += [ev.handle for ev in list(self._own_events.values())
                     if ev.handle is not None and getattr(ev, "exported", True)]
@@ -398,7 +399,7 @@ class Registry:
         self._lock = threading.RLock()  # the parent's other threads may have held it
         inherited = self._inherited + [(r.ptr, r.ptr + r.size, self._pid)
                                        for r in self._regions.values()]
-        objects: list = [*self._regions.values(), self.backend.null_stream(), *self._streams,
+        objects: list[Any] = [*self._regions.values(), self.backend.null_stream(), *self._streams,
                          *self._events]
         for obj in objects:
             try:
@@ -456,7 +457,7 @@ def _before_fork() -> None:
     """Hold the registry's and its store's locks across fork, so that no other thread is
     inside an export, import or free when the child is made: the child never inherits a
     half-done one.  Same order as every call takes them (registry, then store)."""
-    held: list = []
+    held: list[Any] = []  # the registry's RLock, the store's lock
     _fork_locks.held = held
     reg = _registry
     if reg is None:

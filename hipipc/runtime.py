@@ -24,9 +24,10 @@ import enum
 import math
 import operator
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
+from numpy.typing import DTypeLike, NDArray
 
 from .arrays import as_shared
 from .errors import HipError, hipError_t, short_repr
@@ -319,7 +320,8 @@ def hipMemcpyAsync(dst: Any, src: Any, nbytes: int, kind: int = hipMemcpyDefault
 _MAX_DIM = int(np.iinfo(np.intp).max)
 
 
-def asarray(ptr: int, shape: int | tuple[int, ...], dtype: Any = np.uint8) -> Any:
+def asarray(ptr: int, shape: int | tuple[int, ...], dtype: DTypeLike = np.uint8
+            ) -> NDArray[Any]:
     """A zero-copy array of ``shape``/``dtype`` over device memory at ``ptr``.
 
     Host backend: a ``numpy.ndarray`` (:class:`hipipc.arrays.SharedArray`: it and its views
@@ -418,7 +420,7 @@ def _stream(stream: Any) -> Stream:
     if not _is_null(stream):
         if stream.destroyed:
             raise destroyed_stream()
-        return stream
+        return cast(Stream, stream)  # _is_null raised for anything but a Stream
     return get_registry().backend.null_stream()
 
 

@@ -40,13 +40,16 @@ import secrets
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import ParamSpec, TypeVar
 
 from .errors import HipError, hipError_t
 from .handle import NODE_ENV, IpcHandle, node_tag
 from .liveness import exporters as _liveness
 from .segment import _EXPORTER as _EXPORTER  # re-exported: tests write headers with it
-from .segment import _HEADER_SIZE, _IDENTITY, SegmentInfo, _identity, exporter_gone, own_process
+from .segment import _HEADER_SIZE, _IDENTITY, SegmentInfo, _identity
+from .segment import exporter_gone as exporter_gone  # re-exported (hipipc.cli)
+from .segment import own_process as own_process  # re-exported (liveness, backends)
 from .segment import process_alive as process_alive  # re-exported (older import path)
 from .segment import process_start_time as process_start_time  # re-exported
 from .segment import untrusted_reason as untrusted_reason  # re-exported
@@ -60,6 +63,8 @@ __all__ = [
 ]
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 DEFAULT_STORE = "/dev/shm/hipipc-{uid}"
 STORE_ENV = "HIPIPC_STORE"
 SHARE_ENV = "HIPIPC_SHARE"
@@ -149,7 +154,7 @@ def _fd_exhausted(action: str) -> HipError:
     )
 
 
-def _os_call(action: str, fn, *args, **kwargs):
+def _os_call(action: str, fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
     """Call ``fn``; on EMFILE raise the soft fd limit once and retry."""
     try:
         return fn(*args, **kwargs)
@@ -346,7 +351,7 @@ class HandleStore:
             self._dirs[path] = new
         return new
 
-    def _in_own_store(self, fn):
+    def _in_own_store(self, fn: Callable[[int], _T]) -> _T:
         """``fn(dir_fd)`` in this user's store; if the store vanished under it (ENOENT: another
         process's exit cleanup removed it), reopen or recreate the store and call again."""
         fresh = False
@@ -650,7 +655,7 @@ class HandleStore:
             except OSError:
                 pass
 
-    def _open_error(self, handle: IpcHandle, exc: OSError, dfd: int) -> HipError:
+    def _open_error(self, handle: IpcHandle, exc: OSError, dfd: int | None) -> HipError:
         if exc.errno == errno.EACCES:
             try:
                 st = os.stat(handle.segment_name, dir_fd=dfd, follow_symlinks=False)

@@ -32,7 +32,7 @@ from __future__ import annotations
 import abc
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from .errors import HipError, hipError_t
 
@@ -96,7 +96,7 @@ class Stream(abc.ABC):
     def destroyed(self) -> bool:
         """True after ``destroy``."""
 
-    def __reduce__(self) -> Any:
+    def __reduce__(self) -> NoReturn:
         raise TypeError(
             "a stream belongs to the process that created it and cannot be sent: to order "
             "work across processes, send an interprocess event (hipEventCreateWithFlags("

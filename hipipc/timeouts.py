@@ -16,7 +16,7 @@ import math
 import numbers
 import threading
 import time
-from typing import Any
+from typing import Any, cast, overload
 
 from .errors import HipError, hipError_t
 
@@ -45,7 +45,8 @@ def check_timeout(timeout: Any, what: str = "timeout") -> float | None:
     try:
         seconds = float(timeout)
     except OverflowError:  # an int too large for a float: no limit, like inf
-        return None if timeout > 0 else _refuse(timeout, what)
+        # cast: numbers.Real's stubs declare no __gt__ (the value is an int or a Fraction).
+        return None if cast(float, timeout) > 0 else _refuse(timeout, what)
     except (TypeError, ValueError):
         return _refuse(timeout, what)
     if math.isnan(seconds) or seconds < 0:
@@ -63,6 +64,14 @@ def deadline(timeout: Any, what: str = "timeout") -> float | None:
     """The ``time.monotonic()`` instant a call with ``timeout`` must end by (None: never)."""
     seconds = check_timeout(timeout, what)
     return None if seconds is None else time.monotonic() + seconds
+
+
+@overload
+def remaining(end: None) -> None: ...
+@overload
+def remaining(end: float) -> float: ...
+@overload
+def remaining(end: float | None) -> float | None: ...
 
 
 def remaining(end: float | None) -> float | None:

@@ -33,7 +33,7 @@ import struct
 import time
 import weakref
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import posix_ipc
 
@@ -130,6 +130,17 @@ class Mailbox:
     usable; if the last party arrives during the withdrawal, the caller passes instead.
     A party that dies inside ``wait`` leaves the round short by one; the others time out.
     """
+
+    name: str
+    is_creator: bool
+    slots: int
+    parties: int
+    _map: mmap.mmap
+    _lock_sem: posix_ipc.Semaphore
+    _gates: tuple[posix_ipc.Semaphore, ...]
+    _closed: bool
+    if TYPE_CHECKING:  # finalize is generic in the stubs only: keep this from pdoc's eval
+        _finalizer: weakref.finalize[[str, int], Mailbox] | None
 
     def __init__(self) -> None:
         raise TypeError("use Mailbox.create(...) or Mailbox.attach(name)")
@@ -285,7 +296,8 @@ class Mailbox:
             raise TimeoutError(f"mailbox {self.name}: lock not acquired in time (a process "
                                "may have died holding it)")
 
-    def put(self, slot: int, mem: Any = None, event: Any = None, *,
+    def put(self, slot: int, mem: IpcMemHandle | bytes | bytearray | memoryview | None = None,
+            event: IpcEventHandle | bytes | bytearray | memoryview | None = None, *,
             timeout: float | None = _LOCK_GRACE) -> None:
         """Write ``mem`` (an :class:`IpcMemHandle` or 64 bytes) and/or ``event`` into ``slot``.
 
@@ -356,6 +368,7 @@ class Mailbox:
         """
         self._check_open()
         deadline = _deadline(timeout)
+        gen: int  # the round number: a u32 of the mailbox header
         self._locked(deadline)
         try:
             count, gen = _COUNTERS.unpack_from(self._map, _COUNTERS_OFFSET)
@@ -445,7 +458,8 @@ class _NotReady(Exception):
 def parse_handle(raw: Any) -> IpcMemHandle | IpcEventHandle:
     """Parse 64 untrusted bytes as a memory or an event handle (by its kind byte)."""
     if isinstance(raw, IpcHandle):
-        return raw
+        # IpcHandle itself parses no kind: every instance is one of the two subclasses.
+        return cast("IpcMemHandle | IpcEventHandle", raw)
     refuse_objects(raw, "a handle")
     try:
         data = bytes(memoryview(raw).cast("B"))
@@ -480,7 +494,8 @@ def create_handle_queue(name: str | None = None, *, max_messages: int = 8
                        "above /proc/sys/fs/mqueue/msg_max?)") from exc
 
 
-def send_handle(channel: Any, handle: Any, timeout: float | None = None) -> None:
+def send_handle(channel: Any, handle: IpcHandle | bytes | bytearray | memoryview,
+                timeout: float | None = None) -> None:
     """Send one handle (64 bytes) over ``channel``.
 
     ``channel``: a ``posix_ipc.MessageQueue``, a stream ``socket.socket`` (blocking or not)

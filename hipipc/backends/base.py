@@ -11,6 +11,8 @@ import abc
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from numpy.typing import NDArray
+
 from ..devtypes import hipDeviceProp_t
 from ..errors import HipError, hipError_t
 from ..events import Event
@@ -86,7 +88,8 @@ class Backend(abc.ABC):
         """Unmap an import whose last reference was closed."""
 
     @abc.abstractmethod
-    def asarray(self, region: Region, offset: int, shape: tuple[int, ...], dtype: Any) -> Any:
+    def asarray(self, region: Region, offset: int, shape: tuple[int, ...], dtype: Any
+                ) -> NDArray[Any]:
         """A zero-copy array over ``region`` from ``offset`` that keeps the memory alive."""
 
     @abc.abstractmethod

@@ -186,7 +186,7 @@ _fork_epoch = 0
 _fork_lock = threading.Lock()
 
 
-class _Pending(set):
+class _Pending(set[int]):
     """Numbers this process reserved on one event and has not completed (add/discard are
     atomic under the GIL); shared by every state of this process that maps the same segment."""
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from ..errors import HipError, hipError_t, short_repr
 from ..events import hipEventDisableTiming, hipEventInterprocess
@@ -139,11 +140,16 @@ class HostBackend(HostDeviceMixin, Backend):
     def close(self, mem: ImportedMemory) -> None:
         mem.state.release()
 
-    def asarray(self, region: Region, offset: int, shape: tuple[int, ...], dtype: Any) -> Any:
+    def asarray(self, region: Region, offset: int, shape: tuple[int, ...], dtype: Any
+                ) -> NDArray[Any]:
         dtype = np.dtype(dtype)
         count = int(np.prod(shape, dtype=np.int64))
         buf = _mapping_of(region).buffer(offset, count * dtype.itemsize)
-        return np.frombuffer(buf, dtype=dtype, count=count).reshape(shape)
+        # ignore: a ctypes array has the buffer protocol; numpy's stubs for Python < 3.12
+        # list only some buffer types.
+        arr: NDArray[Any] = np.frombuffer(  # type: ignore[call-overload]
+            buf, dtype=dtype, count=count)
+        return arr.reshape(shape)
 
     def pin(self, region: Region, offset: int, nbytes: int) -> Any:
         # A bare pin, not a ctypes buffer: ctypes caches one array type per length forever.

@@ -118,6 +118,8 @@ class HostStream(_HostStreamBase):
     def _run(self) -> None:
         mark_stream_worker()
         get = self._queue.get
+        fn: Callable[..., Any] | None  # None once run: see below
+        args: tuple[Any, ...] | None
         while True:
             item = get()
             if item is None:

@@ -36,11 +36,17 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 import hipipc as hip
 from hipipc.bench import format_rows, human_size, script_main
+
+if TYPE_CHECKING:  # both need mpi4py, which this module imports only where it runs MPI
+    from mpi4py import MPI
+
+    from hipipc.mpi import NodeComm
 
 KiB, MiB = 1 << 10, 1 << 20
 SIZES = (4 * KiB, MiB, 64 * MiB)
@@ -58,7 +64,7 @@ def _under_mpiexec() -> bool:
 # -- the two ranks ----------------------------------------------------------------------
 
 
-def _timed(steps: dict[str, Callable[[int], None]], block: int, rounds: int, node
+def _timed(steps: dict[str, Callable[[int], None]], block: int, rounds: int, node: MPI.Comm
            ) -> dict[str, float]:
     """Median microseconds per step of each method; methods take turns in every round, in
     an order that rotates from round to round (no method always runs first)."""
@@ -82,7 +88,8 @@ def _check(got: int, want: int, what: str) -> None:
         raise RuntimeError(f"{what}: read stamp {got}, expected {want} (ordering is broken)")
 
 
-def _exchange_steps(nc, size: int) -> tuple[dict[str, Callable[[int], None]], Callable]:
+def _exchange_steps(nc: NodeComm, size: int
+                    ) -> tuple[dict[str, Callable[[int], None]], Callable[[], None]]:
     """The three exchange methods for ``size`` bytes, and a function that frees them."""
     from mpi4py import MPI
 
@@ -97,9 +104,14 @@ def _exchange_steps(nc, size: int) -> tuple[dict[str, Callable[[int], None]], Ca
     h_theirs = peers[peer].asarray(np.uint64, (2, words))
     h_mine[:] = 1  # touch every page before timing
 
-    win = MPI.Win.Allocate_shared(2 * size, 1, comm=node)
-    w_mine = np.frombuffer(win.Shared_query(node.Get_rank())[0], np.uint64).reshape(2, words)
-    w_theirs = np.frombuffer(win.Shared_query(local_peer)[0], np.uint64).reshape(2, words)
+    # cast: Split_type of an intracommunicator is one (mpi4py's stubs say Comm).
+    win = MPI.Win.Allocate_shared(2 * size, 1, comm=cast(MPI.Intracomm, node))
+    # ignores: MPI.buffer has the buffer protocol; numpy's stubs for Python < 3.12 list only
+    # some buffer types.
+    w_mine = np.frombuffer(  # type: ignore[call-overload]
+        win.Shared_query(node.Get_rank())[0], np.uint64).reshape(2, words)
+    w_theirs = np.frombuffer(  # type: ignore[call-overload]
+        win.Shared_query(local_peer)[0], np.uint64).reshape(2, words)
     w_mine[:] = 1
     win.Lock_all(MPI.MODE_NOCHECK)
 
@@ -132,7 +144,7 @@ def _exchange_steps(nc, size: int) -> tuple[dict[str, Callable[[int], None]], Ca
     return {"hipipc": hipipc_step, "window": window_step, "sendrecv": sendrecv_step}, free
 
 
-def _sync_steps(nc) -> tuple[dict[str, Callable[[int], None]], hip.Event]:
+def _sync_steps(nc: NodeComm) -> tuple[dict[str, Callable[[int], None]], hip.Event]:
     """The in-place, barrier and event steps, and this rank's IPC event (destroy it after
     the NodeComm is closed: the peer's import of it is gone by then)."""
     node = nc.node
@@ -161,13 +173,16 @@ def _sync_steps(nc) -> tuple[dict[str, Callable[[int], None]], hip.Event]:
     return {"barrier": barrier_step, "inplace": inplace_step, "event": event_step}, event
 
 
-def _row(case, median_us, baseline=None, baseline_us=None, target=None, met=None):
+def _row(case: str, median_us: float, baseline: str | None = None,
+         baseline_us: float | None = None, target: str | None = None, met: bool | None = None
+         ) -> dict[str, Any]:
     ratio = median_us / baseline_us if baseline_us else None
     return {"case": case, "median_us": median_us, "baseline": baseline,
             "baseline_us": baseline_us, "ratio": ratio, "target": target, "met": met}
 
 
-def measure(quick: bool = False, progress: Callable[[str], None] | None = None) -> dict | None:
+def measure(quick: bool = False, progress: Callable[[str], None] | None = None
+            ) -> dict[str, Any] | None:
     """Run every case on the two ranks of ``MPI.COMM_WORLD`` (collective); rank 0 gets the
     result (``{"name", "rows", "series"}``, see hipipc/bench.py), rank 1 None."""
     from mpi4py import MPI
@@ -176,7 +191,7 @@ def measure(quick: bool = False, progress: Callable[[str], None] | None = None) 
     say = progress if progress and comm.Get_rank() == 0 else (lambda _msg: None)
     if comm.Get_size() != 2:
         raise SystemExit(f"bench_mpi runs on 2 ranks (mpiexec -n 2), not {comm.Get_size()}")
-    rows: list[dict] = []
+    rows: list[dict[str, Any]] = []
     med: dict[int, dict[str, float]] = {}
     # One CPU per rank where there are two: a barrier between two ranks on one CPU measures
     # the scheduler.  Every method runs pinned alike.
@@ -189,8 +204,9 @@ def measure(quick: bool = False, progress: Callable[[str], None] | None = None) 
         os.sched_setaffinity(0, allowed)
 
 
-def _measure_pinned(comm, quick: bool, say: Callable[[str], None], rows: list[dict],
-                    med: dict[int, dict[str, float]]) -> dict | None:
+def _measure_pinned(comm: MPI.Intracomm, quick: bool, say: Callable[[str], None],
+                    rows: list[dict[str, Any]], med: dict[int, dict[str, float]]
+                    ) -> dict[str, Any] | None:
     from hipipc.mpi import NodeComm
 
     with NodeComm(comm) as nc:
@@ -280,7 +296,7 @@ def _mpiexec() -> list[str] | None:
     return [exe]
 
 
-def run(quick: bool = False, progress: Callable[[str], None] | None = None) -> dict:
+def run(quick: bool = False, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """``mpiexec -n 2`` this script and return its result (see hipipc/bench.py); run inside
     an MPI job, measure directly.  Without mpi4py or mpiexec: no rows, and the reason."""
     if _under_mpiexec():
@@ -313,7 +329,8 @@ def run(quick: bool = False, progress: Callable[[str], None] | None = None) -> d
             raise RuntimeError(f"mpiexec -n 2 hipipc.benchmarks.bench_mpi failed (exit code "
                                f"{proc.returncode}): {err.strip()[-2000:]}")
         with open(out) as f:
-            return json.load(f)
+            result: dict[str, Any] = json.load(f)  # written by rank 0 above
+            return result
 
 
 def main() -> int:
