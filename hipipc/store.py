@@ -657,10 +657,12 @@ class HandleStore:
 
     def _open_error(self, handle: IpcHandle, exc: OSError, dfd: int | None) -> HipError:
         if exc.errno == errno.EACCES:
-            try:
-                st = os.stat(handle.segment_name, dir_fd=dfd, follow_symlinks=False)
-            except OSError:
-                st = None
+            st = None
+            if dfd is not None:  # None: the store itself could not be opened, not the segment
+                try:
+                    st = os.stat(handle.segment_name, dir_fd=dfd, follow_symlinks=False)
+                except OSError:
+                    pass
             if st is not None and st.st_mode & 0o060 == 0o060:
                 # The exporter already shared it with its group: opting in is not the fix.
                 return HipError(
