@@ -449,6 +449,10 @@ class DeviceBuffer:
 
 def _rebuild(raw: bytes, ticket: bytes | None = None, offset: int = 0,
              size: int | None = None) -> DeviceBuffer:
+    # Checked before opening: a hand-made pickle may carry anything here.
+    if type(offset) is not int or not (size is None or type(size) is int):
+        raise HipError(hipError_t.hipErrorInvalidValue,
+                       f"a pickled view has offset {offset!r} and size {size!r}: not integers")
     root = DeviceBuffer.from_handle(raw, ticket)
     if offset == 0 and (size is None or size == root.size):
         return root

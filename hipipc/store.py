@@ -124,8 +124,17 @@ def _remove_created_stores() -> None:
             pass
 
 
+_TICKET_BYTES = 16
+
+
 def ticket_name(secret: bytes) -> str:
-    """The store name of a ticket: a one-way digest of its secret (same shape as a segment's)."""
+    """The store name of a ticket: a one-way digest of its secret (same shape as a segment's).
+
+    Raises ``hipErrorInvalidValue`` unless ``secret`` is 16 bytes (a pickle carries it)."""
+    if type(secret) is not bytes or len(secret) != _TICKET_BYTES:
+        raise HipError(hipError_t.hipErrorInvalidValue,
+                       f"a send ticket must be {_TICKET_BYTES} bytes, not {type(secret).__name__}"
+                       f" of length {len(secret) if isinstance(secret, bytes) else '?'}")
     return hashlib.blake2b(secret, digest_size=20, person=b"hipipc.ticket").hexdigest()
 
 
@@ -469,7 +478,7 @@ class HandleStore:
 
         Raises ``hipErrorInvalidResourceHandle`` if the segment has no name any more.
         """
-        secret = secrets.token_bytes(16)
+        secret = secrets.token_bytes(_TICKET_BYTES)
         name = ticket_name(secret)
         dfd = self._dir_fd(os.geteuid(), importing=False)
         try:
