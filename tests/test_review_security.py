@@ -5,7 +5,12 @@ Each test is a regression test for a finding: it failed before the fix it names.
 
 from __future__ import annotations
 
+import os
 import pickle
+import struct
+import threading
+import time
+import uuid
 
 import numpy as np
 import pytest
@@ -14,6 +19,7 @@ from _proc import store_names
 import hipipc as hip
 from hipipc.arrays import _rebuild_array
 from hipipc.buffer import DeviceBuffer, _rebuild
+from hipipc.transport import Mailbox
 
 E = hip.hipError_t
 
@@ -86,3 +92,50 @@ def test_a_good_pickle_still_round_trips(buf):
     view = pickle.loads(pickle.dumps(buf[3:9]))
     assert view.size == 6
     del arr, view
+
+
+# -- the mailbox: names anyone can plant in /dev/shm, counters any process of the uid writes
+
+
+@pytest.mark.parametrize("plant", ["directory", "symlink", "fifo"])
+def test_a_name_planted_in_dev_shm_is_not_a_mailbox(plant):
+    # Before: ValueError (directory), OSError ELOOP (symlink), "not found" after the timeout
+    # (FIFO); anyone can plant these under a name they know (/dev/shm is world-writable).
+    name = f"/hipipc-review-{uuid.uuid4().hex[:8]}"
+    path = "/dev/shm" + name
+    {"directory": os.mkdir, "fifo": os.mkfifo,
+     "symlink": lambda p: os.symlink("/etc/passwd", p)}[plant](path)
+    try:
+        with pytest.raises(hip.HipError) as info:
+            Mailbox.attach(name, timeout=5)
+        assert info.value.code == E.hipErrorInvalidResourceHandle
+        assert "not a hipipc mailbox" in info.value.detail
+    finally:
+        (os.rmdir if plant == "directory" else os.unlink)(path)
+
+
+@pytest.mark.parametrize("parties", [0, 0xFFFFFFFF])
+def test_a_mailbox_header_with_impossible_parties_is_refused(parties):
+    # Before: attached; with 2**32-1 parties no barrier round could ever complete.
+    with Mailbox.create(slots=1, parties=2) as box:
+        struct.pack_into("<I", box._map, 16, parties)
+        with pytest.raises(hip.HipError) as info:
+            Mailbox.attach(box.name)
+        assert info.value.code == E.hipErrorInvalidResourceHandle
+
+
+def test_a_barrier_withdrawal_after_the_count_was_zeroed_times_out_cleanly():
+    # Before: struct.error ("argument out of range") packing a count of -1.
+    with Mailbox.create(slots=1, parties=2) as box:
+        def zero() -> None:
+            time.sleep(0.2)
+            struct.pack_into("<I", box._map, 20, 0)
+
+        writer = threading.Thread(target=zero)
+        writer.start()
+        try:
+            with pytest.raises(TimeoutError):
+                box.wait(timeout=2)
+        finally:
+            writer.join(timeout=30)
+        assert struct.unpack_from("<I", box._map, 20)[0] == 0
