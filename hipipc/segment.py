@@ -115,6 +115,9 @@ def process_start_time(pid: int) -> int | None:
 
     A zombie (killed or exited, not yet reaped by its parent) counts as not running: it keeps
     its pid and start time in /proc but can never run again, so its segments are orphans.
+    Only a zombie *thread-group leader with no other threads* is one: a main thread that
+    called ``pthread_exit`` shows ``Z`` too while the process's other threads still run (and
+    still map its exports).
     """
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -133,7 +136,9 @@ def process_start_time(pid: int) -> int | None:
         return -1
     # Field 2 (comm) may contain spaces and parentheses; fields resume after the last ')'.
     fields = data[data.rindex(b")") + 2 :].split()
-    if fields[0] in (b"Z", b"X"):  # field 3, the state: zombie or dead
+    # Field 3, the state: zombie or dead; field 20, the process's thread count (1 for a
+    # real zombie, more while threads outlive a main thread that exited).
+    if fields[0] in (b"Z", b"X") and int(fields[17]) <= 1:
         return None
     return int(fields[19])
 

@@ -8,17 +8,20 @@ from __future__ import annotations
 import os
 import pickle
 import struct
+import subprocess
+import sys
 import threading
 import time
 import uuid
 
 import numpy as np
 import pytest
-from _proc import store_names
+from _proc import child_env, readline, store_names
 
 import hipipc as hip
 from hipipc.arrays import _rebuild_array
 from hipipc.buffer import DeviceBuffer, _rebuild
+from hipipc.store import HandleStore
 from hipipc.transport import Mailbox
 
 E = hip.hipError_t
@@ -139,3 +142,51 @@ def test_a_barrier_withdrawal_after_the_count_was_zeroed_times_out_cleanly():
         finally:
             writer.join(timeout=30)
         assert struct.unpack_from("<I", box._map, 20)[0] == 0
+
+
+# -- liveness: a live exporter must never be declared dead -----------------------------
+
+MAIN_THREAD_EXITS = """
+import ctypes, os, sys, threading
+import hipipc as hip
+ptr = hip.hipMalloc(4096)
+raw = bytes(hip.hipIpcGetMemHandle(ptr))
+def worker():
+    sys.stdin.readline()  # until the test is done: the process runs on in this thread
+    hip.hipFree(ptr)
+    os._exit(0)
+threading.Thread(target=worker).start()
+sys.stdout.write(raw.hex() + "\\n")
+sys.stdout.flush()
+ctypes.CDLL(None).pthread_exit(None)  # the main thread only; the leader now shows "Z"
+"""
+
+
+def test_an_exporter_whose_main_thread_exited_is_alive():
+    # Before: /proc/<pid>/stat says "Z" for a leader whose threads still run, so the first open
+    # declared the exporter dead, refused the handle and unlinked a live export (gc too).
+    proc = subprocess.Popen([sys.executable, "-c", MAIN_THREAD_EXITS], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, env=child_env())
+    try:
+        raw = bytes.fromhex(readline(proc.stdout, 60, "exporter"))
+        deadline = time.monotonic() + 30
+        while True:  # the leader turns "Z" once its pthread_exit has run
+            with open(f"/proc/{proc.pid}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                    break
+            assert time.monotonic() < deadline, "the exporter's main thread did not exit"
+            time.sleep(0.01)
+        name = hip.IpcMemHandle(raw).segment_name
+        assert name not in HandleStore().collect(dry_run=True)
+        ptr = hip.hipIpcOpenMemHandle(raw)
+        hip.hipIpcCloseMemHandle(ptr)
+        assert name in store_names()
+        proc.stdin.write(b"done\n")
+        proc.stdin.flush()
+        assert proc.wait(timeout=60) == 0
+        assert name not in store_names()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+            HandleStore().collect()  # a failed run leaves no segment of the killed exporter
