@@ -465,4 +465,7 @@ def _rebuild(raw: bytes, ticket: bytes | None = None, offset: int = 0,
 
 
 def _rebuild_empty(device: int) -> DeviceBuffer:
+    if type(device) is not int or not 0 <= device < 1 << 32:  # a hand-made pickle's
+        raise HipError(hipError_t.hipErrorInvalidDevice,
+                       f"a pickled empty buffer names device {device!r}")
     return DeviceBuffer._make(0, 0, device, None, _EMPTY)

@@ -20,7 +20,7 @@ from _proc import child_env, readline, store_names
 
 import hipipc as hip
 from hipipc.arrays import _rebuild_array
-from hipipc.buffer import DeviceBuffer, _rebuild
+from hipipc.buffer import DeviceBuffer, _rebuild, _rebuild_empty
 from hipipc.store import HandleStore
 from hipipc.transport import Mailbox
 
@@ -88,13 +88,23 @@ def test_a_malformed_ticket_is_refused(buf, ticket):
         hip.hipEventDestroy(ev)
 
 
+@pytest.mark.parametrize("device", ["0", -1, 2**40, None])
+def test_a_pickled_empty_buffer_on_no_possible_device_is_refused(device):
+    # Before: accepted, and buf.device returned whatever the pickle said.
+    with pytest.raises(hip.HipError) as info:
+        _rebuild_empty(device)
+    assert info.value.code == E.hipErrorInvalidDevice
+
+
 def test_a_good_pickle_still_round_trips(buf):
     buf.asarray(np.uint8)[:] = np.arange(64, dtype=np.uint8)
     arr = pickle.loads(pickle.dumps(buf.asarray(np.uint32)[3:9]))
     assert list(arr) == list(buf.asarray(np.uint32)[3:9])
     view = pickle.loads(pickle.dumps(buf[3:9]))
     assert view.size == 6
-    del arr, view
+    empty = pickle.loads(pickle.dumps(DeviceBuffer.allocate(0)))
+    assert empty.size == 0
+    del arr, view, empty
 
 
 # -- the mailbox: names anyone can plant in /dev/shm, counters any process of the uid writes
