@@ -592,7 +592,7 @@ class HandleStore:
             # Fast path inline (open's cost is benchmarked): a cached exporter whose pidfd is
             # not readable is alive.  Any other answer takes the careful path.
             hit = _liveness.cache.get((pid, start, pidns))
-            if (hit is None or hit[1].poll(0)) and self._exporter_dead(raw, st):
+            if (hit is None or hit[1].poll(0)) and self._exporter_dead(raw, st, fd):
                 self._reclaim(handle, names, dfd, st.st_uid)
                 raise HipError(hipError_t.hipErrorInvalidResourceHandle,
                                f"the exporter (pid {pid}) exited without freeing: its memory "
@@ -608,7 +608,7 @@ class HandleStore:
         return fd
 
     @staticmethod
-    def _exporter_dead(raw: bytes, st: os.stat_result) -> bool:
+    def _exporter_dead(raw: bytes, st: os.stat_result, fd: int) -> bool:
         """Whether the exporter the header ``raw`` names has exited, believed only where the
         header can be trusted: exporter fields a grantee rewrote (out of range, another uid)
         never make a segment dead, and a segment others may write is dead only when no
@@ -618,7 +618,7 @@ class HandleStore:
             return False
         if _liveness.alive(info.pid, info.start_time, info.pid_namespace):
             return False
-        return exporter_gone(info, st, [])
+        return exporter_gone(info, st, [], fd)
 
     def _open_first(self, handle: IpcHandle, names: list[str]) -> tuple[int, str, int | None]:
         """Open the first of ``names`` that exists: (fd or -1, name, directory fd).
@@ -752,7 +752,7 @@ class HandleStore:
                 if skipped is not None:
                     skipped.append((name, problem))
                 continue
-            if not exporter_gone(info, st, mapped):
+            if not self._gone(name, dfd, info, st, mapped):
                 continue
             if dry_run:
                 removed.append(name)
@@ -763,6 +763,26 @@ class HandleStore:
             except OSError:
                 pass
         return removed
+
+    @staticmethod
+    def _gone(name: str, dfd: int, info: SegmentInfo, st: os.stat_result,
+              mapped: list[set[tuple[int, int]]]) -> bool:
+        """:func:`exporter_gone`, for a shared segment asked through a descriptor of it (the
+        kernel then knows whether any process still holds it, /proc maps hidden or not)."""
+        if not st.st_mode & 0o022:
+            return exporter_gone(info, st, mapped)
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | _O_CLOEXEC,
+                         dir_fd=dfd)
+        except OSError:
+            return False  # gone or replaced meanwhile: not ours to judge now
+        try:
+            now = os.fstat(fd)
+            if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+                return False
+            return exporter_gone(info, st, mapped, fd)
+        finally:
+            os.close(fd)
 
     def forget(self) -> None:
         """In a forked child: a fresh lock (another thread of the parent may have held it),

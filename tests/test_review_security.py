@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import struct
 import subprocess
 import sys
@@ -16,12 +17,12 @@ import uuid
 
 import numpy as np
 import pytest
-from _proc import child_env, readline, store_names
+from _proc import child_env, in_fork, readline, store_names
 
 import hipipc as hip
 from hipipc.arrays import _rebuild_array
 from hipipc.buffer import DeviceBuffer, _rebuild, _rebuild_empty
-from hipipc.store import HandleStore
+from hipipc.store import _IDENTITY, HandleStore
 from hipipc.transport import Mailbox
 
 E = hip.hipError_t
@@ -200,3 +201,66 @@ def test_an_exporter_whose_main_thread_exited_is_alive():
             proc.kill()
             proc.wait(timeout=30)
             HandleStore().collect()  # a failed run leaves no segment of the killed exporter
+
+
+NOBODY = 65534
+needs_root = pytest.mark.skipif(os.geteuid() != 0,
+                                reason="switching a child to another uid needs root")
+
+
+def _forged_export_of_an_undumpable_exporter() -> list[str]:
+    """In a forked child: become nobody, hide our maps (not dumpable, as every process that
+    dropped privileges is), export with share=all, let a 'grantee' write a dead pid into the
+    header; another process of this user (forked before the export, so that it does not map
+    the segment itself) runs gc and opens the handle: [removed, open outcome, still named]."""
+    import ctypes
+    import json
+    import select
+
+    os.setgroups([])
+    os.setgid(NOBODY)
+    os.setuid(NOBODY)
+    ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE, 0
+    go_r, go_w = os.pipe()
+    done_r, done_w = os.pipe()
+    gc_pid = os.fork()
+    if gc_pid == 0:  # pragma: no cover - the gc process
+        try:
+            select.select([go_r], [], [], 60)
+            raw = os.read(go_r, 64)
+            removed = HandleStore().collect()
+            try:  # an import by this user: refused and reclaimed before the fix
+                hip.hipIpcCloseMemHandle(hip.hipIpcOpenMemHandle(raw))
+                opened = "opened"
+            except hip.HipError as exc:
+                opened = exc.detail
+            os.write(done_w, json.dumps([removed, opened]).encode())
+        finally:
+            os._exit(0)
+    store = HandleStore()
+    ptr = hip.hipMalloc(4096)
+    try:
+        handle = hip.hipIpcGetMemHandle(ptr, share="all")
+        with open("/proc/sys/kernel/pid_max") as f:
+            dead_pid = int(f.read()) + 1  # in range, but no process can have it
+        fd = os.open(os.path.join(store.own_path(), handle.segment_name), os.O_RDWR)
+        try:
+            os.pwrite(fd, struct.pack("<I", dead_pid), _IDENTITY.size)
+        finally:
+            os.close(fd)
+        os.write(go_w, bytes(handle))
+        assert select.select([done_r], [], [], 60)[0], "gc did not answer"
+        removed, opened = json.loads(os.read(done_r, 65536))
+        still = handle.segment_name in os.listdir(store.own_path())
+        return [removed, opened, still]
+    finally:
+        os.waitpid(gc_pid, 0)
+        hip.hipFree(ptr)
+        shutil.rmtree(store.own_path(), ignore_errors=True)
+
+
+@needs_root
+def test_a_forged_dead_pid_cannot_get_an_undumpable_exporters_live_export_swept():
+    # Before: gc (and any open of the handle by this user) could not read the exporter's
+    # /proc maps, took "no process maps it" for proof, and unlinked the live export.
+    assert in_fork(_forged_export_of_an_undumpable_exporter, timeout=60) == [[], "opened", True]
