@@ -17,7 +17,7 @@ import uuid
 
 import numpy as np
 import pytest
-from _proc import child_env, in_fork, readline, store_names
+from _proc import Exporter, child_env, in_fork, readline, store_names
 
 import hipipc as hip
 from hipipc.arrays import _rebuild_array
@@ -264,3 +264,33 @@ def test_a_forged_dead_pid_cannot_get_an_undumpable_exporters_live_export_swept(
     # Before: gc (and any open of the handle by this user) could not read the exporter's
     # /proc maps, took "no process maps it" for proof, and unlinked the live export.
     assert in_fork(_forged_export_of_an_undumpable_exporter, timeout=60) == [[], "opened", True]
+
+
+def _child_closes_all_then_opens(raw: bytes, inherited: list[int]) -> str:
+    """In a forked child: close every inherited pidfd number (as a daemon closes all its
+    descriptors), reuse one for a file of our own, open the handle, check the file's fd."""
+    for fd in inherited:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    mine = os.open("/dev/null", os.O_RDONLY)
+    while mine < max(inherited):  # fill the numbers up to a former pidfd's
+        mine = os.open("/dev/null", os.O_RDONLY)
+    ptr = hip.hipIpcOpenMemHandle(raw)
+    hip.hipIpcCloseMemHandle(ptr)
+    os.fstat(mine)  # EBADF if hipipc closed a descriptor it does not own
+    return "ok"
+
+
+def test_a_forked_child_never_closes_descriptors_it_reused_for_its_own_files():
+    # Before: the child inherited the parent's pidfd cache; a child that closed all its
+    # descriptors and reused the numbers had its own file closed by the next open.
+    from hipipc.liveness import exporters
+
+    with Exporter([4096]) as exp:
+        raw = exp.handles[0]
+        hip.hipIpcCloseMemHandle(hip.hipIpcOpenMemHandle(raw))  # caches the exporter's pidfd
+        inherited = [fd for fd, _ in exporters.cache.values()]
+        assert inherited
+        assert in_fork(_child_closes_all_then_opens, raw, inherited) == "ok"
