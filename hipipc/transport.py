@@ -340,7 +340,9 @@ class Mailbox:
         deadline = _deadline(timeout)
         delay = 0.0005
         while True:
-            got = self.get(slot)
+            # The lock wait too ends by the caller's deadline (a peer may hold the lock).
+            got = self.get(slot, timeout=_LOCK_GRACE if deadline is None
+                           else max(0.0, deadline - time.monotonic()))
             if got != (None, None):
                 return got
             if deadline is not None and time.monotonic() >= deadline:

@@ -294,3 +294,16 @@ def test_a_forked_child_never_closes_descriptors_it_reused_for_its_own_files():
         inherited = [fd for fd, _ in exporters.cache.values()]
         assert inherited
         assert in_fork(_child_closes_all_then_opens, raw, inherited) == "ok"
+
+
+def test_polling_a_mailbox_whose_lock_a_peer_holds_ends_by_the_callers_timeout():
+    # Before: each poll took the lock with its own 5 s grace, so poll(timeout=0.5) took 5 s.
+    with Mailbox.create(slots=1, parties=2) as box:
+        box._lock_sem.acquire()  # a peer stuck inside put/get
+        try:
+            began = time.monotonic()
+            with pytest.raises(TimeoutError):
+                box.poll(0, timeout=0.5)
+            assert time.monotonic() - began < 4.0
+        finally:
+            box._lock_sem.release()
