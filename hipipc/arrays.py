@@ -129,6 +129,16 @@ def _rebuild_array(raw: bytes, ticket: bytes | None, offset: int, shape: tuple[i
     from .buffer import DeviceBuffer
 
     handle = IpcMemHandle.coerce(raw)
+    try:
+        dt = np.dtype(dtype)
+    except (TypeError, ValueError) as exc:
+        raise HipError(hipError_t.hipErrorInvalidValue,
+                       f"a pickled array has no valid dtype: {exc}") from None
+    if dt.hasobject:
+        # Elements would be PyObject pointers read from shared memory: a crash at best.
+        raise HipError(hipError_t.hipErrorInvalidValue,
+                       f"a pickled array of dtype {dt} would hold Python objects, which shared "
+                       "memory cannot")
     reg = get_registry()
     try:
         # An import; in the exporting process an alias of its DeviceBuffer, if it has one.
@@ -144,8 +154,8 @@ def _rebuild_array(raw: bytes, ticket: bytes | None, offset: int, shape: tuple[i
     else:
         flat = root.asarray(np.uint8)  # the array keeps root (the import) alive
     try:
-        arr = np.ndarray(shape, np.dtype(dtype), buffer=flat, offset=offset, strides=strides)
-    except (TypeError, ValueError) as exc:
+        arr = np.ndarray(shape, dt, buffer=flat, offset=offset, strides=strides)
+    except (TypeError, ValueError, OverflowError) as exc:
         raise HipError(hipError_t.hipErrorInvalidValue,
                        f"a pickled array does not fit its allocation: {exc}") from None
     return cast(SharedArray, arr.view(SharedArray))  # numpy's stubs: np.ndarray(...) is Any

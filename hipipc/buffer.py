@@ -476,6 +476,10 @@ class DeviceBuffer:
 
 def _rebuild(raw: bytes, ticket: bytes | None = None, offset: int = 0,
              size: int | None = None) -> DeviceBuffer:
+    # Checked before opening: a hand-made pickle may carry anything here.
+    if type(offset) is not int or not (size is None or type(size) is int):
+        raise HipError(hipError_t.hipErrorInvalidValue,
+                       f"a pickled view has offset {offset!r} and size {size!r}: not integers")
     root = DeviceBuffer.from_handle(raw, ticket)
     if offset == 0 and (size is None or size == root.size):
         return root
@@ -488,4 +492,7 @@ def _rebuild(raw: bytes, ticket: bytes | None = None, offset: int = 0,
 
 
 def _rebuild_empty(device: int) -> DeviceBuffer:
+    if type(device) is not int or not 0 <= device < 1 << 32:  # a hand-made pickle's
+        raise HipError(hipError_t.hipErrorInvalidDevice,
+                       f"a pickled empty buffer names device {device!r}")
     return DeviceBuffer._make(0, 0, device, None, _EMPTY)

@@ -84,7 +84,16 @@ class Liveness:
         return True
 
     def after_fork(self) -> None:
+        """In a forked child: a fresh lock and an empty cache, the inherited pidfds closed
+        now, while they are still ours: a child that closes all its descriptors and reuses
+        the numbers must never have its own files closed by a later eviction."""
         self._lock = threading.Lock()
+        stale, self.cache = self.cache, {}
+        for fd, _ in stale.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 exporters = Liveness()

@@ -10,8 +10,11 @@ segment dead (never unlink what might be live).
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import math
 import os
+import signal
 import struct
 import time
 from dataclasses import dataclass
@@ -115,6 +118,9 @@ def process_start_time(pid: int) -> int | None:
 
     A zombie (killed or exited, not yet reaped by its parent) counts as not running: it keeps
     its pid and start time in /proc but can never run again, so its segments are orphans.
+    Only a zombie *thread-group leader with no other threads* is one: a main thread that
+    called ``pthread_exit`` shows ``Z`` too while the process's other threads still run (and
+    still map its exports).
     """
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -133,7 +139,9 @@ def process_start_time(pid: int) -> int | None:
         return -1
     # Field 2 (comm) may contain spaces and parentheses; fields resume after the last ')'.
     fields = data[data.rindex(b")") + 2 :].split()
-    if fields[0] in (b"Z", b"X"):  # field 3, the state: zombie or dead
+    # Field 3, the state: zombie or dead; field 20, the process's thread count (1 for a
+    # real zombie, more while threads outlive a main thread that exited).
+    if fields[0] in (b"Z", b"X") and int(fields[17]) <= 1:
         return None
     return int(fields[19])
 
@@ -165,23 +173,55 @@ def untrusted_reason(info: SegmentInfo, st: os.stat_result) -> str | None:
 
 
 def exporter_gone(info: SegmentInfo, st: os.stat_result,
-                  cache: list[set[tuple[int, int]]] | None = None) -> bool:
+                  cache: list[set[tuple[int, int]]] | None = None, fd: int | None = None
+                  ) -> bool:
     """Whether the segment (header ``info``, stat ``st``) is an orphan gc may remove.
 
     Never for an untrusted header.  A header others may write (group/other write bits) is
-    believed only if no process we can inspect maps the file: its "my exporter is dead"
-    might be a grantee's forgery, and a live exporter maps its segment.  ``cache`` (a list
-    holding at most one set) keeps that scan of /proc to once per sweep.
+    believed only if no other process holds the file: its "my exporter is dead" might be a
+    grantee's forgery, and a live exporter maps its segment.  With ``fd`` (a descriptor of
+    the segment) the kernel says so (:func:`_held_elsewhere`), for every process, even one
+    whose /proc maps are hidden (not dumpable: one that dropped privileges); otherwise, or
+    where the kernel cannot tell, no process whose maps we can read may map it.  ``cache``
+    (a list holding at most one set) keeps that scan of /proc to once per sweep.
     """
     if untrusted_reason(info, st) is not None or info.exporter_alive():
         return False
     if st.st_mode & 0o022:
+        held = None if fd is None else _held_elsewhere(fd)
+        if held is not None:
+            return not held
         if cache is None:
             cache = []
         if not cache:
             cache.append(_mapped_files())
         return (st.st_dev, st.st_ino) not in cache[0]
     return True
+
+
+_F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)
+_F_SETSIG = getattr(fcntl, "F_SETSIG", 10)
+
+
+def _held_elsewhere(fd: int) -> bool | None:
+    """Whether another open file description (a descriptor or a mapping, of any process)
+    holds the file behind ``fd``; None where the kernel will not tell (leases disabled, not
+    the file's owner).
+
+    A write lease is granted only to the sole holder of a file, so trying one asks exactly
+    that; it is released at once.  A process that opens the file meanwhile breaks the lease,
+    which signals the holder: SIGURG (ignored by default) instead of SIGIO (fatal).
+    """
+    try:
+        fcntl.fcntl(fd, _F_SETSIG, signal.SIGURG)
+        fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_WRLCK)
+    except OSError as exc:
+        return True if exc.errno in (errno.EAGAIN, errno.EBUSY) else None
+    try:
+        fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_UNLCK)
+    except OSError:
+        pass  # closing the descriptor ends the lease too
+    return False
 
 
 def _mapped_files() -> set[tuple[int, int]]:

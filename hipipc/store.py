@@ -129,8 +129,17 @@ def _remove_created_stores() -> None:
             pass
 
 
+_TICKET_BYTES = 16
+
+
 def ticket_name(secret: bytes) -> str:
-    """The store name of a ticket: a one-way digest of its secret (same shape as a segment's)."""
+    """The store name of a ticket: a one-way digest of its secret (same shape as a segment's).
+
+    Raises ``hipErrorInvalidValue`` unless ``secret`` is 16 bytes (a pickle carries it)."""
+    if type(secret) is not bytes or len(secret) != _TICKET_BYTES:
+        raise HipError(hipError_t.hipErrorInvalidValue,
+                       f"a send ticket must be {_TICKET_BYTES} bytes, not {type(secret).__name__}"
+                       f" of length {len(secret) if isinstance(secret, bytes) else '?'}")
     return hashlib.blake2b(secret, digest_size=20, person=b"hipipc.ticket").hexdigest()
 
 
@@ -474,7 +483,7 @@ class HandleStore:
 
         Raises ``hipErrorInvalidResourceHandle`` if the segment has no name any more.
         """
-        secret = secrets.token_bytes(16)
+        secret = secrets.token_bytes(_TICKET_BYTES)
         name = ticket_name(secret)
         dfd = self._dir_fd(os.geteuid(), importing=False)
         try:
@@ -588,7 +597,7 @@ class HandleStore:
             # Fast path inline (open's cost is benchmarked): a cached exporter whose pidfd is
             # not readable is alive.  Any other answer takes the careful path.
             hit = _liveness.cache.get((pid, start, pidns))
-            if (hit is None or hit[1].poll(0)) and self._exporter_dead(raw, st):
+            if (hit is None or hit[1].poll(0)) and self._exporter_dead(raw, st, fd):
                 self._reclaim(handle, names, dfd, st.st_uid)
                 raise HipError(hipError_t.hipErrorInvalidResourceHandle,
                                f"the exporter (pid {pid}) exited without freeing: its memory "
@@ -604,7 +613,7 @@ class HandleStore:
         return fd
 
     @staticmethod
-    def _exporter_dead(raw: bytes, st: os.stat_result) -> bool:
+    def _exporter_dead(raw: bytes, st: os.stat_result, fd: int) -> bool:
         """Whether the exporter the header ``raw`` names has exited, believed only where the
         header can be trusted: exporter fields a grantee rewrote (out of range, another uid)
         never make a segment dead, and a segment others may write is dead only when no
@@ -614,7 +623,7 @@ class HandleStore:
             return False
         if _liveness.alive(info.pid, info.start_time, info.pid_namespace):
             return False
-        return exporter_gone(info, st, [])
+        return exporter_gone(info, st, [], fd)
 
     def _open_first(self, handle: IpcHandle, names: list[str]) -> tuple[int, str, int | None]:
         """Open the first of ``names`` that exists: (fd or -1, name, directory fd).
@@ -750,7 +759,7 @@ class HandleStore:
                 if skipped is not None:
                     skipped.append((name, problem))
                 continue
-            if not exporter_gone(info, st, mapped):
+            if not self._gone(name, dfd, info, st, mapped):
                 continue
             if dry_run:
                 removed.append(name)
@@ -761,6 +770,26 @@ class HandleStore:
             except OSError:
                 pass
         return removed
+
+    @staticmethod
+    def _gone(name: str, dfd: int, info: SegmentInfo, st: os.stat_result,
+              mapped: list[set[tuple[int, int]]]) -> bool:
+        """:func:`exporter_gone`, for a shared segment asked through a descriptor of it (the
+        kernel then knows whether any process still holds it, /proc maps hidden or not)."""
+        if not st.st_mode & 0o022:
+            return exporter_gone(info, st, mapped)
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | _O_CLOEXEC,
+                         dir_fd=dfd)
+        except OSError:
+            return False  # gone or replaced meanwhile: not ours to judge now
+        try:
+            now = os.fstat(fd)
+            if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+                return False
+            return exporter_gone(info, st, mapped, fd)
+        finally:
+            os.close(fd)
 
     def forget(self) -> None:
         """In a forked child: a fresh lock (another thread of the parent may have held it),

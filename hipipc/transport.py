@@ -29,6 +29,7 @@ import mmap
 import os
 import secrets
 import socket
+import stat
 import struct
 import time
 import weakref
@@ -246,12 +247,19 @@ class Mailbox:
         except posix_ipc.PermissionsError as exc:
             raise HipError(hipError_t.hipErrorInvalidResourceHandle,
                            f"mailbox {name!r}: {exc}") from None
+        except (posix_ipc.Error, ValueError, OSError) as exc:
+            # Anyone may plant a name in /dev/shm: a directory (ValueError), a symlink (ELOOP).
+            raise HipError(hipError_t.hipErrorInvalidResourceHandle,
+                           f"{name!r} is not a hipipc mailbox ({exc})") from None
         try:
             st = os.fstat(shm.fd)
             if st.st_uid != os.geteuid():
                 raise HipError(hipError_t.hipErrorInvalidResourceHandle,
                                f"mailbox {name!r} belongs to uid {st.st_uid}, not to this "
                                f"user ({os.geteuid()}); refusing to trust its handles")
+            if not stat.S_ISREG(st.st_mode):  # a FIFO someone planted under the name
+                raise HipError(hipError_t.hipErrorInvalidResourceHandle,
+                               f"{name!r} is not a hipipc mailbox (not a regular file)")
             if st.st_size < _MB_HEADER_SIZE:
                 raise _NotReady("it is still being created")
             mapped = mmap.mmap(shm.fd, st.st_size)
@@ -266,6 +274,7 @@ class Mailbox:
                 raise HipError(hipError_t.hipErrorInvalidResourceHandle,
                                f"{name!r} is not a hipipc mailbox")
             if version != _MB_VERSION or not 1 <= slots <= _MAX_SLOTS or \
+                    not 1 <= parties <= _MAX_SLOTS or \
                     st.st_size < _MB_HEADER_SIZE + slots * _SLOT_SIZE:
                 raise HipError(hipError_t.hipErrorInvalidResourceHandle,
                                f"mailbox {name!r} has an unsupported version or layout")
@@ -390,7 +399,8 @@ class Mailbox:
         try:
             count, now_gen = _COUNTERS.unpack_from(self._map, _COUNTERS_OFFSET)
             if now_gen == gen:
-                _COUNTERS.pack_into(self._map, _COUNTERS_OFFSET, count - 1, gen)
+                # Never below zero, whatever another process of this uid wrote meanwhile.
+                _COUNTERS.pack_into(self._map, _COUNTERS_OFFSET, max(count - 1, 0), gen)
                 raise TimeoutError(
                     f"mailbox {self.name}: barrier round {gen} timed out after {timeout} s "
                     f"with {count} of {self.parties} parties arrived")

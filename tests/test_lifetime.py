@@ -103,7 +103,9 @@ def test_gc_removes_a_killed_exporter_its_parent_has_not_reaped_yet():
 def _is_zombie(pid: int) -> bool:
     with open(f"/proc/{pid}/stat", "rb") as f:
         data = f.read()
-    return data[data.rindex(b")") + 2:].split()[0] == b"Z"
+    fields = data[data.rindex(b")") + 2:].split()
+    # A leader shows "Z" while its other threads still exit (field 20, num_threads > 1).
+    return fields[0] == b"Z" and fields[17] == b"1"
 
 
 FIRST_EXPORT = """

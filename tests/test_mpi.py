@@ -384,7 +384,9 @@ def _zombie(pid: int) -> bool:
             data = f.read()
     except OSError:
         return True
-    return data[data.rindex(b")") + 2:][:1] in (b"Z", b"X")
+    fields = data[data.rindex(b")") + 2:].split()
+    # A leader shows "Z" while its other threads still exit (field 20, num_threads > 1).
+    return fields[0] in (b"Z", b"X") and fields[17] == b"1"
 
 
 def test_mpi_launch_flags_are_documented():
