@@ -53,6 +53,7 @@ class Registry:
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
+        self._null = backend.null_stream()  # the backend's, for the life of this registry
         self._pid = os.getpid()
         self._lock = threading.RLock()
         self._bases: list[int] = []
@@ -168,7 +169,7 @@ class Registry:
         enqueued so far, which may still use the memory (a host function holds raw pointers,
         and the null stream is asynchronous), before memory is released.  Failures stay for
         the next synchronize.  Skipped on a stream's own thread, which would wait for itself."""
-        if not self._streams and self.backend.null_stream().query():
+        if not self._streams and self._null.query():
             return  # the common case: nothing enqueued, no lock, no list
         if running_on_stream():
             return

@@ -115,6 +115,8 @@ def _invalid(detail: str) -> HipError:
 def _integer(value: Any, what: str, code: hipError_t = hipError_t.hipErrorInvalidValue) -> int:
     """``value`` as an int: any integer type (``operator.index``, so numpy integers), never a
     bool (``True`` is no size, flag or pointer); else ``HipError(code)``."""
+    if type(value) is int:  # the common case, first: this runs on every open and close
+        return value
     try:
         if isinstance(value, bool):
             raise TypeError
@@ -138,6 +140,8 @@ def _is_pointer(value: Any) -> bool:
 
 
 def _pointer(value: Any, what: str) -> int:
+    if type(value) is int:  # the common case, first (see _integer)
+        return value
     if not _is_pointer(value):
         raise _invalid(f"{what} needs an int pointer, not {type(value).__name__}")
     return _integer(value, what)

@@ -230,6 +230,7 @@ class HandleStore:
 
     def __init__(self, template: str | None = None) -> None:
         self.template = template or os.environ.get(STORE_ENV) or DEFAULT_STORE
+        self._paths: dict[int, str] = {}  # uid -> directory (path_for)
         self._dirs: dict[str, int] = {}
         self._retired: list[int] = []  # replaced directory descriptors, closed by close()
         self._lock = threading.Lock()
@@ -239,7 +240,10 @@ class HandleStore:
 
     def path_for(self, uid: int) -> str:
         """The store directory holding segments exported by ``uid``."""
-        return self.template.replace("{uid}", str(uid))
+        path = self._paths.get(uid)
+        if path is None:  # cached: open asks on every call
+            path = self._paths[uid] = self.template.replace("{uid}", str(uid))
+        return path
 
     def _refuse(self, path: str, why: str, importing: bool, owner: int | None = None
                 ) -> HipError:

@@ -348,7 +348,10 @@ class NullStream(_HostStreamBase):
             self._submit_locked(state.complete, (seq, timing), "hipEventRecord")
 
     def query(self) -> bool:
-        return self._done == self._submitted and all(s.query() for s in self._peers())
+        if self._done != self._submitted:
+            return False
+        # No blocking stream (the common case on the open/close path): nothing to ask.
+        return not self._peer_refs or all(s.query() for s in self._peers())
 
     def wait_idle(self, timeout: float | None) -> None:
         """Wait for this queue and, through it, for the work enqueued before now on every
