@@ -59,6 +59,14 @@ def _pin_of(arr: np.ndarray) -> Any:
     obj: Any = arr
     for _ in range(1000):  # numpy collapses chains; bounded anyway
         if not isinstance(obj, np.ndarray):
+            # as_strided (and sliding_window_view) base their result on a DummyArray that
+            # holds the original in ``.base``: follow it, so that such a view is checked
+            # against its allocation instead of pickled as a copy read past the mapping.
+            inner = getattr(obj, "base", None) if hasattr(obj, "__array_interface__") \
+                else None
+            if isinstance(inner, np.ndarray):
+                obj = inner
+                continue
             break
         if obj.base is None:
             return None
@@ -95,7 +103,8 @@ def _region_of(arr: np.ndarray, strict: bool) -> Any:
             raise HipError(hipError_t.hipErrorInvalidValue,
                            "this array views hipipc memory this process no longer holds "
                            "(freed or closed since, its mapping living on in the view, or "
-                           "inherited over fork), so it cannot be shared; send a copy "
+                           "inherited over fork) or its elements reach outside their "
+                           "allocation (as_strided), so it cannot be shared; send a copy "
                            "(np.array(x)), or keep the buffer open and send it from its "
                            "owner") from None
         return None

@@ -164,11 +164,12 @@ def _publish_locked(r: _HostRange, state: Any) -> None:
     """Enter ``r`` in this process's table (whose lock the caller holds) and, with a
     ``state`` to pin it by, in the registry: then its device pointer (its address) works in
     ``asarray`` and the copy calls as device memory does."""
-    _table.add(r)
     if state is not None:
         # No handle: the range cannot be exported, freed with hipFree or closed.
-        r.region = Region(r.base, r.size, r.device, None, state)  # type: ignore[arg-type]
-        get_registry().add_host_range(r.region)
+        region = Region(r.base, r.size, r.device, None, state)  # type: ignore[arg-type]
+        get_registry().add_host_range(region)  # first: it may refuse an overlap
+        r.region = region
+    _table.add(r)
 
 
 def _unpublish(r: _HostRange) -> None:
@@ -259,6 +260,12 @@ def hipHostRegister(buf: Any, nbytes: int, flags: int = hipHostRegisterDefault) 
         if _table.overlaps(base, int(nbytes)):
             raise HipError(hipError_t.hipErrorHostMemoryAlreadyRegistered,
                            f"[{base:#x}, +{nbytes}) overlaps registered or pinned memory")
+        if reg.overlaps(base, int(nbytes)):
+            # HIP: memory the runtime knows already (hipMalloc, an import) cannot be
+            # registered; here its entry would also be shadowed by the registration's.
+            raise HipError(hipError_t.hipErrorHostMemoryAlreadyRegistered,
+                           f"[{base:#x}, +{nbytes}) is device memory (hipMalloc or an "
+                           "import): it needs no registration")
         locked = reg.backend.host_lock(base, int(nbytes))
         r = _HostRange(base, int(nbytes), flags, reg.device, locked, view)
         # A read-only buffer gets no device pointer: a copy to it would write into it.
