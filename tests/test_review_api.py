@@ -182,3 +182,40 @@ def test_a_forged_array_pickle_reaching_past_the_allocation_is_refused():
     finally:
         get_registry().backend.store.consume_ticket(hip.IpcMemHandle(raw), ticket)
         buf.close()
+
+
+# -- descriptor limit: interprocess events ----------------------------------------------------
+
+EVENTS_AT_THE_FD_LIMIT = """
+import json, os, resource
+import hipipc as hip
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))  # hard = soft: nothing to raise
+flags = hip.hipEventInterprocess | hip.hipEventDisableTiming
+hip.hipEventDestroy(hip.hipEventCreateWithFlags(flags))  # the store's cached descriptor
+base = len(os.listdir("/proc/self/fd"))
+events, error = [], None
+try:
+    for _ in range(200):
+        events.append(hip.hipEventCreateWithFlags(flags))
+except hip.HipError as exc:
+    error = exc
+for ev in events:
+    hip.hipEventDestroy(ev)
+print(json.dumps({"made": len(events), "code": int(error.code) if error else 0,
+                  "detail": error.detail if error else "",
+                  "leaked_fds": len(os.listdir("/proc/self/fd")) - base}))
+"""
+
+
+def test_interprocess_events_at_the_descriptor_limit_say_what_holds_descriptors():
+    """Each interprocess event holds a descriptor (two until exported): running out of them
+    is hipErrorOutOfMemory naming the limit, and the message names events, not only
+    "unexported allocations" (which this process has none of); a failed creation leaks no
+    descriptor."""
+    from _proc import run_json
+
+    out = run_json(EVENTS_AT_THE_FD_LIMIT)
+    assert 10 < out["made"] < 64
+    assert out["code"] == E.hipErrorOutOfMemory
+    assert "RLIMIT_NOFILE" in out["detail"] and "event" in out["detail"]
+    assert out["leaked_fds"] == 0
