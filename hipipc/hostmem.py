@@ -222,8 +222,13 @@ def hipHostFree(ptr: Any) -> None:
             raise _invalid(f"hipHostFree: {addr:#x} is not memory hipHostMalloc returned "
                            "(freed already, interior, registered or device memory?)")
         _table.remove(r)
+        if r.locked:
+            # Unpinned now, as in HIP, not when the last view goes: a view still alive
+            # keeps the pages mapped, but must not keep them counted against
+            # RLIMIT_MEMLOCK (later hipHostMalloc calls would fail under HIPIPC_PIN=require).
+            get_registry().backend.host_unlock(r.base, r.size)
     _unpublish(r)
-    r.keep.release()  # unmapped (and so unlocked) once the last numpy view is gone
+    r.keep.release()  # unmapped once the last numpy view is gone
 
 
 def hipHostRegister(buf: Any, nbytes: int, flags: int = hipHostRegisterDefault) -> None:

@@ -219,3 +219,42 @@ def test_interprocess_events_at_the_descriptor_limit_say_what_holds_descriptors(
     assert out["code"] == E.hipErrorOutOfMemory
     assert "RLIMIT_NOFILE" in out["detail"] and "event" in out["detail"]
     assert out["leaked_fds"] == 0
+
+
+# -- pinned memory: hipHostFree unpins at once ------------------------------------------------
+
+
+def _pin_free_pin_again() -> list:
+    import os
+    import resource
+
+    from hipipc.store import PAGE_SIZE
+
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)  # no CAP_IPC_LOCK: RLIMIT_MEMLOCK counts
+    resource.setrlimit(resource.RLIMIT_MEMLOCK, (4 * PAGE_SIZE, 4 * PAGE_SIZE))
+    os.environ["HIPIPC_PIN"] = "require"
+    kept = [hip.hipHostMalloc(PAGE_SIZE) for _ in range(4)]  # the whole allowance
+    for buf in kept:
+        hip.hipHostFree(buf)  # the arrays stay referenced (a view outliving its free)
+    out = []
+    for _ in range(4):
+        try:
+            again = hip.hipHostMalloc(PAGE_SIZE)
+        except hip.HipError as exc:
+            out.append(exc.code.name)
+            continue
+        out.append("ok")
+        hip.hipHostFree(again)
+    kept[0][:] = 1  # still mapped: no use-after-unmap
+    return out
+
+
+@pytest.mark.skipif(__import__("os").geteuid() != 0, reason="needs root to drop to another uid")
+def test_host_free_unpins_even_while_a_view_lives():
+    """hipHostFree used to leave the pages locked until the last numpy view of them went,
+    so freed-but-referenced buffers used up RLIMIT_MEMLOCK and HIPIPC_PIN=require failed."""
+    from _proc import in_fork
+
+    assert in_fork(_pin_free_pin_again) == ["ok"] * 4
