@@ -31,6 +31,7 @@ from .errors import HipError, hipError_t
 from .hostbuf import refuse_objects
 from .mapping import Mapping
 from .registry import get_registry
+from .runtime import _integer
 
 __all__ = [
     "hipHostMallocDefault",
@@ -307,7 +308,7 @@ def hipHostGetDevicePointer(ptr: Any, flags: int = 0) -> int:
     kernel (not for ``hipHostRegisterReadOnly`` memory).  Raises ``hipErrorInvalidValue`` for
     ``flags`` other than 0 or memory that is neither pinned nor registered.
     """
-    if type(flags) is not int or flags != 0:
+    if _integer(flags, "hipHostGetDevicePointer flags") != 0:
         raise _invalid(f"hipHostGetDevicePointer flags must be 0, got {flags!r}")
     addr = _address(ptr, "hipHostGetDevicePointer")
     with _table.lock:

@@ -258,3 +258,25 @@ def test_host_free_unpins_even_while_a_view_lives():
     from _proc import in_fork
 
     assert in_fork(_pin_free_pin_again) == ["ok"] * 4
+
+
+# -- integer arguments: numpy integers everywhere, as the runtime's rule says ---------------
+
+
+def test_zero_flags_take_any_integer_type_and_refuse_bool():
+    """hipInit, hipDeviceEnablePeerAccess and hipHostGetDevicePointer checked
+    ``type(flags) is int``: a numpy 0 (ported code reading flags from an array) was
+    hipErrorInvalidValue, unlike every other integer argument."""
+    hip.hipInit(np.int32(0))
+    pinned = hip.hipHostMalloc(16)
+    try:
+        assert hip.hipHostGetDevicePointer(pinned, np.uint8(0)) == pinned.ctypes.data
+        assert code_of(hip.hipHostGetDevicePointer, pinned, False) == E.hipErrorInvalidValue
+        assert code_of(hip.hipHostGetDevicePointer, pinned, np.int32(1)) == \
+            E.hipErrorInvalidValue
+    finally:
+        hip.hipHostFree(pinned)
+    assert code_of(hip.hipInit, True) == E.hipErrorInvalidValue
+    assert code_of(hip.hipInit, 0.0) == E.hipErrorInvalidValue
+    assert code_of(hip.hipDeviceEnablePeerAccess, 0, np.int64(0)) == E.hipErrorInvalidDevice
+    assert code_of(hip.hipDeviceEnablePeerAccess, 0, np.int64(3)) != E.hipSuccess
