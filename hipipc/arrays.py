@@ -16,7 +16,8 @@ array pickles as shared only if its base chain ends in a hipipc mapping *and* it
 extent lies in one allocation this process holds (allocated or opened); any other array
 pickles as numpy does (a copy).  An empty array pickles as a plain empty array.  A view of
 memory freed or closed since (its mapping kept alive by the view) cannot be shared any more:
-pickling raises ``hipErrorInvalidValue`` instead of silently sending a copy.
+pickling raises ``hipErrorInvalidValue`` instead of silently sending a copy, as it does for a
+view (``as_strided(..., subok=True)``) whose elements reach outside its allocation.
 """
 
 from __future__ import annotations
