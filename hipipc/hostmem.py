@@ -274,8 +274,13 @@ def hipHostRegister(buf: Any, nbytes: int, flags: int = hipHostRegisterDefault) 
                            "import): it needs no registration")
         locked = reg.backend.host_lock(base, int(nbytes))
         r = _HostRange(base, int(nbytes), flags, reg.device, locked, view)
-        # A read-only buffer gets no device pointer: a copy to it would write into it.
-        _publish_locked(r, None if view.readonly else _ViewPins(view))
+        try:
+            # A read-only buffer gets no device pointer: a copy to it would write into it.
+            _publish_locked(r, None if view.readonly else _ViewPins(view))
+        except BaseException:
+            if locked:
+                reg.backend.host_unlock(base, int(nbytes))
+            raise
 
 
 def hipHostUnregister(ptr: Any) -> None:
