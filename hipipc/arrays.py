@@ -16,7 +16,8 @@ array pickles as shared only if its base chain ends in a hipipc mapping *and* it
 extent lies in one allocation this process holds (allocated or opened); any other array
 pickles as numpy does (a copy).  An empty array pickles as a plain empty array.  A view of
 memory freed or closed since (its mapping kept alive by the view) cannot be shared any more:
-pickling raises ``hipErrorInvalidValue`` instead of silently sending a copy.
+pickling raises ``hipErrorInvalidValue`` instead of silently sending a copy, as it does for a
+view (``as_strided(..., subok=True)``) whose elements reach outside its allocation.
 """
 
 from __future__ import annotations
@@ -60,6 +61,14 @@ def _pin_of(arr: np.ndarray) -> Any:
     obj: Any = arr
     for _ in range(1000):  # numpy collapses chains; bounded anyway
         if not isinstance(obj, np.ndarray):
+            # as_strided (and sliding_window_view) base their result on a DummyArray that
+            # holds the original in ``.base``: follow it, so that such a view is checked
+            # against its allocation instead of pickled as a copy read past the mapping.
+            inner = getattr(obj, "base", None) if hasattr(obj, "__array_interface__") \
+                else None
+            if isinstance(inner, np.ndarray):
+                obj = inner
+                continue
             break
         if obj.base is None:
             return None
@@ -96,7 +105,8 @@ def _region_of(arr: np.ndarray, strict: bool) -> Any:
             raise HipError(hipError_t.hipErrorInvalidValue,
                            "this array views hipipc memory this process no longer holds "
                            "(freed or closed since, its mapping living on in the view, or "
-                           "inherited over fork), so it cannot be shared; send a copy "
+                           "inherited over fork) or its elements reach outside their "
+                           "allocation (as_strided), so it cannot be shared; send a copy "
                            "(np.array(x)), or keep the buffer open and send it from its "
                            "owner") from None
         return None

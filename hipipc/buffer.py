@@ -87,6 +87,13 @@ os.register_at_fork(after_in_child=_fresh_owners_lock)
 _OWNER, _IMPORT, _ALIAS, _VIEW, _EMPTY = "owner", "import", "alias", "view", "empty"
 
 
+def _released_error(what: str) -> HipError:
+    return HipError(hipError_t.hipErrorInvalidValue,
+                    f"{what}: this DeviceBuffer's memory was released behind its back "
+                    "(hipDeviceReset, or a bare hipFree/hipIpcCloseMemHandle of its pointer); "
+                    "nothing was freed or closed now")
+
+
 def _closed_error(what: str) -> HipError:
     return HipError(hipError_t.hipErrorInvalidValue,
                     f"{what} on a closed DeviceBuffer (it was closed, freed, or garbage "
@@ -112,7 +119,7 @@ class DeviceBuffer:
     """
 
     __slots__ = ("_ptr", "_size", "_device", "_handle", "_role", "_target", "_pid", "_lock",
-                 "_offset", "_open", "__weakref__")
+                 "_offset", "_open", "_region", "__weakref__")
     _ptr: int
     _size: int
     _device: int
@@ -123,6 +130,7 @@ class DeviceBuffer:
     _lock: threading.Lock
     _offset: int
     _open: bool
+    _region: Any
 
     def __init__(self) -> None:
         raise TypeError("use DeviceBuffer.allocate(nbytes) or DeviceBuffer.open(handle)")
@@ -141,6 +149,11 @@ class DeviceBuffer:
         self._target = target  # aliases keep their owner alive
         self._pid = os.getpid()
         self._lock = threading.Lock()
+        # The registry's entry this object frees or closes (owner, import): if it is gone,
+        # the memory was released behind this object's back (hipDeviceReset, a bare hipFree)
+        # and the address may hold a new allocation that is not this object's to touch.
+        self._region = get_registry().region_at(ptr) if role in (_OWNER, _IMPORT) and ptr \
+            else None
         return self
 
     # -- construction --------------------------------------------------------------------
@@ -197,7 +210,8 @@ class DeviceBuffer:
         with _owners_lock:
             owner = _owners.get(handle.segment_name)
         reg = get_registry()
-        if owner is not None and not owner.closed and owner._pid == os.getpid():
+        if owner is not None and not owner.closed and owner._pid == os.getpid() and \
+                not owner._released():
             if ticket is not None:
                 reg.backend.store.consume_ticket(handle, ticket)
             return cls._make(owner._ptr, owner._size, owner._device, handle, _ALIAS, owner)
@@ -222,7 +236,23 @@ class DeviceBuffer:
                            f"{what}: this DeviceBuffer was inherited over fork and belongs to "
                            f"process {self._pid}; send it to the child (pickle, Queue, Pool) "
                            "so that the child opens its own import")
+        if self._released():
+            raise _released_error(what)
         return ptr
+
+    def _released(self) -> bool:
+        """Whether the memory this buffer (or the buffer it views) holds was released
+        behind its back: freed or closed by a bare hip* call or ``hipDeviceReset``."""
+        root = self._root() if self._role == _VIEW else self
+        if root is None:
+            return False
+        if root._role == _ALIAS:
+            owner = root._target
+            if owner is None:
+                return False
+            root = owner
+        region = root._region
+        return region is not None and get_registry().region_at(root._ptr) is not region
 
     @property
     def size(self) -> int:
@@ -428,6 +458,9 @@ class DeviceBuffer:
         del target  # an alias or view lets go of its owner here (which may free it, if last)
         if not was_open or not ptr or self._pid != os.getpid():
             return  # closed already, or inherited over fork: the parent owns it
+        if self._role in (_OWNER, _IMPORT) and self._released():
+            # Never free or close what may now be another allocation at the same address.
+            raise _released_error("close")
         if self._role == _OWNER:
             if self._handle is not None:
                 with _owners_lock:

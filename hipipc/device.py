@@ -18,7 +18,13 @@ from .backends import Allocation, ImportedMemory
 from .devtypes import hipDeviceAttribute_t, hipDeviceProp_t
 from .errors import HipError, hipError_t
 from .registry import get_registry
-from .runtime import hipDeviceSynchronize, hipMemcpy, hipMemcpyAsync, hipMemcpyDeviceToDevice
+from .runtime import (
+    _integer,
+    hipDeviceSynchronize,
+    hipMemcpy,
+    hipMemcpyAsync,
+    hipMemcpyDeviceToDevice,
+)
 from .streams import Stream
 
 __all__ = [
@@ -148,7 +154,7 @@ def _device(device: Any, what: str) -> int:
 def hipInit(flags: int = 0) -> None:
     """Start the runtime (optional, as in HIP: any call starts it).  ``flags`` must be 0
     (``hipErrorInvalidValue``); ``hipErrorNoDevice`` if the backend has no device."""
-    if type(flags) is not int or flags != 0:
+    if _integer(flags, "hipInit flags") != 0:
         raise _invalid(f"hipInit flags must be 0, got {flags!r}")
     get_registry().backend.device_count()
 
@@ -260,7 +266,7 @@ def hipDeviceEnablePeerAccess(peer: int, flags: int = 0) -> None:
     (``hipIpcMemLazyEnablePeerAccess``); ported preambles call it anyway.
     """
     peer = _device(peer, "hipDeviceEnablePeerAccess")
-    if type(flags) is not int or flags != 0:
+    if _integer(flags, "hipDeviceEnablePeerAccess flags") != 0:
         raise _invalid(f"hipDeviceEnablePeerAccess flags must be 0, got {flags!r}")
     device = get_registry().device
     if peer == device or not hipDeviceCanAccessPeer(device, peer):

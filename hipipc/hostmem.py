@@ -32,6 +32,7 @@ from .errors import HipError, hipError_t
 from .hostbuf import refuse_objects
 from .mapping import Mapping
 from .registry import get_registry
+from .runtime import _integer
 
 __all__ = [
     "hipHostMallocDefault",
@@ -165,11 +166,12 @@ def _publish_locked(r: _HostRange, state: Any) -> None:
     """Enter ``r`` in this process's table (whose lock the caller holds) and, with a
     ``state`` to pin it by, in the registry: then its device pointer (its address) works in
     ``asarray`` and the copy calls as device memory does."""
-    _table.add(r)
     if state is not None:
         # No handle: the range cannot be exported, freed with hipFree or closed.
-        r.region = Region(r.base, r.size, r.device, None, state)  # type: ignore[arg-type]
-        get_registry().add_host_range(r.region)
+        region = Region(r.base, r.size, r.device, None, state)  # type: ignore[arg-type]
+        get_registry().add_host_range(region)  # first: it may refuse an overlap
+        r.region = region
+    _table.add(r)
 
 
 def _unpublish(r: _HostRange) -> None:
@@ -225,8 +227,13 @@ def hipHostFree(ptr: Any) -> None:
             raise _invalid(f"hipHostFree: {addr:#x} is not memory hipHostMalloc returned "
                            "(freed already, interior, registered or device memory?)")
         _table.remove(r)
+        if r.locked:
+            # Unpinned now, as in HIP, not when the last view goes: a view still alive
+            # keeps the pages mapped, but must not keep them counted against
+            # RLIMIT_MEMLOCK (later hipHostMalloc calls would fail under HIPIPC_PIN=require).
+            get_registry().backend.host_unlock(r.base, r.size)
     _unpublish(r)
-    r.keep.release()  # unmapped (and so unlocked) once the last numpy view is gone
+    r.keep.release()  # unmapped once the last numpy view is gone
 
 
 def hipHostRegister(buf: Any, nbytes: int, flags: int = hipHostRegisterDefault) -> None:
@@ -263,10 +270,21 @@ def hipHostRegister(buf: Any, nbytes: int, flags: int = hipHostRegisterDefault) 
         if _table.overlaps(base, int(nbytes)):
             raise HipError(hipError_t.hipErrorHostMemoryAlreadyRegistered,
                            f"[{base:#x}, +{nbytes}) overlaps registered or pinned memory")
+        if reg.overlaps(base, int(nbytes)):
+            # HIP: memory the runtime knows already (hipMalloc, an import) cannot be
+            # registered; here its entry would also be shadowed by the registration's.
+            raise HipError(hipError_t.hipErrorHostMemoryAlreadyRegistered,
+                           f"[{base:#x}, +{nbytes}) is device memory (hipMalloc or an "
+                           "import): it needs no registration")
         locked = reg.backend.host_lock(base, int(nbytes))
         r = _HostRange(base, int(nbytes), flags, reg.device, locked, view)
-        # A read-only buffer gets no device pointer: a copy to it would write into it.
-        _publish_locked(r, None if view.readonly else _ViewPins(view))
+        try:
+            # A read-only buffer gets no device pointer: a copy to it would write into it.
+            _publish_locked(r, None if view.readonly else _ViewPins(view))
+        except BaseException:
+            if locked:
+                reg.backend.host_unlock(base, int(nbytes))
+            raise
 
 
 def hipHostUnregister(ptr: Any) -> None:
@@ -299,7 +317,7 @@ def hipHostGetDevicePointer(ptr: Any, flags: int = 0) -> int:
     kernel (not for ``hipHostRegisterReadOnly`` memory).  Raises ``hipErrorInvalidValue`` for
     ``flags`` other than 0 or memory that is neither pinned nor registered.
     """
-    if type(flags) is not int or flags != 0:
+    if _integer(flags, "hipHostGetDevicePointer flags") != 0:
         raise _invalid(f"hipHostGetDevicePointer flags must be 0, got {flags!r}")
     addr = _address(ptr, "hipHostGetDevicePointer")
     with _table.lock:

@@ -366,11 +366,32 @@ class Registry:
 
     # -- process lifetime ----------------------------------------------------------------
 
+    def region_at(self, ptr: int) -> Region | None:
+        """The region whose base is ``ptr``, if this process holds one: an object that
+        remembers its region can tell whether it was released behind its back
+        (``hipDeviceReset``, a bare ``hipFree``) even if a new one took the address since.
+        One dict read, atomic under the GIL: no lock on this path."""
+        return self._regions.get(ptr)
+
+    def overlaps(self, ptr: int, nbytes: int) -> bool:
+        """Whether any region this process holds meets ``[ptr, ptr+nbytes)``."""
+        with self._lock:
+            i = bisect.bisect_left(self._bases, ptr + nbytes) - 1
+            return i >= 0 and self._bases[i] + self._regions[self._bases[i]].size > ptr
+
     def add_host_range(self, region: Region) -> None:
         """Make pinned or registered host memory addressable by pointer (``asarray``, the
         copy calls) like device memory; it is neither an allocation nor an import, so
-        ``hipFree``/``hipIpcGetMemHandle``/``hipIpcCloseMemHandle`` still refuse it."""
+        ``hipFree``/``hipIpcGetMemHandle``/``hipIpcCloseMemHandle`` still refuse it.
+        ``hipErrorHostMemoryAlreadyRegistered`` if it meets a region held already: the
+        table is keyed by base address, and an overlap would shadow (and on removal drop)
+        an allocation's entry."""
         with self._lock:
+            i = bisect.bisect_left(self._bases, region.ptr + region.size) - 1
+            if i >= 0 and self._bases[i] + self._regions[self._bases[i]].size > region.ptr:
+                raise HipError(hipError_t.hipErrorHostMemoryAlreadyRegistered,
+                               f"[{region.ptr:#x}, +{region.size}) is device, pinned or "
+                               "registered memory already")
             self._insert(region)
 
     def remove_host_range(self, region: Region) -> None:

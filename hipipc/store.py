@@ -159,7 +159,9 @@ def _fd_exhausted(action: str) -> HipError:
     return HipError(
         hipError_t.hipErrorOutOfMemory,
         f"{action}: {_EMFILE_HINT} (RLIMIT_NOFILE soft={soft}, hard={hard}); every unexported "
-        "allocation holds one descriptor: export, free, or raise the hard limit (ulimit -Hn)",
+        "allocation holds one descriptor, every interprocess event one (two until exported), "
+        "in the creator and in each process that opened it: export or free allocations, "
+        "destroy events, or raise the hard limit (ulimit -Hn)",
     )
 
 

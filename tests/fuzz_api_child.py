@@ -29,6 +29,7 @@ import traceback
 
 import numpy as np
 import posix_ipc
+from numpy.lib.stride_tricks import sliding_window_view
 
 import hipipc as hip
 
@@ -89,12 +90,36 @@ def host_buffers() -> list:
     return [bytearray(4096), np.zeros(4096, np.uint8), np.zeros(512, np.float64),
             bytes(4096), np.zeros(64, np.uint8)[::2], np.empty(16, dtype=object),
             np.zeros(4, dtype=[("n", "i8"), ("o", "O")]), (ctypes.py_object * 8)(),
-            memoryview(bytearray(100)), np.zeros((8, 8), order="F"), (ctypes.c_char * 64)()]
+            memoryview(bytearray(100)), np.zeros((8, 8), order="F"), (ctypes.c_char * 64)()
+            ] + hip_arrays()
+
+
+def hip_arrays() -> list:
+    """Buffers over hipipc memory: pinned (hipHostMalloc, live or freed), shared arrays of
+    device memory and their views (strided, reversed, 0-d, windows, structured), and
+    DeviceBuffer slices, so that the host-side calls see memory the runtime knows."""
+    out: list = list(state["pinned"][-3:])
+    if state["pinned"]:
+        pinned = rng.choice(state["pinned"])
+        out += [pinned[1:], pinned[::2], pinned[:pinned.size // 4 * 4].view(np.float32)[:3]]
+    if state["buffers"]:
+        buf = rng.choice(state["buffers"])
+        try:
+            n = buf.size
+            out += [buf[rng.randrange(n + 1):rng.randrange(n + 2)], buf[-1:], buf[7:7]]
+            arr = buf.asarray(np.int32)
+            if arr.size >= 64:
+                out += [arr, arr[1:9], arr[::-3], arr[5:6].reshape(()), arr[:64].reshape(-1, 4).T,
+                        sliding_window_view(arr[:64], 8, subok=True),
+                        buf.asarray(np.dtype([("x", "<i4"), ("y", "<f8")]))[1:3]]
+        except hip.HipError:
+            pass  # closed by a fuzzed call: its arrays are gone too
+    return out
 
 
 state: dict[str, list] = {"live": [], "freed": [], "streams": [], "events": [],
                           "handles": [], "buffers": [], "boxes": [], "queues": [],
-                          "imported": [], "views": []}
+                          "imported": [], "views": [], "pinned": []}
 
 
 def new_alloc() -> int:
@@ -116,6 +141,8 @@ def refill() -> None:
         state["buffers"].append(hip.DeviceBuffer.allocate(4096))
     if len(state["boxes"]) < 1:
         state["boxes"].append(hip.Mailbox.create(slots=2, parties=rng.choice([1, 2])))
+    if len(state["pinned"]) < 2:
+        state["pinned"].append(hip.hipHostMalloc(rng.choice([1, 100, 4096, 8192])))
 
 
 def pointers() -> list:
@@ -124,6 +151,10 @@ def pointers() -> list:
     out = [p, p + 1, p + 4095, p - 1, np.int64(p), np.uint64(p), foreign_ptr, 0, -1, 2 ** 64,
            id(object()), np.zeros(8).ctypes.data]
     out += state["freed"][-3:] + state["imported"][-2:]
+    if state["pinned"]:  # pinned memory's addresses: base, interior, one past the end
+        arr = rng.choice(state["pinned"])
+        base = arr.ctypes.data
+        out += [base, base + arr.nbytes - 1, base + arr.nbytes]
     return out
 
 
@@ -158,7 +189,8 @@ def anything() -> object:
 
 
 BY_NAME = {
-    "ptr": pointers, "dst": lambda: pointers() + host_buffers(),
+    "ptr": lambda: pointers() + hip_arrays(), "buf": host_buffers,
+    "dst": lambda: pointers() + host_buffers(),
     "src": lambda: pointers() + host_buffers(), "nbytes": lambda: INTS,
     "value": lambda: INTS + NUMPY, "kind": lambda: KINDS, "stream": streams,
     "event": events, "start": events, "stop": events, "handle": handles, "raw": handles,
@@ -263,6 +295,9 @@ def adopt(result: object) -> None:
         state["boxes"].append(result)
     elif isinstance(result, posix_ipc.MessageQueue):
         state["queues"].append(result)
+    elif isinstance(result, np.ndarray) and result.dtype == np.uint8 and result.ndim == 1 \
+            and not isinstance(result, hip.SharedArray):
+        state["pinned"].append(result)  # hipHostMalloc's array
 
 
 def trim() -> None:
@@ -279,6 +314,8 @@ def trim() -> None:
                 pass
         state["freed"].append(ptr)
     del state["freed"][:-8]
+    while len(state["pinned"]) > 6:
+        close(state["pinned"].pop(0))
     for key in ("streams", "events", "buffers", "boxes", "handles", "queues"):
         while len(state[key]) > 6:
             old = state[key].pop(0)
@@ -298,6 +335,8 @@ def close(obj: object) -> None:
         elif isinstance(obj, posix_ipc.MessageQueue):
             posix_ipc.unlink_message_queue(obj.name)
             obj.close()
+        elif isinstance(obj, np.ndarray):
+            hip.hipHostFree(obj)  # freed already by a fuzzed call: refused, fine
     except (hip.HipError, posix_ipc.Error):
         pass
 
@@ -358,7 +397,7 @@ try:
         adopt(result)
         trim()
 finally:
-    for key in ("boxes", "buffers", "streams", "events", "queues"):
+    for key in ("boxes", "buffers", "streams", "events", "queues", "pinned"):
         for obj in state[key]:
             close(obj)
     for ptr in state["live"]:
