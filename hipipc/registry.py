@@ -350,11 +350,16 @@ class Registry:
         """Unlink the names of every export and unconsumed ticket of this process (the exit
         rule); allocations stay mapped here and in the processes that opened them."""
         store = self.backend.store
+        # First: a link made from now on takes itself back (HandleStore._unlink_if_exiting);
+        # one made before is listed below (memory and tickets under this lock; events whether
+        # or not their export has marked them exported yet: unlinking a name never made is
+        # harmless).
+        store.exiting = True
         with self._lock:
             handles = [a.handle for a in self._own.values() if a.exported]
             tickets, self._tickets = self._tickets, set()
         handles += [ev.handle for ev in list(self._own_events.values())
-                    if ev.handle is not None and getattr(ev, "exported", True)]
+                    if ev.handle is not None]
         for handle in handles:
             with contextlib.suppress(Exception):
                 store.revoke(handle)

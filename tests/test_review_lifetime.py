@@ -1,0 +1,59 @@
+"""Adversarial lifetime and concurrency checks (review): exit races, fork, descriptors.
+
+Every scenario runs in real child processes against the run's store, and every wait is
+bounded.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+
+from _proc import child_env, run_python
+
+EXPORT_AFTER_EXIT_RULE = """
+import atexit, os, pickle, threading, time
+# Registered before hipipc's exit rule, so it runs after it (atexit is LIFO): the exit keeps
+# going for a while after the rule, as it does with other libraries' exit hooks.
+atexit.register(time.sleep, 1.5)
+import hipipc as hip
+from hipipc.store import HandleStore
+
+store = HandleStore().own_path()
+buf = hip.DeviceBuffer.allocate(64)
+buf.export()
+
+def late_exporter():
+    # A daemon thread still busy when the interpreter exits: it exports just after the exit
+    # rule revoked everything and removed the (then empty) store.
+    while os.path.isdir(store):
+        time.sleep(0.005)
+    late = hip.DeviceBuffer.allocate(64)
+    event = hip.hipEventCreateWithFlags(hip.hipEventInterprocess | hip.hipEventDisableTiming)
+    for make in (late.export, lambda: hip.hipIpcGetEventHandle(event),
+                 lambda: pickle.dumps(late)):  # pickling links a send ticket
+        try:
+            make()
+        except hip.HipError:
+            pass  # refused: the process is exiting
+    time.sleep(60)  # holds late and event: a daemon thread's frame is never torn down
+
+threading.Thread(target=late_exporter, daemon=True).start()
+print("ready", flush=True)
+"""
+
+
+def test_an_export_racing_the_exit_rule_leaves_nothing_in_the_store():
+    """A daemon thread that exports (memory, an event, a send ticket) after the exit rule ran
+    must not leave a name behind, nor recreate the store the rule removed."""
+    # A store of its own: the rule removes a store only when it is empty.
+    path = f"/dev/shm/hipipc-review-{uuid.uuid4().hex[:8]}"
+    try:
+        proc = run_python(EXPORT_AFTER_EXIT_RULE, env=child_env(HIPIPC_STORE=path), timeout=60)
+        assert proc.returncode == 0, proc.stderr.decode()
+        assert b"Traceback" not in proc.stderr, proc.stderr.decode()
+        left = os.listdir(path) if os.path.isdir(path) else None
+        assert left is None, f"the store was left behind holding {left}"
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
