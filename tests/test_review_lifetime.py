@@ -6,6 +6,7 @@ bounded.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
@@ -57,3 +58,29 @@ def test_an_export_racing_the_exit_rule_leaves_nothing_in_the_store():
         assert left is None, f"the store was left behind holding {left}"
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+POOL_RETURNS_BUFFERS = """
+import json, multiprocessing as mp, os
+import hipipc as hip
+
+def work(i):
+    buf = hip.DeviceBuffer.allocate(16)
+    buf.asarray()[:] = i
+    return buf  # pickled with a ticket; then the worker exits (maxtasksperchild=1)
+
+if __name__ == "__main__":
+    with mp.get_context("fork").Pool(2, maxtasksperchild=1) as pool:
+        got = pool.map_async(work, range(6)).get(timeout=60)
+    print(json.dumps([int(b.asarray()[0]) for b in got]))
+"""
+
+
+def test_a_pool_worker_that_returns_a_buffer_and_exits_does_not_hang_the_pool():
+    """A worker sends its result and exits at once (maxtasksperchild): its exit rule must not
+    unlink the result's ticket before the parent's result thread has unpickled it, or that
+    thread dies and ``Pool.map`` never returns (multiprocessing's result handler does not
+    survive an unpickling error)."""
+    proc = run_python(POOL_RETURNS_BUFFERS, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert json.loads(proc.stdout.decode().splitlines()[-1]) == [0, 1, 2, 3, 4, 5]
