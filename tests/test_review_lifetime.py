@@ -11,7 +11,7 @@ import os
 import shutil
 import uuid
 
-from _proc import child_env, run_python
+from _proc import child_env, run_json, run_python
 
 EXPORT_AFTER_EXIT_RULE = """
 import atexit, os, pickle, threading, time
@@ -84,3 +84,30 @@ def test_a_pool_worker_that_returns_a_buffer_and_exits_does_not_hang_the_pool():
     proc = run_python(POOL_RETURNS_BUFFERS, timeout=120)
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
     assert json.loads(proc.stdout.decode().splitlines()[-1]) == [0, 1, 2, 3, 4, 5]
+
+
+EVENTS_UNDER_A_LOW_FD_LIMIT = """
+import json, resource
+import hipipc as hip
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, 512))
+flags = hip.hipEventInterprocess | hip.hipEventDisableTiming
+events, failure = [], None
+for _ in range(1000):  # bounded: the hard limit stops it near 512
+    try:
+        events.append(hip.hipEventCreateWithFlags(flags))
+        hip.hipIpcGetEventHandle(events[-1])  # exported: the event keeps one descriptor
+    except hip.HipError as exc:
+        failure = [exc.code.name, str(exc)]
+        break
+print(json.dumps([len(events), resource.getrlimit(resource.RLIMIT_NOFILE)[0], failure]))
+"""
+
+
+def test_interprocess_events_at_the_fd_limit_raise_it_then_fail_as_out_of_memory():
+    """Each interprocess event keeps a descriptor (its OFD lock): past the soft limit the
+    limit is raised toward the hard one, and at the hard one creating an event is
+    ``hipErrorOutOfMemory`` naming the limit (BRIEF section 6), never a bare OS error."""
+    made, soft, failure = run_json(EVENTS_UNDER_A_LOW_FD_LIMIT, timeout=120)
+    assert soft == 512 and made > 256, (made, soft, failure)
+    assert failure is not None and failure[0] == "hipErrorOutOfMemory", failure
+    assert "RLIMIT_NOFILE" in failure[1], failure
