@@ -382,8 +382,10 @@ class Registry:
         with self._lock:
             handles = [a.handle for a in self._own.values() if a.exported]
             tickets, self._tickets = self._tickets, set()
-        handles += [ev.handle for ev in list(self._own_events.values())
-                    if ev.handle is not None]
+        # valuerefs() copies in one C call: iterating values() raised "dictionary changed
+        # size" when another thread created or dropped an event meanwhile.
+        events = [ref() for ref in self._own_events.valuerefs()]
+        handles += [ev.handle for ev in events if ev is not None and ev.handle is not None]
         for handle in handles:
             with contextlib.suppress(Exception):
                 store.revoke(handle)
