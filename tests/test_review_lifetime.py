@@ -9,9 +9,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import uuid
 
-from _proc import child_env, run_json, run_python
+from _proc import child_env, run_json, run_python, wait_pid
+
+import hipipc as hip
+from hipipc.arrays import _pin_of
 
 EXPORT_AFTER_EXIT_RULE = """
 import atexit, os, pickle, threading, time
@@ -147,3 +151,60 @@ def test_the_exit_revocation_survives_other_threads_creating_events():
     listing must not raise (a RuntimeError there skipped every revocation and printed a
     traceback at exit)."""
     assert run_json(REVOKE_WHILE_EVENTS_CHURN, timeout=120) == []
+
+
+
+def _fork_while_held(lock, in_child) -> int:
+    """Fork while another thread holds ``lock`` (as if it were inside the call that takes it)
+    and run ``in_child`` in the child; the child's exit code (AssertionError if it hangs)."""
+    held, done = threading.Event(), threading.Event()
+
+    def holder():
+        with lock:
+            held.set()
+            done.wait(30)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    assert held.wait(30)
+    try:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            code = 1
+            try:
+                in_child()
+                code = 0
+            finally:
+                os._exit(code)
+    finally:
+        done.set()
+        thread.join(30)
+    return wait_pid(pid, 20)
+
+
+def test_an_inherited_buffer_closes_in_the_child_while_a_parent_thread_was_closing_it():
+    """A parent thread inside ``close()`` at fork held the buffer's lock: the child's close
+    (or garbage collection) of its inherited copy must not wait for it forever."""
+    buf = hip.DeviceBuffer.allocate(64)
+    try:
+        assert _fork_while_held(buf._lock, buf.close) == 0
+        assert not buf.closed  # the parent's buffer is untouched
+    finally:
+        buf.close()
+
+
+def test_a_view_dropped_in_the_child_while_a_parent_thread_pinned_its_mapping():
+    """A parent thread pinning or unpinning a mapping at fork held its lock: the child drops
+    its copy of a numpy view (of memory freed already, so no registry region lists it) and
+    must not hang."""
+    buf = hip.DeviceBuffer.allocate(64)
+    view = buf.asarray()
+    buf.close()  # the view alone keeps the mapping now
+    mapping = _pin_of(view)._pin._mapping
+
+    state = {"view": view}
+    del view
+    try:
+        assert _fork_while_held(mapping._lock, lambda: state.clear()) == 0
+    finally:
+        state.clear()
