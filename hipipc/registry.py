@@ -175,7 +175,10 @@ class Registry:
         the next synchronize.  Skipped on a stream's own thread, which would wait for itself."""
         if not self._streams and self.backend.null_stream().query():
             return  # the common case: nothing enqueued, no lock, no list
-        if running_on_stream():
+        if running_on_stream() or self._exited:
+            # After the exit rule: its drain waited (bounded) already, and the interpreter's
+            # finalization (module globals' buffers freed) freezes the daemon stream workers,
+            # so waiting for them here would hang the exit forever.
             return
         self._wait_idle(self._all_streams(), None)
 
@@ -348,7 +351,7 @@ class Registry:
         try:
             self._drain_at_exit()
             self._await_tickets()
-        except Exception:
+        except BaseException:  # noqa: BLE001 - a Ctrl-C cuts the waits short, not the rule
             pass
         self.revoke_all()
         with contextlib.suppress(Exception):

@@ -9,10 +9,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import threading
+import time
 import uuid
 
-from _proc import child_env, run_json, run_python, wait_pid
+from _proc import child_env, readline, run_json, run_python, wait_pid
 
 import hipipc as hip
 from hipipc.arrays import _pin_of
@@ -208,3 +212,55 @@ def test_a_view_dropped_in_the_child_while_a_parent_thread_pinned_its_mapping():
         assert _fork_while_held(mapping._lock, lambda: state.clear()) == 0
     finally:
         state.clear()
+
+
+CTRL_C_DURING_THE_EXIT_DRAIN = """
+import time
+import hipipc as hip
+buf = hip.DeviceBuffer.allocate(64)
+buf.export()
+hip.hipLaunchHostFunc(hip.hipStreamCreate(), time.sleep, 6)  # the exit drain waits for it
+print("exiting", flush=True)
+"""
+
+
+def test_ctrl_c_during_the_exit_drain_still_revokes_everything():
+    """A second Ctrl-C while the exit rule drains the streams cuts the wait short, but the
+    rule still revokes the process's exports and removes its store (it never fails halfway),
+    without a traceback."""
+    path = f"/dev/shm/hipipc-review-{uuid.uuid4().hex[:8]}"
+    proc = subprocess.Popen([sys.executable, "-c", CTRL_C_DURING_THE_EXIT_DRAIN],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=child_env(HIPIPC_STORE=path))
+    try:
+        assert readline(proc.stdout, 60).strip() == "exiting"
+        time.sleep(1.0)  # inside the drain now
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        left = os.listdir(path) if os.path.isdir(path) else None
+        assert left is None, f"the store was left behind holding {left}"
+        assert b"Traceback" not in err, err.decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+WORK_OUTLIVES_THE_EXIT_DRAIN = """
+import time
+import hipipc as hip
+buf = hip.DeviceBuffer.allocate(64)  # a module global: freed during finalization
+hip.hipLaunchHostFunc(hip.hipStreamCreate(), time.sleep, 30)
+"""
+
+
+def test_exit_ends_when_stream_work_outlives_the_exit_drain():
+    """The exit drain gives up on work after its bound (10 s); the buffers finalized after it
+    must not wait for that work (the interpreter freezes the stream's daemon thread): the
+    process ends soon after the drain, it does not hang."""
+    start = time.monotonic()
+    proc = run_python(WORK_OUTLIVES_THE_EXIT_DRAIN, timeout=60)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert time.monotonic() - start < 28  # well before the 30 s of work ends
+    assert b"Traceback" not in proc.stderr, proc.stderr.decode()
