@@ -451,13 +451,18 @@ class DeviceBuffer:
         ``hipIpcCloseMemHandle`` raise, which happens only if the pointer was released behind
         this object's back (for example with a bare ``hipFree``).
         """
+        if self._pid != os.getpid():
+            # Inherited over fork: only mark it closed (the parent owns the memory), without
+            # the lock, which a parent thread inside close() at fork time left held forever.
+            self._open, self._target = False, None
+            return
         with self._lock:
             was_open, self._open = self._open, False
             ptr = self._ptr
             target, self._target = self._target, None
         del target  # an alias or view lets go of its owner here (which may free it, if last)
-        if not was_open or not ptr or self._pid != os.getpid():
-            return  # closed already, or inherited over fork: the parent owns it
+        if not was_open or not ptr:
+            return  # closed already
         if self._role in (_OWNER, _IMPORT) and self._released():
             # Never free or close what may now be another allocation at the same address.
             raise _released_error("close")

@@ -34,6 +34,21 @@ _PROT_RW = 0x1 | 0x2
 _MAP_SHARED = 0x01
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
+# Bumped in a forked child: a mapping made before the fork takes a fresh lock before its next
+# use (a parent thread pinning or unpinning it at fork time left the child's copy held, and
+# the child's views outlive the registry, so forget() does not reach every mapping).
+_fork_gen = 0
+_swap_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:  # cannot fail: plain assignments
+    global _fork_gen, _swap_lock
+    _fork_gen += 1
+    _swap_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
 
 def _mmap(addr: int | None, length: int, prot: int, flags: int, fd: int, offset: int
           ) -> int | None:
@@ -53,14 +68,29 @@ class Mapping:
     :meth:`buffer` is alive.  ``release`` is idempotent and never raises.
     """
 
-    __slots__ = ("addr", "length", "_live", "_released", "_lock", "__weakref__")
+    __slots__ = ("addr", "length", "_live", "_released", "_lock_", "_gen", "__weakref__")
 
     def __init__(self, addr: int, length: int) -> None:
         self.addr = addr
         self.length = length
         self._live = 0
         self._released = False
-        self._lock = threading.Lock()
+        self._lock_ = threading.Lock()
+        self._gen = _fork_gen
+
+    @property
+    def _lock(self) -> threading.Lock:
+        """The mapping's lock; a fresh one after fork (module comment at ``_fork_gen``)."""
+        if self._gen != _fork_gen:
+            with _swap_lock:
+                if self._gen != _fork_gen:
+                    self._lock_ = threading.Lock()
+                    self._gen = _fork_gen
+        return self._lock_
+
+    @_lock.setter
+    def _lock(self, lock: threading.Lock) -> None:
+        self._lock_ = lock
 
     def pin(self, offset: int, nbytes: int) -> _Pin:
         """An object that keeps ``[addr+offset, addr+offset+nbytes)`` mapped while it lives.

@@ -12,7 +12,8 @@ used in the child gets an error that says where it comes from.
 
 Exit rule (CUDA's: a process's memory dies with it).  At a normal exit (the interpreter ends,
 ``sys.exit``, an exception reaching the top, or a ``multiprocessing`` child finishing) the
-registry, in this order: drains its streams (enqueued work still completes), unlinks the name
+registry, in this order: drains its streams (enqueued work still completes), gives the
+receivers of its newest send tickets a short grace to open them, unlinks the name
 of every export of the process (memory and interprocess events) and every ticket it issued
 that no receiver consumed, then removes its store if that left it empty.  Processes that
 opened the memory already keep their mappings, as after ``hipFree``.  The hook runs from
@@ -42,6 +43,10 @@ from .store import HandleStore, share_mode
 from .streams import Stream, refuse_on_stream, running_on_stream
 
 __all__ = ["Registry", "get_registry"]
+
+# How long after its newest send ticket an exiting process waits for receivers to consume its
+# tickets before the exit rule revokes them (Registry._await_tickets).
+TICKET_GRACE = 2.0
 
 
 def _invalid(detail: str) -> HipError:
@@ -74,6 +79,7 @@ class Registry:
         # ones whenever the set doubles, removed at exit.
         self._tickets: set[str] = set()
         self._ticket_limit = 256
+        self._last_ticket = float("-inf")  # time.monotonic() of the newest ticket
         self._exited = False
         mp_util = sys.modules.get("multiprocessing.util")
         if mp_util is not None:
@@ -171,7 +177,10 @@ class Registry:
         the next synchronize.  Skipped on a stream's own thread, which would wait for itself."""
         if not self._streams and self._null.query():
             return  # the common case: nothing enqueued, no lock, no list
-        if running_on_stream():
+        if running_on_stream() or self._exited:
+            # After the exit rule: its drain waited (bounded) already, and the interpreter's
+            # finalization (module globals' buffers freed) freezes the daemon stream workers,
+            # so waiting for them here would hang the exit forever.
             return
         self._wait_idle(self._all_streams(), None)
 
@@ -301,6 +310,7 @@ class Registry:
                 self._ticket_limit = max(256, 2 * len(self._tickets))
             secret, name = self.backend.store.issue_ticket(handle)
             self._tickets.add(name)
+            self._last_ticket = time.monotonic()
         return secret
 
     def open_event(self, handle: IpcEventHandle, ticket: bytes | None = None) -> Event:
@@ -342,21 +352,45 @@ class Registry:
         self._exited = True
         try:
             self._drain_at_exit()
-        except Exception:
+            self._await_tickets()
+        except BaseException:  # noqa: BLE001 - a Ctrl-C cuts the waits short, not the rule
             pass
         self.revoke_all()
         with contextlib.suppress(Exception):
             self.backend.store.remove_if_empty()
 
+    def _await_tickets(self) -> None:
+        """Before revoking: give the receivers of a pickle sent just before exit (a ``Pool``
+        worker returns a buffer and ends, a child puts its result and returns) until
+        :data:`TICKET_GRACE` seconds after the newest ticket to open it.  Otherwise the exit
+        raced the receiver's unpickling, and ``Pool``'s result thread, which does not survive
+        an unpickling error, died and left ``map`` waiting forever.  No wait when no ticket is
+        that recent; tickets still unconsumed then are revoked as before."""
+        store = self.backend.store
+        with self._lock:
+            pending = set(self._tickets)
+        deadline = self._last_ticket + TICKET_GRACE
+        while pending and time.monotonic() < deadline:
+            pending = {name for name in pending if store.exists(name)}
+            if pending:
+                time.sleep(0.005)
+
     def revoke_all(self) -> None:
         """Unlink the names of every export and unconsumed ticket of this process (the exit
         rule); allocations stay mapped here and in the processes that opened them."""
         store = self.backend.store
+        # First: a link made from now on takes itself back (HandleStore._unlink_if_exiting);
+        # one made before is listed below (memory and tickets under this lock; events whether
+        # or not their export has marked them exported yet: unlinking a name never made is
+        # harmless).
+        store.exiting = True
         with self._lock:
             handles: list[IpcHandle] = [a.handle for a in self._own.values() if a.exported]
             tickets, self._tickets = self._tickets, set()
-        handles += [ev.handle for ev in list(self._own_events.values())
-                    if ev.handle is not None and getattr(ev, "exported", True)]
+        # valuerefs() copies in one C call: iterating values() raised "dictionary changed
+        # size" when another thread created or dropped an event meanwhile.
+        events = [ref() for ref in self._own_events.valuerefs()]
+        handles += [ev.handle for ev in events if ev is not None and ev.handle is not None]
         for handle in handles:
             with contextlib.suppress(Exception):
                 store.revoke(handle)

@@ -237,6 +237,10 @@ class HandleStore:
         self._retired: list[int] = []  # replaced directory descriptors, closed by close()
         self._lock = threading.Lock()
         self._swept = False
+        # Set by the exit rule before it revokes: a name linked later (a daemon thread still
+        # exporting at exit) would outlive the process, so publish, tickets and recreating the
+        # store are refused from then on (hipErrorDeinitialized, CUDA's "driver shutting down").
+        self.exiting = False
 
     # -- directories ---------------------------------------------------------------------
 
@@ -322,6 +326,7 @@ class HandleStore:
 
     def _make_dir(self, path: str) -> None:
         """Create the store (mode 0700 until verified, then 0711); an existing one is fine."""
+        self._refuse_if_exiting()
         parent = os.path.dirname(path) or "."
         try:
             os.mkdir(path, 0o700)
@@ -477,6 +482,7 @@ class HandleStore:
             raise HipError(hipError_t.hipErrorOperatingSystem,
                            f"cannot export a segment into {self.own_path()}: {exc.strerror}"
                            ) from exc
+        self._unlink_if_exiting(name)
 
     def remove_if_empty(self) -> None:
         """At exit (the registry's exit rule calls this after revoking the process's exports):
@@ -505,7 +511,22 @@ class HandleStore:
             raise HipError(hipError_t.hipErrorOperatingSystem,
                            f"cannot link a send ticket in {self.own_path()}: {exc.strerror}"
                            ) from exc
+        self._unlink_if_exiting(name)
         return secret, name
+
+    def _refuse_if_exiting(self) -> None:
+        if self.exiting:
+            raise HipError(hipError_t.hipErrorDeinitialized,
+                           "the process is exiting: its exports were revoked (the exit rule), "
+                           "nothing new can be exported")
+
+    def _unlink_if_exiting(self, name: str) -> None:
+        """After a link: if the exit rule started meanwhile, take the name back and refuse.
+        Checked after the link, not before, so that an export the rule's revocation may have
+        missed is always undone here (the rule sets ``exiting`` before it looks)."""
+        if self.exiting:
+            self.discard(name)
+            self._refuse_if_exiting()
 
     def discard(self, name: str) -> bool:
         """Unlink ``name`` from this user's store if it exists; True if it was there."""

@@ -21,7 +21,7 @@ from ..errors import HipError, hipError_t, short_repr
 from ..events import hipEventDisableTiming, hipEventInterprocess
 from ..handle import HandleKind, IpcEventHandle, IpcHandle, IpcMemHandle
 from ..mapping import Mapping, map_file
-from ..store import PAGE_SIZE, HandleStore
+from ..store import PAGE_SIZE, HandleStore, _os_call
 from .base import Allocation, Backend, ImportedMemory, Region
 from .eventstate import STATE_SIZE, EventState
 from .host_device import HostDeviceMixin
@@ -172,7 +172,12 @@ class HostBackend(HostDeviceMixin, Backend):
             # The state locks through its own descriptor (eventstate's module doc); ours is
             # closed once export has linked the segment in.
             try:
-                lock_fd = os.dup(fd)
+                # At the fd limit: raised toward the hard limit, else hipErrorOutOfMemory
+                # naming it (each interprocess event keeps this descriptor).
+                lock_fd = _os_call("keeping an interprocess event's segment open", os.dup, fd)
+            except HipError:
+                mapping.release()
+                raise
             except OSError as exc:
                 mapping.release()
                 raise HipError(hipError_t.hipErrorOperatingSystem,
