@@ -647,7 +647,9 @@ FREED_WHILE_PENDING = textwrap.dedent(r"""
             hip.hipLaunchHostFunc(s, g.wait, 10)
             hip.hipMemcpyAsync(out, ptr, n, hip.hipMemcpyDeviceToHost, s)
             hip.hipMemsetAsync(ptr + 4096, 0x43, 4096, s)
-            hip.hipIpcCloseMemHandle(ptr)  # closed before the copy runs
+            # The close waits for the stream (CUDA's implicit synchronization): open its gate.
+            threading.Timer(0.3, g.set).start()
+            hip.hipIpcCloseMemHandle(ptr)
             junk = [hip.hipMalloc(n) for _ in range(8)]  # would reuse the address
             g.set()
             hip.hipStreamSynchronize(s, timeout=10)
@@ -683,6 +685,7 @@ FREED_WHILE_PENDING = textwrap.dedent(r"""
     hip.hipMemcpyAsync(dst, src, n, hip.hipMemcpyDeviceToDevice, s)
     hip.hipMemcpyAsync(out, dst, n, hip.hipMemcpyDeviceToHost, s)
     hip.hipMemsetAsync(src, 0x22, n, s)
+    threading.Timer(0.3, g.set).start()  # hipFree waits for the stream's work first
     hip.hipFree(src)
     hip.hipFree(dst)
     try:
