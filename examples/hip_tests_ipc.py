@@ -65,14 +65,20 @@ def REQUIRE(cond: bool, what: str = "") -> None:
         raise TestFailed(what or "REQUIRE failed")
 
 
-def HIP_CHECK_ERROR(fn: Callable[..., object], *args: object, expected: hip.hipError_t,
-                    also: tuple[hip.hipError_t, ...] = ()) -> None:
+def HIP_CHECK_ERROR(
+    fn: Callable[..., object],
+    *args: object,
+    expected: hip.hipError_t,
+    also: tuple[hip.hipError_t, ...] = (),
+) -> None:
     """The call must fail with ``expected`` (or one of ``also``)."""
     try:
         fn(*args)
     except hip.HipError as exc:
-        REQUIRE(exc.code in (expected, *also),
-                f"{fn.__name__}: {exc.code.name}, expected {expected.name}")
+        REQUIRE(
+            exc.code in (expected, *also),
+            f"{fn.__name__}: {exc.code.name}, expected {expected.name}",
+        )
         return
     raise TestFailed(f"{fn.__name__} succeeded, expected {expected.name}")
 
@@ -165,15 +171,18 @@ NUM_ELMTS = 1024
 
 
 class hip_ipc_t(ctypes.Structure):
-    _fields_ = [("device", ctypes.c_int),
-                ("memHandle", ctypes.c_ubyte * 64),
-                ("IfTestPassed", ctypes.c_bool)]
+    _fields_ = [
+        ("device", ctypes.c_int),
+        ("memHandle", ctypes.c_ubyte * 64),
+        ("IfTestPassed", ctypes.c_bool),
+    ]
 
 
 def checkTest(expected: np.ndarray, actual: np.ndarray, n: int) -> None:
     wrong = np.flatnonzero(expected[:n] != actual[:n])
-    REQUIRE(not wrong.size, f"mismatch at {wrong[:1]}: {actual[wrong[:1]]} != "
-                            f"{expected[wrong[:1]]}")
+    REQUIRE(
+        not wrong.size, f"mismatch at {wrong[:1]}: {actual[wrong[:1]]} != {expected[wrong[:1]]}"
+    )
 
 
 def Unit_hipIpcMemAccess_Semaphores() -> None:
@@ -216,6 +225,7 @@ def Unit_hipIpcMemAccess_Semaphores() -> None:
                     hip.hipFree(A_d)  # the C test leaves this to its process exit
                 raise
         else:
+
             def child() -> None:
                 # Child process
                 Num_devices = hip.hipGetDeviceCount()
@@ -234,8 +244,9 @@ def Unit_hipIpcMemAccess_Semaphores() -> None:
                             hip.hipDeviceEnablePeerAccess(i, 0)
                             hip.hipSetDevice(i)
                             C_d = hip.hipMalloc(Nbytes)
-                            B_d = hip.hipIpcOpenMemHandle(bytes(shrd_mem.memHandle),
-                                                          hip.hipIpcMemLazyEnablePeerAccess)
+                            B_d = hip.hipIpcOpenMemHandle(
+                                bytes(shrd_mem.memHandle), hip.hipIpcMemLazyEnablePeerAccess
+                            )
                             hip.hipMemcpy(C_d, B_d, Nbytes, hip.hipMemcpyDeviceToDevice)
                             hip.hipMemcpy(C_h, C_d, Nbytes, hip.hipMemcpyDeviceToHost)
                             checkTest(A_h, C_h, N)
@@ -276,18 +287,23 @@ def Unit_hipIpcMemAccess_ParameterValidation() -> None:
         MemHandle = hip.hipIpcGetMemHandle(Ad)
         # "Open mem handle with devptr as nullptr": no out-parameter.
         # Open mem handle with handle as un-initialized
-        HIP_CHECK_ERROR(hip.hipIpcOpenMemHandle, MemHandleUninit,
-                        hip.hipIpcMemLazyEnablePeerAccess,
-                        expected=hip.hipError_t.hipErrorInvalidValue,
-                        also=(hip.hipError_t.hipErrorInvalidDevicePointer,))
+        HIP_CHECK_ERROR(
+            hip.hipIpcOpenMemHandle,
+            MemHandleUninit,
+            hip.hipIpcMemLazyEnablePeerAccess,
+            expected=hip.hipError_t.hipErrorInvalidValue,
+            also=(hip.hipError_t.hipErrorInvalidDevicePointer,),
+        )
         # Open mem handle with flags as random value
         flags = 123
         MemHandle = hip.hipIpcGetMemHandle(Ad)
-        HIP_CHECK_ERROR(hip.hipIpcOpenMemHandle, MemHandle, flags,
-                        expected=hip.hipError_t.hipErrorInvalidValue)
+        HIP_CHECK_ERROR(
+            hip.hipIpcOpenMemHandle, MemHandle, flags, expected=hip.hipError_t.hipErrorInvalidValue
+        )
         # Close mem handle with devptr(nullptr)
-        HIP_CHECK_ERROR(hip.hipIpcCloseMemHandle, None,
-                        expected=hip.hipError_t.hipErrorInvalidValue)
+        HIP_CHECK_ERROR(
+            hip.hipIpcCloseMemHandle, None, expected=hip.hipError_t.hipErrorInvalidValue
+        )
         HIP_CHECK_ERROR(hip.hipIpcCloseMemHandle, 0, expected=hip.hipError_t.hipErrorInvalidValue)
     finally:
         hip.hipFree(Ad)
@@ -300,10 +316,12 @@ MAX_DEVICES = 16
 
 
 class ipcEventInfo_t(ctypes.Structure):
-    _fields_ = [("device", ctypes.c_int),
-                ("pid", ctypes.c_int),
-                ("eventHandle", ctypes.c_ubyte * 64),
-                ("memHandle", ctypes.c_ubyte * 64)]
+    _fields_ = [
+        ("device", ctypes.c_int),
+        ("pid", ctypes.c_int),
+        ("eventHandle", ctypes.c_ubyte * 64),
+        ("memHandle", ctypes.c_ubyte * 64),
+    ]
 
 
 class ipcDevices_t(ctypes.Structure):
@@ -319,6 +337,7 @@ def getDevices(devices: ipcDevices_t) -> None:
     this process does not start the runtime)."""
     pid = os.fork()
     if not pid:
+
         def child() -> None:
             devCnt = hip.hipGetDeviceCount()
             if devCnt < 2:
@@ -392,8 +411,7 @@ def runMultiProcKernel(shmEventInfo: ctypes.Array, index: int) -> None:
     3) Process 0 synchronizes the events and validates the resulting buffer."""
     itemsize = np.dtype(np.int32).itemsize
     # Randomize data before computation (rand_r seeded with the time)
-    hData = np.random.default_rng(time.time_ns()).integers(0, 2**31 - 1, BUF_SIZE,
-                                                          dtype=np.int32)
+    hData = np.random.default_rng(time.time_ns()).integers(0, 2**31 - 1, BUF_SIZE, dtype=np.int32)
     hip.hipSetDevice(shmEventInfo[index].device)
 
     if index == 0:
@@ -414,8 +432,12 @@ def runMultiProcKernel(shmEventInfo: ctypes.Array, index: int) -> None:
             for i in range(1, g_processCnt):
                 hip.hipEventSynchronize(event[i])
             h_results = np.empty(BUF_SIZE * MAX_DEVICES, np.int32)
-            hip.hipMemcpy(h_results, d_ptr + BUF_SIZE * itemsize,
-                          BUF_SIZE * (g_processCnt - 1) * itemsize, hip.hipMemcpyDeviceToHost)
+            hip.hipMemcpy(
+                h_results,
+                d_ptr + BUF_SIZE * itemsize,
+                BUF_SIZE * (g_processCnt - 1) * itemsize,
+                hip.hipMemcpyDeviceToHost,
+            )
 
             # Barrier 3: process 0 signals event usage is done.
             processBarrier()
@@ -433,10 +455,9 @@ def runMultiProcKernel(shmEventInfo: ctypes.Array, index: int) -> None:
             raise
         for n in range(1, g_processCnt):
             expected = hData // (n + 1)
-            got = h_results[(n - 1) * BUF_SIZE:n * BUF_SIZE]
+            got = h_results[(n - 1) * BUF_SIZE : n * BUF_SIZE]
             if not (expected == got).all():
-                WARN(f"Data validation error at index {np.flatnonzero(expected != got)[0]} "
-                     f"n{n}")
+                WARN(f"Data validation error at index {np.flatnonzero(expected != got)[0]} n{n}")
                 g_Barrier.allExit = True
                 raise TestFailed("data validation")
         for i in range(1, g_processCnt):
@@ -447,10 +468,12 @@ def runMultiProcKernel(shmEventInfo: ctypes.Array, index: int) -> None:
 
         # Barrier 1: wait until process 0 initializes device memory, signals event creation.
         processBarrier()
-        d_ptr = hip.hipIpcOpenMemHandle(bytes(shmEventInfo[0].memHandle),
-                                        hip.hipIpcMemLazyEnablePeerAccess)
-        hip.hipLaunchHostFunc(0, computeKernel, d_ptr + index * BUF_SIZE * itemsize, d_ptr,
-                              index + 1)
+        d_ptr = hip.hipIpcOpenMemHandle(
+            bytes(shmEventInfo[0].memHandle), hip.hipIpcMemLazyEnablePeerAccess
+        )
+        hip.hipLaunchHostFunc(
+            0, computeKernel, d_ptr + index * BUF_SIZE * itemsize, d_ptr, index + 1
+        )
         err = hip.hipGetLastError()
         if err != hip.hipError_t.hipSuccess:
             raise hip.HipError(err, "computeKernel launch")
@@ -482,7 +505,8 @@ def Unit_hipIpcEventHandle_Functional() -> None:
 
     # Shared memory for event and memHandle info
     shmEventInfo = (ipcEventInfo_t * g_processCnt).from_buffer(
-        mmap.mmap(-1, g_processCnt * ctypes.sizeof(ipcEventInfo_t)))
+        mmap.mmap(-1, g_processCnt * ctypes.sizeof(ipcEventInfo_t))
+    )
 
     index = 0
     for i in range(1, g_processCnt):
@@ -526,14 +550,21 @@ def Unit_hipIpcEventHandle_ParameterValidation() -> None:
     HIP_CHECK_ERROR(hip.hipIpcGetEventHandle, None, expected=E.hipErrorInvalidValue)
     # Get event handle for event allocated without Interprocess flag
     eventNoIpc = hip.hipEventCreateWithFlags(hip.hipEventDisableTiming)
-    HIP_CHECK_ERROR(hip.hipIpcGetEventHandle, eventNoIpc,
-                    expected=E.hipErrorInvalidResourceHandle,
-                    also=(E.hipErrorInvalidConfiguration,))
+    HIP_CHECK_ERROR(
+        hip.hipIpcGetEventHandle,
+        eventNoIpc,
+        expected=E.hipErrorInvalidResourceHandle,
+        also=(E.hipErrorInvalidConfiguration,),
+    )
     # "Open event handle with event(nullptr)": no out-parameter.
     # Open event handle with eventHandle as invalid
     ipc_handle = bytes(64)
-    HIP_CHECK_ERROR(hip.hipIpcOpenEventHandle, ipc_handle, expected=E.hipErrorInvalidValue,
-                    also=(E.hipErrorMapFailed,))
+    HIP_CHECK_ERROR(
+        hip.hipIpcOpenEventHandle,
+        ipc_handle,
+        expected=E.hipErrorInvalidValue,
+        also=(E.hipErrorMapFailed,),
+    )
     # Open handle in process that created it
     event1 = hip.hipEventCreateWithFlags(hip.hipEventDisableTiming | hip.hipEventInterprocess)
     event_handle = hip.hipIpcGetEventHandle(event1)
@@ -541,15 +572,23 @@ def Unit_hipIpcEventHandle_ParameterValidation() -> None:
     hip.hipEventDestroy(event1)
     # Event created with no flags (NVIDIA-only in the original)
     ev = hip.hipEventCreate()
-    HIP_CHECK_ERROR(hip.hipIpcGetEventHandle, ev, expected=E.hipErrorInvalidResourceHandle,
-                    also=(E.hipErrorInvalidConfiguration,))
+    HIP_CHECK_ERROR(
+        hip.hipIpcGetEventHandle,
+        ev,
+        expected=E.hipErrorInvalidResourceHandle,
+        also=(E.hipErrorInvalidConfiguration,),
+    )
     hip.hipEventDestroy(ev)
     hip.hipEventDestroy(eventNoIpc)
     hip.hipEventDestroy(event)
 
 
-TESTS = [Unit_hipIpcEventHandle_Functional, Unit_hipIpcMemAccess_Semaphores,
-         Unit_hipIpcMemAccess_ParameterValidation, Unit_hipIpcEventHandle_ParameterValidation]
+TESTS = [
+    Unit_hipIpcEventHandle_Functional,
+    Unit_hipIpcMemAccess_Semaphores,
+    Unit_hipIpcMemAccess_ParameterValidation,
+    Unit_hipIpcEventHandle_ParameterValidation,
+]
 
 
 def main() -> int:

@@ -48,7 +48,7 @@ def train(w: np.ndarray, steps: np.ndarray, seed: int) -> int:
     for _ in range(EPOCHS):
         order = rng.permutation(SAMPLES)
         for start in range(0, SAMPLES, BATCH):
-            idx = order[start:start + BATCH]
+            idx = order[start : start + BATCH]
             xb, yb = x[idx], y[idx]
             grad = xb.T @ (xb @ w - yb) / len(idx)  # reads w as other workers change it
             w -= LR * grad  # Hogwild!: an unsynchronised in-place update of shared memory
@@ -59,23 +59,29 @@ def train(w: np.ndarray, steps: np.ndarray, seed: int) -> int:
 def main() -> int:
     nbytes = FEATURES * 8 + WORKERS * 8
     with hip.DeviceBuffer.allocate(nbytes) as buf:
-        w = buf[:FEATURES * 8].asarray(np.float64)  # the model's parameters, shared
-        steps = buf[FEATURES * 8:].asarray(np.int64)  # one counter per worker
+        w = buf[: FEATURES * 8].asarray(np.float64)  # the model's parameters, shared
+        steps = buf[FEATURES * 8 :].asarray(np.int64)  # one counter per worker
         w[:] = 0.0
         steps[:] = 0
         ctx = mp.get_context("spawn")
         with ctx.Pool(WORKERS) as pool:
-            tasks = [(w, steps[i:i + 1], 7 * i + 1) for i in range(WORKERS)]
+            tasks = [(w, steps[i : i + 1], 7 * i + 1) for i in range(WORKERS)]
             pids = pool.starmap_async(train, tasks, chunksize=1).get(timeout=300)
         expected = EPOCHS * -(-SAMPLES // BATCH)
         x_test, y_test = shard(12345)
         loss = float(np.mean((x_test @ w - y_test) ** 2))
         error = float(np.max(np.abs(w - TRUE_W)))
-        print(f"hogwild: {WORKERS} tasks in {len(set(pids))} worker process(es) ran "
-              f"{steps.tolist()} SGD steps on {FEATURES} shared parameters in place")
+        print(
+            f"hogwild: {WORKERS} tasks in {len(set(pids))} worker process(es) ran "
+            f"{steps.tolist()} SGD steps on {FEATURES} shared parameters in place"
+        )
         print(f"hogwild: test loss {loss:.5f}, largest weight error {error:.4f}")
-        ok = (os.getpid() not in pids and steps.tolist() == [expected] * WORKERS
-              and error < 0.05 and loss < 0.01)
+        ok = (
+            os.getpid() not in pids
+            and steps.tolist() == [expected] * WORKERS
+            and error < 0.05
+            and loss < 0.01
+        )
         del w, steps  # the arrays keep the buffer alive; close() frees it regardless
     print("hogwild: PASSED" if ok else "hogwild: FAILED")
     return 0 if ok else 1

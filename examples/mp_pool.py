@@ -40,17 +40,20 @@ def main() -> int:
         ctx = mp.get_context("spawn")
         with ctx.Pool(2) as pool:
             # The buffers stay referenced (and open) here until every result is back.
-            results = pool.starmap_async(work, [(b, 2.0) for b in buffers], chunksize=1
-                                         ).get(timeout=120)
+            results = pool.starmap_async(work, [(b, 2.0) for b in buffers], chunksize=1).get(
+                timeout=120
+            )
         ok = True
         for i, (buf, (pid, total, owner)) in enumerate(zip(buffers, results, strict=True)):
             expect_sum = float((i + 1) * N)
             scaled = bool(np.all(buf.asarray(np.float32) == 2.0 * (i + 1)))
             good = total == expect_sum and scaled and not owner and pid != os.getpid()
             ok &= good
-            print(f"task {i}: worker {pid} summed {total:.0f} (expected {expect_sum:.0f}), "
-                  f"in-place write {'seen' if scaled else 'MISSING'}"
-                  f"{'' if good else '  <-- FAILED'}")
+            print(
+                f"task {i}: worker {pid} summed {total:.0f} (expected {expect_sum:.0f}), "
+                f"in-place write {'seen' if scaled else 'MISSING'}"
+                f"{'' if good else '  <-- FAILED'}"
+            )
         workers = len({pid for pid, _, _ in results})
         print(f"{TASKS} buffers of {N * 4} bytes shared with {workers} worker process(es)")
     finally:

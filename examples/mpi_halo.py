@@ -33,8 +33,9 @@ from hipipc.registry import get_registry
 TO_LEFT, TO_RIGHT = 1, 2  # message tags: a first value goes left, a last value goes right
 
 
-def halos(comm, cur: np.ndarray, left: int, right: int,
-          views: dict[int, np.ndarray], t: int) -> tuple[float, float]:
+def halos(
+    comm, cur: np.ndarray, left: int, right: int, views: dict[int, np.ndarray], t: int
+) -> tuple[float, float]:
     """This step's (left, right) halo: read in place from ``views``, or received by MPI."""
     got = {"left": np.empty(1), "right": np.empty(1)}
     reqs = []
@@ -72,9 +73,14 @@ def jacobi_hipipc(nc: NodeComm, u0: np.ndarray, iters: int) -> tuple[np.ndarray,
         lv, rv = halos(comm, u[t % 2], left, right, views, t)
         step(u[t % 2], u[1 - t % 2], lv, rv)
         nc.node.Barrier()
-    report = {"rank": rank, "node": nc.node_index, "nodes": nc.num_nodes,
-              "on_node": sorted(set(local) - {rank}),
-              "off_node": sorted({left, right} - set(local)), "opened": opened}
+    report = {
+        "rank": rank,
+        "node": nc.node_index,
+        "nodes": nc.num_nodes,
+        "on_node": sorted(set(local) - {rank}),
+        "off_node": sorted({left, right} - set(local)),
+        "opened": opened,
+    }
     return u[iters % 2].copy(), report
 
 
@@ -99,12 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     rank, size = comm.Get_rank(), comm.Get_size()
     if args.points % size or args.points // size < 2:
         if rank == 0:
-            print(f"mpi_halo: --points must be a multiple of {size} (ranks), >= 2 per rank",
-                  file=sys.stderr)
+            print(
+                f"mpi_halo: --points must be a multiple of {size} (ranks), >= 2 per rank",
+                file=sys.stderr,
+            )
         return 2
     n = args.points // size
     rod = np.random.default_rng(2024).random(args.points)  # the same on every rank
-    u0 = rod[rank * n:(rank + 1) * n].copy()
+    u0 = rod[rank * n : (rank + 1) * n].copy()
 
     with NodeComm(comm) as nc:
         result, report = jacobi_hipipc(nc, u0, args.iters)
@@ -114,11 +122,15 @@ def main(argv: list[str] | None = None) -> int:
     total = comm.allreduce(mismatches, op=MPI.SUM)
     reports = comm.gather(report, root=0)  # one printer: lines of many ranks interleave
     if rank == 0:
-        print(f"mpi_halo: {size} ranks on {report['nodes']} node(s), {args.points} points, "
-              f"{args.iters} steps")
+        print(
+            f"mpi_halo: {size} ranks on {report['nodes']} node(s), {args.points} points, "
+            f"{args.iters} steps"
+        )
         for r in reports:
-            print(f"rank {r['rank']}: node {r['node']}, on-node neighbours {r['on_node']} "
-                  f"(hipipc opens: {r['opened']}), off-node neighbours {r['off_node']}")
+            print(
+                f"rank {r['rank']}: node {r['node']}, on-node neighbours {r['on_node']} "
+                f"(hipipc opens: {r['opened']}), off-node neighbours {r['off_node']}"
+            )
         if total:
             print(f"mpi_halo: FAILED ({total} values differ from the pure-MPI reference)")
         else:

@@ -118,8 +118,10 @@ def run_pipeline() -> tuple[int, int]:
     to_transformer, transformer_in = ctx.Pipe()
     transformer_out, consumer_in = ctx.Pipe()
     from_consumer, consumer_back = ctx.Pipe()
-    procs = [ctx.Process(target=transformer, args=(transformer_in, transformer_out)),
-             ctx.Process(target=consumer, args=(consumer_in, consumer_back))]
+    procs = [
+        ctx.Process(target=transformer, args=(transformer_in, transformer_out)),
+        ctx.Process(target=consumer, args=(consumer_in, consumer_back)),
+    ]
     ring = [hip.hipMalloc(N * 4) for _ in range(SLOTS)]
     mine = [hip.hipEventCreateWithFlags(IPC_EVENT) for _ in range(SLOTS)]
     stream = hip.hipStreamCreate()
@@ -127,8 +129,12 @@ def run_pipeline() -> tuple[int, int]:
     try:
         for p in procs:
             p.start()
-        to_transformer.send(([bytes(hip.hipIpcGetMemHandle(p)) for p in ring],
-                             [bytes(hip.hipIpcGetEventHandle(e)) for e in mine]))
+        to_transformer.send(
+            (
+                [bytes(hip.hipIpcGetMemHandle(p)) for p in ring],
+                [bytes(hip.hipIpcGetEventHandle(e)) for e in mine],
+            )
+        )
         freed = [hip.hipIpcOpenEventHandle(h) for h in _recv(from_consumer, "consumer events")]
         for item in range(ITEMS):
             slot = item % SLOTS
@@ -171,8 +177,10 @@ def main() -> int:
     t0 = time.perf_counter()
     verified, produced = run_pipeline()
     dt = time.perf_counter() - t0
-    print(f"pipeline: {produced} items of {N * 4 >> 20} MiB through 3 processes and a ring of "
-          f"{SLOTS} buffers in {dt:.2f} s; consumer verified {verified}/{produced}")
+    print(
+        f"pipeline: {produced} items of {N * 4 >> 20} MiB through 3 processes and a ring of "
+        f"{SLOTS} buffers in {dt:.2f} s; consumer verified {verified}/{produced}"
+    )
     ok = verified == produced
     print("producer_consumer: PASSED" if ok else "producer_consumer: FAILED")
     return 0 if ok else 1

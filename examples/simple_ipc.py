@@ -53,8 +53,9 @@ def kernel(ptr: int, rnd: int, writer: int, buffer_id: int, nprocs: int) -> None
     previous = (buffer_id - (rnd - 1)) % nprocs if rnd > 0 else UNWRITTEN
     if not (buf == previous).all():
         who = f"process {previous}" if rnd > 0 else "the parent's fill"
-        raise AssertionError(f"round {rnd}: buffer {buffer_id} was not finished by {who} "
-                             f"before process {writer} ran")
+        raise AssertionError(
+            f"round {rnd}: buffer {buffer_id} was not finished by {who} before process {writer} ran"
+        )
     time.sleep(0.005)  # a slow kernel: the next round must wait for it through the event
     buf[:] = writer
 
@@ -90,8 +91,7 @@ def child_process(id: int, devices: list[int], mailbox_name: str) -> int:
         for i in range(proc_count):
             buffer_id = (i + id) % proc_count
             hip.hipStreamWaitEvent(stream, events[buffer_id], 0)
-            hip.hipLaunchHostFunc(stream, kernel, ptrs[buffer_id], i, id, buffer_id,
-                                  proc_count)
+            hip.hipLaunchHostFunc(stream, kernel, ptrs[buffer_id], i, id, buffer_id, proc_count)
             err = hip.hipGetLastError()
             if err != hip.hipError_t.hipSuccess:
                 raise hip.HipError(err, "kernel launch")
@@ -105,8 +105,7 @@ def child_process(id: int, devices: list[int], mailbox_name: str) -> int:
         # Wait for my buffer to be ready, copy it to the host and verify it.
         verification = np.empty(DATA_SIZE, np.uint8)
         hip.hipStreamWaitEvent(stream, events[id], 0)
-        hip.hipMemcpyAsync(verification, ptrs[id], DATA_SIZE, hip.hipMemcpyDeviceToHost,
-                           stream)
+        hip.hipMemcpyAsync(verification, ptrs[id], DATA_SIZE, hip.hipMemcpyDeviceToHost, stream)
         ok = True
         try:
             hip.hipStreamSynchronize(stream, timeout=TIMEOUT)
@@ -117,8 +116,10 @@ def child_process(id: int, devices: list[int], mailbox_name: str) -> int:
         compare_id = (id + 1) % proc_count
         wrong = np.flatnonzero(verification != compare_id)
         if wrong.size:
-            say(f"process {id}: buffer WRONG ({wrong.size} of {DATA_SIZE} bytes differ from "
-                f"{compare_id}, the first at {wrong[0]}: {verification[wrong[0]]})")
+            say(
+                f"process {id}: buffer WRONG ({wrong.size} of {DATA_SIZE} bytes differ from "
+                f"{compare_id}, the first at {wrong[0]}: {verification[wrong[0]]})"
+            )
         else:
             say(f"process {id}: buffer verified (every byte written by process {compare_id})")
         return 0 if ok and not wrong.size else 1
@@ -155,8 +156,9 @@ def pick_devices() -> list[int]:
         if prop.computeMode != hip.hipComputeModeDefault:
             say(f"Device {i} is in an unsupported compute mode for this sample")
             continue
-        if all(hip.hipDeviceCanAccessPeer(d, i) and hip.hipDeviceCanAccessPeer(i, d)
-               for d in devices):
+        if all(
+            hip.hipDeviceCanAccessPeer(d, i) and hip.hipDeviceCanAccessPeer(i, d) for d in devices
+        ):
             # Not needed for IPC, but it sets up the peers, as the original does.
             for d in devices:
                 hip.hipSetDevice(i)
@@ -179,8 +181,10 @@ def main() -> int:
     nprocs = len(devices)
     say(f"simpleIPC: {nprocs} device(s), one process each")
     if nprocs < 2:
-        say("note: with one device the single process only talks to itself; "
-            "set HIPIPC_HOST_DEVICES=4 to see the exchange")
+        say(
+            "note: with one device the single process only talks to itself; "
+            "set HIPIPC_HOST_DEVICES=4 to see the exchange"
+        )
     ptrs: list[int] = []
     events: list[hip.Event] = []
     failed = False
@@ -191,14 +195,21 @@ def main() -> int:
                 hip.hipSetDevice(device)
                 ptrs.append(hip.hipMalloc(DATA_SIZE))
                 hip.hipMemset(ptrs[-1], UNWRITTEN, DATA_SIZE)
-                events.append(hip.hipEventCreateWithFlags(hip.hipEventDisableTiming
-                                                          | hip.hipEventInterprocess))
-                box.put(i, mem=hip.hipIpcGetMemHandle(ptrs[-1]),
-                        event=hip.hipIpcGetEventHandle(events[-1]))
+                events.append(
+                    hip.hipEventCreateWithFlags(
+                        hip.hipEventDisableTiming | hip.hipEventInterprocess
+                    )
+                )
+                box.put(
+                    i,
+                    mem=hip.hipIpcGetMemHandle(ptrs[-1]),
+                    event=hip.hipIpcGetEventHandle(events[-1]),
+                )
 
             ctx = mp.get_context("spawn")
-            procs = [ctx.Process(target=_child_main, args=(i, devices, box.name))
-                     for i in range(nprocs)]
+            procs = [
+                ctx.Process(target=_child_main, args=(i, devices, box.name)) for i in range(nprocs)
+            ]
             for p in procs:
                 p.start()
             deadline = time.monotonic() + TIMEOUT

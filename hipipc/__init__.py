@@ -6,18 +6,18 @@ memory, with no copy.  See ``hipipc.runtime`` for the calling convention.
 """
 
 from . import (
-           arrays,
-           buffer,
-           device,
-           devtypes,
-           errors,
-           events,
-           handle,
-           hostmem,
-           lasterror,
-           runtime,
-           streams,
-           transport,
+    arrays,
+    buffer,
+    device,
+    devtypes,
+    errors,
+    events,
+    handle,
+    hostmem,
+    lasterror,
+    runtime,
+    streams,
+    transport,
 )
 from ._version import __version__ as __version__
 from .arrays import *  # noqa: F403
@@ -33,10 +33,20 @@ from .runtime import *  # noqa: F403
 from .streams import *  # noqa: F403
 from .transport import *  # noqa: F403
 
-__all__ = [*errors.__all__, *handle.__all__, *events.__all__, *streams.__all__,
-           *runtime.__all__, *buffer.__all__, *transport.__all__, *devtypes.__all__,
-           *device.__all__, *hostmem.__all__, *lasterror.__all__,
-           *arrays.__all__]
+__all__ = [
+    *errors.__all__,
+    *handle.__all__,
+    *events.__all__,
+    *streams.__all__,
+    *runtime.__all__,
+    *buffer.__all__,
+    *transport.__all__,
+    *devtypes.__all__,
+    *device.__all__,
+    *hostmem.__all__,
+    *lasterror.__all__,
+    *arrays.__all__,
+]
 
 # Last: every public hip* function records the error it raises (hipGetLastError).
 lasterror.record_errors(globals())

@@ -64,8 +64,7 @@ def _pin_of(arr: np.ndarray) -> Any:
             # as_strided (and sliding_window_view) base their result on a DummyArray that
             # holds the original in ``.base``: follow it, so that such a view is checked
             # against its allocation instead of pickled as a copy read past the mapping.
-            inner = getattr(obj, "base", None) if hasattr(obj, "__array_interface__") \
-                else None
+            inner = getattr(obj, "base", None) if hasattr(obj, "__array_interface__") else None
             if isinstance(inner, np.ndarray):
                 obj = inner
                 continue
@@ -89,8 +88,12 @@ def _extent(arr: np.ndarray) -> tuple[int, int]:
 
 def is_shared(arr: object) -> bool:
     """Whether pickling ``arr`` sends shared memory (not a copy)."""
-    return isinstance(arr, np.ndarray) and arr.size > 0 and _pin_of(arr) is not None \
+    return (
+        isinstance(arr, np.ndarray)
+        and arr.size > 0
+        and _pin_of(arr) is not None
         and _region_of(arr, strict=False) is not None
+    )
 
 
 def _region_of(arr: np.ndarray, strict: bool) -> Any:
@@ -102,13 +105,15 @@ def _region_of(arr: np.ndarray, strict: bool) -> Any:
         region, _ = reg.check_range(lo, hi - lo)
     except HipError:
         if strict:
-            raise HipError(hipError_t.hipErrorInvalidValue,
-                           "this array views hipipc memory this process no longer holds "
-                           "(freed or closed since, its mapping living on in the view, or "
-                           "inherited over fork) or its elements reach outside their "
-                           "allocation (as_strided), so it cannot be shared; send a copy "
-                           "(np.array(x)), or keep the buffer open and send it from its "
-                           "owner") from None
+            raise HipError(
+                hipError_t.hipErrorInvalidValue,
+                "this array views hipipc memory this process no longer holds "
+                "(freed or closed since, its mapping living on in the view, or "
+                "inherited over fork) or its elements reach outside their "
+                "allocation (as_strided), so it cannot be shared; send a copy "
+                "(np.array(x)), or keep the buffer open and send it from its "
+                "owner",
+            ) from None
         return None
     return region if isinstance(region, (Allocation, ImportedMemory)) else None
 
@@ -129,12 +134,24 @@ def _shared_spec(arr: np.ndarray) -> tuple[Any, ...] | None:
     else:
         handle = region.handle
     offset = arr.__array_interface__["data"][0] - region.ptr
-    return (bytes(handle), ticket, offset, arr.shape, arr.strides, arr.dtype.str
-            if not arr.dtype.fields else arr.dtype)
+    return (
+        bytes(handle),
+        ticket,
+        offset,
+        arr.shape,
+        arr.strides,
+        arr.dtype.str if not arr.dtype.fields else arr.dtype,
+    )
 
 
-def _rebuild_array(raw: bytes, ticket: bytes | None, offset: int, shape: tuple[int, ...],
-                   strides: tuple[int, ...], dtype: Any) -> SharedArray:
+def _rebuild_array(
+    raw: bytes,
+    ticket: bytes | None,
+    offset: int,
+    shape: tuple[int, ...],
+    strides: tuple[int, ...],
+    dtype: Any,
+) -> SharedArray:
     """Unpickle: the same bytes, same layout, zero-copy; the array keeps the memory open."""
     from .buffer import DeviceBuffer
 
@@ -142,13 +159,15 @@ def _rebuild_array(raw: bytes, ticket: bytes | None, offset: int, shape: tuple[i
     try:
         dt = np.dtype(dtype)
     except (TypeError, ValueError) as exc:
-        raise HipError(hipError_t.hipErrorInvalidValue,
-                       f"a pickled array has no valid dtype: {exc}") from None
+        raise HipError(
+            hipError_t.hipErrorInvalidValue, f"a pickled array has no valid dtype: {exc}"
+        ) from None
     if dt.hasobject:
         # Elements would be PyObject pointers read from shared memory: a crash at best.
-        raise HipError(hipError_t.hipErrorInvalidValue,
-                       f"a pickled array of dtype {dt} would hold Python objects, which shared "
-                       "memory cannot")
+        raise HipError(
+            hipError_t.hipErrorInvalidValue,
+            f"a pickled array of dtype {dt} would hold Python objects, which shared memory cannot",
+        )
     reg = get_registry()
     try:
         # An import; in the exporting process an alias of its DeviceBuffer, if it has one.
@@ -166,8 +185,9 @@ def _rebuild_array(raw: bytes, ticket: bytes | None, offset: int, shape: tuple[i
     try:
         arr = np.ndarray(shape, dt, buffer=flat, offset=offset, strides=strides)
     except (TypeError, ValueError, OverflowError) as exc:
-        raise HipError(hipError_t.hipErrorInvalidValue,
-                       f"a pickled array does not fit its allocation: {exc}") from None
+        raise HipError(
+            hipError_t.hipErrorInvalidValue, f"a pickled array does not fit its allocation: {exc}"
+        ) from None
     return cast(SharedArray, arr.view(SharedArray))  # numpy's stubs: np.ndarray(...) is Any
 
 

@@ -40,9 +40,22 @@ from typing import Any, TextIO
 # A benchmark result or a report: JSON-like, as described in the module docstring.
 Report = dict[str, Any]
 
-__all__ = ["BenchError", "default_dirs", "discover", "run_all", "write_report",
-           "write_plots", "format_table", "format_rows", "script_main", "start_child",
-           "stop_child", "ProgressBar", "human_size", "REPORT_SCHEMA_VERSION"]
+__all__ = [
+    "BenchError",
+    "default_dirs",
+    "discover",
+    "run_all",
+    "write_report",
+    "write_plots",
+    "format_table",
+    "format_rows",
+    "script_main",
+    "start_child",
+    "stop_child",
+    "ProgressBar",
+    "human_size",
+    "REPORT_SCHEMA_VERSION",
+]
 
 # Bumped when a key of report.json changes meaning or goes away (adding keys does not).
 REPORT_SCHEMA_VERSION = 1
@@ -98,8 +111,9 @@ def discover(directory: Path | Sequence[Path], only: Sequence[str] = ()) -> list
     for name in only:
         path = by_name.get(name.removeprefix("bench_").removesuffix(".py"))
         if path is None:
-            raise BenchError(f"no benchmark named {name!r} in {where} "
-                             f"(available: {', '.join(sorted(by_name))})")
+            raise BenchError(
+                f"no benchmark named {name!r} in {where} (available: {', '.join(sorted(by_name))})"
+            )
         if path not in chosen:
             chosen.append(path)
     return chosen
@@ -145,8 +159,13 @@ class ProgressBar:
     is redrawn in place; elsewhere (logs, CI) each update is a line.
     """
 
-    def __init__(self, total: int, stream: TextIO | None = None, width: int = 20,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        total: int,
+        stream: TextIO | None = None,
+        width: int = 20,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.total = total
         self.stream = stream if stream is not None else sys.stderr
         self.width = width
@@ -183,16 +202,20 @@ class ProgressBar:
     def show(self, case: str = "") -> None:
         filled = round(self.width * self.done / self.total) if self.total else self.width
         eta = self.eta()
-        times = (f"{_clock(self._clock() - self.started)} elapsed, ETA "
-                 f"{'?' if eta is None else _clock(eta)}")
-        text = (f"[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} "
-                f"{times} {self.label}{': ' + case if case else ''}")
+        times = (
+            f"{_clock(self._clock() - self.started)} elapsed, ETA "
+            f"{'?' if eta is None else _clock(eta)}"
+        )
+        text = (
+            f"[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} "
+            f"{times} {self.label}{': ' + case if case else ''}"
+        )
         if self.tty:
             try:
                 columns = os.get_terminal_size(self.stream.fileno()).columns
             except (OSError, ValueError, AttributeError):
                 columns = 100
-            text = text[:max(20, columns - 1)]
+            text = text[: max(20, columns - 1)]
             self.stream.write("\r" + text.ljust(self._last))
             self._last = len(text)
         else:
@@ -229,10 +252,15 @@ def _load(path: Path) -> Any:
 
 
 def _check_result(result: Any, path: Path) -> Report:
-    if not isinstance(result, dict) or not isinstance(result.get("rows", []), list) or \
-            not isinstance(result.get("series", {}), dict):
-        raise TypeError(f"{path.name}: run() must return a dict with a 'rows' list and a "
-                        f"'series' dict, got {type(result).__name__}")
+    if (
+        not isinstance(result, dict)
+        or not isinstance(result.get("rows", []), list)
+        or not isinstance(result.get("series", {}), dict)
+    ):
+        raise TypeError(
+            f"{path.name}: run() must return a dict with a 'rows' list and a "
+            f"'series' dict, got {type(result).__name__}"
+        )
     return result
 
 
@@ -243,13 +271,15 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+        "cpus_usable": len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
         else os.cpu_count(),
     }
     try:
         with open("/proc/cpuinfo") as f:
-            info["cpu_model"] = next((line.split(":", 1)[1].strip() for line in f
-                                      if line.startswith("model name")), None)
+            info["cpu_model"] = next(
+                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None
+            )
         with open("/proc/meminfo") as f:
             info["mem_total_kib"] = int(f.readline().split()[1])
     except (OSError, ValueError, IndexError):
@@ -268,8 +298,7 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def run_all(paths: Sequence[Path], quick: bool = False, stream: TextIO | None = None
-            ) -> Report:
+def run_all(paths: Sequence[Path], quick: bool = False, stream: TextIO | None = None) -> Report:
     """Run each benchmark and return the report; a failing one is recorded, not raised."""
     from . import __version__
 
@@ -290,8 +319,12 @@ def run_all(paths: Sequence[Path], quick: bool = False, stream: TextIO | None = 
         except (Exception, SystemExit) as exc:
             # One broken benchmark must not lose the others' numbers; a stray sys.exit()
             # in a script counts as broken too.
-            entry = {"name": bar.label, "rows": [], "series": {},
-                     "error": f"{type(exc).__name__}: {exc}"}
+            entry = {
+                "name": bar.label,
+                "rows": [],
+                "series": {},
+                "error": f"{type(exc).__name__}: {exc}",
+            }
         entry.setdefault("name", bar.label)
         entry["module"] = path.stem
         entry["seconds"] = round(time.perf_counter() - t0, 3)
@@ -342,12 +375,15 @@ def _provenance(report: Report) -> str:
     """A plot's footnote: how, when and where its numbers were measured."""
     machine = report.get("machine") or {}
     cpus = machine.get("cpus_usable") or machine.get("cpus")
-    parts = ["hipipc bench" + (" --quick" if report.get("quick") else ""),
-             str(report.get("date", ""))[:10],
-             f"{cpus} CPU(s)" + (f" ({machine['cpu_model']})" if machine.get("cpu_model")
-                                  else "") if cpus else "",
-             f"Python {machine['python']}" if machine.get("python") else "",
-             f"backend {machine['backend']}" if machine.get("backend") else ""]
+    parts = [
+        "hipipc bench" + (" --quick" if report.get("quick") else ""),
+        str(report.get("date", ""))[:10],
+        f"{cpus} CPU(s)" + (f" ({machine['cpu_model']})" if machine.get("cpu_model") else "")
+        if cpus
+        else "",
+        f"Python {machine['python']}" if machine.get("python") else "",
+        f"backend {machine['backend']}" if machine.get("backend") else "",
+    ]
     return ", ".join(p for p in parts if p)
 
 
@@ -388,9 +424,9 @@ def write_plots(report: Report, out: Path) -> list[Path] | None:
             fig, ax = plt.subplots(figsize=(7.5, 4.5))
             ys_all = []
             for label, ys in (series.get("lines") or {}).items():
-                ys = _numbers(ys)[:len(x)]
+                ys = _numbers(ys)[: len(x)]
                 ys_all += [y for y in ys if y > 0 and math.isfinite(y)]
-                ax.plot(positions[:len(ys)], ys, marker="o", label=str(label))
+                ax.plot(positions[: len(ys)], ys, marker="o", label=str(label))
             if sizes and positive:
                 ax.set_xscale("log", base=2)
                 if len(x) <= 12:
@@ -415,8 +451,9 @@ def write_plots(report: Report, out: Path) -> list[Path] | None:
             ax.grid(True, which="both", alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend()
-            fig.text(0.995, 0.005, _provenance(report), ha="right", va="bottom", fontsize=7,
-                     color="0.4")
+            fig.text(
+                0.995, 0.005, _provenance(report), ha="right", va="bottom", fontsize=7, color="0.4"
+            )
             fig.tight_layout(rect=(0, 0.03, 1, 1))
             safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)
             path = out / f"{safe}.png"
@@ -441,14 +478,25 @@ def format_rows(rows: Sequence[dict[str, Any]], indent: str = "") -> str:
     numeric = (False, True, False, True, True, False, False)
     cells = [head]
     for row in rows:
-        cells.append((str(row.get("case", "?")), _fmt(row.get("median_us"), ".2f"),
-                      str(row.get("baseline") or "-"), _fmt(row.get("baseline_us"), ".2f"),
-                      _fmt(row.get("ratio"), ".2f"), str(row.get("target") or "-"),
-                      {True: "yes", False: "NO", None: "-"}.get(row.get("met"), "?")))
+        cells.append(
+            (
+                str(row.get("case", "?")),
+                _fmt(row.get("median_us"), ".2f"),
+                str(row.get("baseline") or "-"),
+                _fmt(row.get("baseline_us"), ".2f"),
+                _fmt(row.get("ratio"), ".2f"),
+                str(row.get("target") or "-"),
+                {True: "yes", False: "NO", None: "-"}.get(row.get("met"), "?"),
+            )
+        )
     widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
-    return "\n".join(indent + "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num
-                                        in zip(c, widths, numeric, strict=True)).rstrip()
-                     for c in cells)
+    return "\n".join(
+        indent
+        + "  ".join(
+            v.rjust(w) if num else v.ljust(w) for v, w, num in zip(c, widths, numeric, strict=True)
+        ).rstrip()
+        for c in cells
+    )
 
 
 def format_table(report: Report) -> str:
@@ -475,8 +523,9 @@ def stop_child(conn: Any, proc: Any) -> None:
         proc.join(5)
 
 
-def script_main(run: Callable[..., Report], description: str,
-                argv: Sequence[str] | None = None) -> int:
+def script_main(
+    run: Callable[..., Report], description: str, argv: Sequence[str] | None = None
+) -> int:
     """The command line of one ``benchmarks/bench_*.py``: ``[--quick] [--json PATH]``."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and sizes")

@@ -88,16 +88,20 @@ _OWNER, _IMPORT, _ALIAS, _VIEW, _EMPTY = "owner", "import", "alias", "view", "em
 
 
 def _released_error(what: str) -> HipError:
-    return HipError(hipError_t.hipErrorInvalidValue,
-                    f"{what}: this DeviceBuffer's memory was released behind its back "
-                    "(hipDeviceReset, or a bare hipFree/hipIpcCloseMemHandle of its pointer); "
-                    "nothing was freed or closed now")
+    return HipError(
+        hipError_t.hipErrorInvalidValue,
+        f"{what}: this DeviceBuffer's memory was released behind its back "
+        "(hipDeviceReset, or a bare hipFree/hipIpcCloseMemHandle of its pointer); "
+        "nothing was freed or closed now",
+    )
 
 
 def _closed_error(what: str) -> HipError:
-    return HipError(hipError_t.hipErrorInvalidValue,
-                    f"{what} on a closed DeviceBuffer (it was closed, freed, or garbage "
-                    "collected; keep a reference while you use it)")
+    return HipError(
+        hipError_t.hipErrorInvalidValue,
+        f"{what} on a closed DeviceBuffer (it was closed, freed, or garbage "
+        "collected; keep a reference while you use it)",
+    )
 
 
 class DeviceBuffer:
@@ -118,8 +122,20 @@ class DeviceBuffer:
     own import.
     """
 
-    __slots__ = ("_ptr", "_size", "_device", "_handle", "_role", "_target", "_pid", "_lock",
-                 "_offset", "_open", "_region", "__weakref__")
+    __slots__ = (
+        "_ptr",
+        "_size",
+        "_device",
+        "_handle",
+        "_role",
+        "_target",
+        "_pid",
+        "_lock",
+        "_offset",
+        "_open",
+        "_region",
+        "__weakref__",
+    )
     _ptr: int
     _size: int
     _device: int
@@ -136,8 +152,16 @@ class DeviceBuffer:
         raise TypeError("use DeviceBuffer.allocate(nbytes) or DeviceBuffer.open(handle)")
 
     @classmethod
-    def _make(cls, ptr: int, size: int, device: int, handle: IpcMemHandle | None, role: str,
-              target: DeviceBuffer | None = None, offset: int = 0) -> DeviceBuffer:
+    def _make(
+        cls,
+        ptr: int,
+        size: int,
+        device: int,
+        handle: IpcMemHandle | None,
+        role: str,
+        target: DeviceBuffer | None = None,
+        offset: int = 0,
+    ) -> DeviceBuffer:
         self = object.__new__(cls)
         self._offset = offset  # from the allocation's base (views)
         self._open = True
@@ -152,8 +176,7 @@ class DeviceBuffer:
         # The registry's entry this object frees or closes (owner, import): if it is gone,
         # the memory was released behind this object's back (hipDeviceReset, a bare hipFree)
         # and the address may hold a new allocation that is not this object's to touch.
-        self._region = get_registry().region_at(ptr) if role in (_OWNER, _IMPORT) and ptr \
-            else None
+        self._region = get_registry().region_at(ptr) if role in (_OWNER, _IMPORT) and ptr else None
         return self
 
     # -- construction --------------------------------------------------------------------
@@ -167,11 +190,14 @@ class DeviceBuffer:
         ``hipErrorInvalidDevice`` for a bad device, ``hipErrorOutOfMemory`` when full.
         """
         if isinstance(nbytes, bool) or not isinstance(nbytes, (int, np.integer)) or nbytes < 0:
-            raise HipError(hipError_t.hipErrorInvalidValue,
-                           f"DeviceBuffer.allocate needs a byte count >= 0, got {nbytes!r}")
+            raise HipError(
+                hipError_t.hipErrorInvalidValue,
+                f"DeviceBuffer.allocate needs a byte count >= 0, got {nbytes!r}",
+            )
         if nbytes == 0:
-            return cls._make(0, 0, runtime.hipGetDevice() if device is None else device,
-                             None, _EMPTY)
+            return cls._make(
+                0, 0, runtime.hipGetDevice() if device is None else device, None, _EMPTY
+            )
         previous = runtime.hipGetDevice()
         if device is not None:
             runtime.hipSetDevice(device)
@@ -197,8 +223,9 @@ class DeviceBuffer:
         return cls._make(ptr, handle.size, handle.device, handle, _IMPORT)
 
     @classmethod
-    def from_handle(cls, handle: IpcMemHandle | bytes | bytearray | memoryview,
-                    ticket: bytes | None = None) -> DeviceBuffer:
+    def from_handle(
+        cls, handle: IpcMemHandle | bytes | bytearray | memoryview, ticket: bytes | None = None
+    ) -> DeviceBuffer:
         """Like :meth:`open`, but in the exporting process return an alias of its owner buffer.
 
         This is what unpickling does; ``ticket`` is a pickle's one-time ticket (module
@@ -210,8 +237,12 @@ class DeviceBuffer:
         with _owners_lock:
             owner = _owners.get(handle.segment_name)
         reg = get_registry()
-        if owner is not None and not owner.closed and owner._pid == os.getpid() and \
-                not owner._released():
+        if (
+            owner is not None
+            and not owner.closed
+            and owner._pid == os.getpid()
+            and not owner._released()
+        ):
             if ticket is not None:
                 reg.backend.store.consume_ticket(handle, ticket)
             return cls._make(owner._ptr, owner._size, owner._device, handle, _ALIAS, owner)
@@ -232,10 +263,12 @@ class DeviceBuffer:
     def _check_process(self, what: str) -> int:
         ptr = self.ptr
         if self._pid != os.getpid():
-            raise HipError(hipError_t.hipErrorInvalidContext,
-                           f"{what}: this DeviceBuffer was inherited over fork and belongs to "
-                           f"process {self._pid}; send it to the child (pickle, Queue, Pool) "
-                           "so that the child opens its own import")
+            raise HipError(
+                hipError_t.hipErrorInvalidContext,
+                f"{what}: this DeviceBuffer was inherited over fork and belongs to "
+                f"process {self._pid}; send it to the child (pickle, Queue, Pool) "
+                "so that the child opens its own import",
+            )
         if self._released():
             raise _released_error(what)
         return ptr
@@ -275,8 +308,7 @@ class DeviceBuffer:
     def closed(self) -> bool:
         """True once closed; a view is closed with the buffer it views."""
         target = self._target
-        return not self._open or (self._role == _VIEW and target is not None
-                                  and target.closed)
+        return not self._open or (self._role == _VIEW and target is not None and target.closed)
 
     @property
     def offset(self) -> int:
@@ -293,12 +325,16 @@ class DeviceBuffer:
         Only contiguous slices (step 1); raises ``TypeError`` for anything else.
         """
         if not isinstance(key, slice):
-            raise TypeError("a DeviceBuffer is indexed by contiguous slices (buf[3:9]); for "
-                            "elements use buf.asarray()[i]")
+            raise TypeError(
+                "a DeviceBuffer is indexed by contiguous slices (buf[3:9]); for "
+                "elements use buf.asarray()[i]"
+            )
         start, stop, step = key.indices(self._size)
         if step != 1:
-            raise TypeError("a DeviceBuffer view must be contiguous (slice step 1); use "
-                            "buf.asarray()[::step] for a strided array view")
+            raise TypeError(
+                "a DeviceBuffer view must be contiguous (slice step 1); use "
+                "buf.asarray()[::step] for a strided array view"
+            )
         if self._role == _EMPTY:
             if self.closed:
                 raise _closed_error("slicing")
@@ -306,8 +342,9 @@ class DeviceBuffer:
         ptr = self._check_process("slicing")
         stop = max(start, stop)
         root = self._root()
-        return self._make(ptr + start, stop - start, self._device, self._handle, _VIEW, root,
-                          self._offset + start)
+        return self._make(
+            ptr + start, stop - start, self._device, self._handle, _VIEW, root, self._offset + start
+        )
 
     @property
     def handle(self) -> IpcMemHandle:
@@ -323,13 +360,17 @@ class DeviceBuffer:
         """
         if self._role in (_VIEW, _EMPTY):
             if self._role == _EMPTY:
-                raise HipError(hipError_t.hipErrorInvalidValue,
-                               "an empty buffer (0 bytes, null pointer) has no handle")
+                raise HipError(
+                    hipError_t.hipErrorInvalidValue,
+                    "an empty buffer (0 bytes, null pointer) has no handle",
+                )
             return self._root().export(share)
         if self._handle is not None and (self._role != _OWNER or self._pid != os.getpid()):
             if share is not None:
-                raise HipError(hipError_t.hipErrorInvalidValue,
-                               "only the exporting process can set the sharing policy")
+                raise HipError(
+                    hipError_t.hipErrorInvalidValue,
+                    "only the exporting process can set the sharing policy",
+                )
             return self._handle
         ptr = self._check_process("export")
         handle = runtime.hipIpcGetMemHandle(ptr, share=share)
@@ -341,8 +382,9 @@ class DeviceBuffer:
 
     # -- views ---------------------------------------------------------------------------
 
-    def asarray(self, dtype: DTypeLike = np.uint8, shape: int | tuple[int, ...] | None = None
-                ) -> NDArray[Any]:
+    def asarray(
+        self, dtype: DTypeLike = np.uint8, shape: int | tuple[int, ...] | None = None
+    ) -> NDArray[Any]:
         """A zero-copy array over the buffer (numpy for host memory, CuPy for GPU memory).
 
         ``shape`` defaults to as many ``dtype`` items as fit.  The array (a
@@ -354,24 +396,35 @@ class DeviceBuffer:
         dt = np.dtype(dtype)
         if shape is None:
             if not dt.itemsize:
-                raise HipError(hipError_t.hipErrorInvalidValue,
-                               f"asarray: dtype {dt} has no size; pass a shape")
+                raise HipError(
+                    hipError_t.hipErrorInvalidValue,
+                    f"asarray: dtype {dt} has no size; pass a shape",
+                )
             shape = self._size // dt.itemsize
         # Python ints: np.prod would overflow (or wrap) for huge shapes.
         try:
-            nbytes = math.prod(operator.index(n) for n in (
-                shape if hasattr(shape, "__iter__") else (shape,))) * dt.itemsize
+            nbytes = (
+                math.prod(
+                    operator.index(n) for n in (shape if hasattr(shape, "__iter__") else (shape,))
+                )
+                * dt.itemsize
+            )
         except TypeError:
-            raise HipError(hipError_t.hipErrorInvalidValue,
-                           f"asarray: shape must be integers, not {short_repr(shape)}") from None
+            raise HipError(
+                hipError_t.hipErrorInvalidValue,
+                f"asarray: shape must be integers, not {short_repr(shape)}",
+            ) from None
         if nbytes > self._size:
-            raise HipError(hipError_t.hipErrorInvalidValue,
-                           f"asarray: {short_repr(shape)} of {dt} needs {nbytes} bytes, the "
-                           f"buffer has {self._size}")
+            raise HipError(
+                hipError_t.hipErrorInvalidValue,
+                f"asarray: {short_repr(shape)} of {dt} needs {nbytes} bytes, the "
+                f"buffer has {self._size}",
+            )
         if self._role == _EMPTY:
             if self.closed:
                 raise _closed_error("asarray")
             from .arrays import SharedArray
+
             return np.empty(shape, dt).view(SharedArray)  # raises if the shape needs bytes
         ptr = self._check_process("asarray")
         arr = runtime.asarray(ptr, shape, dt)
@@ -385,14 +438,15 @@ class DeviceBuffer:
             pin._hip_buffer = self
         return arr
 
-    def __array__(self, dtype: DTypeLike | None = None, copy: bool | None = None
-                  ) -> NDArray[Any]:
+    def __array__(self, dtype: DTypeLike | None = None, copy: bool | None = None) -> NDArray[Any]:
         """``np.asarray(buf)``: the bytes as a zero-copy ``uint8`` array (numpy's copy rules)."""
         arr = self.asarray()
         if dtype is not None and np.dtype(dtype) != arr.dtype:
             if copy is False:
-                raise ValueError("converting a DeviceBuffer to another dtype needs a copy; "
-                                 "use buf.asarray(dtype) for a zero-copy typed view")
+                raise ValueError(
+                    "converting a DeviceBuffer to another dtype needs a copy; "
+                    "use buf.asarray(dtype) for a zero-copy typed view"
+                )
             return arr.astype(dtype)
         return arr.copy() if copy else arr
 
@@ -428,8 +482,13 @@ class DeviceBuffer:
         builds holds the mapping alive.  Raises ``hipErrorInvalidValue`` once closed.
         """
         view = self._host_view()
-        return {"version": 3, "shape": view.shape, "typestr": view.dtype.str,
-                "data": memoryview(cast("Buffer", view)), "strides": None}
+        return {
+            "version": 3,
+            "shape": view.shape,
+            "typestr": view.dtype.str,
+            "data": memoryview(cast("Buffer", view)),
+            "strides": None,
+        }
 
     def __dlpack__(self, **kwargs: Any) -> Any:
         """DLPack capsule of a byte view (host memory: kDLCPU); keeps the mapping alive.
@@ -508,29 +567,34 @@ class DeviceBuffer:
         if self._role == _VIEW:
             state += f" offset={self._offset}"
         ident = f", id={self._handle.fingerprint}" if self._handle is not None else ""
-        return (f"<DeviceBuffer {self._role} {state} size={self._size} "
-                f"device={self._device}{ident}>")
+        return f"<DeviceBuffer {self._role} {state} size={self._size} device={self._device}{ident}>"
 
 
-def _rebuild(raw: bytes, ticket: bytes | None = None, offset: int = 0,
-             size: int | None = None) -> DeviceBuffer:
+def _rebuild(
+    raw: bytes, ticket: bytes | None = None, offset: int = 0, size: int | None = None
+) -> DeviceBuffer:
     # Checked before opening: a hand-made pickle may carry anything here.
     if type(offset) is not int or not (size is None or type(size) is int):
-        raise HipError(hipError_t.hipErrorInvalidValue,
-                       f"a pickled view has offset {offset!r} and size {size!r}: not integers")
+        raise HipError(
+            hipError_t.hipErrorInvalidValue,
+            f"a pickled view has offset {offset!r} and size {size!r}: not integers",
+        )
     root = DeviceBuffer.from_handle(raw, ticket)
     if offset == 0 and (size is None or size == root.size):
         return root
     if offset < 0 or size is None or size < 0 or offset + size > root.size:
         root.close()
-        raise HipError(hipError_t.hipErrorInvalidValue,
-                       f"a pickled view of {size} bytes at offset {offset} does not fit its "
-                       f"allocation of {root.size} bytes")
-    return root[offset:offset + size]  # the view holds the import; closed when dropped
+        raise HipError(
+            hipError_t.hipErrorInvalidValue,
+            f"a pickled view of {size} bytes at offset {offset} does not fit its "
+            f"allocation of {root.size} bytes",
+        )
+    return root[offset : offset + size]  # the view holds the import; closed when dropped
 
 
 def _rebuild_empty(device: int) -> DeviceBuffer:
     if type(device) is not int or not 0 <= device < 1 << 32:  # a hand-made pickle's
-        raise HipError(hipError_t.hipErrorInvalidDevice,
-                       f"a pickled empty buffer names device {device!r}")
+        raise HipError(
+            hipError_t.hipErrorInvalidDevice, f"a pickled empty buffer names device {device!r}"
+        )
     return DeviceBuffer._make(0, 0, device, None, _EMPTY)

@@ -25,8 +25,7 @@ JSON_SCHEMA_VERSION = 1
 
 
 def _print_json(command: str, body: dict[str, Any]) -> None:
-    print(json.dumps({"schema_version": JSON_SCHEMA_VERSION, "command": command, **body},
-                     indent=2))
+    print(json.dumps({"schema_version": JSON_SCHEMA_VERSION, "command": command, **body}, indent=2))
 
 
 def _human_age(seconds: float) -> str:
@@ -55,8 +54,11 @@ def _usable_store() -> Any:
 def _warn(command: str, skipped: list[tuple[str, str]]) -> None:
     """One line on stderr per segment whose header cannot be trusted (skipped, kept)."""
     for name, why in skipped:
-        print(f"hipipc {command}: warning: skipped segment {name[:12]}: {why} (header "
-              "written by someone else?)", file=sys.stderr)
+        print(
+            f"hipipc {command}: warning: skipped segment {name[:12]}: {why} (header "
+            "written by someone else?)",
+            file=sys.stderr,
+        )
 
 
 def _segments(store: Any = None) -> tuple[str, list[dict[str, Any]], list[tuple[str, str]]]:
@@ -69,16 +71,33 @@ def _segments(store: Any = None) -> tuple[str, list[dict[str, Any]], list[tuple[
     mapped: list[set[tuple[int, int]]] = []
     for name, info, st in store.entries():
         if info is None:
-            rows.append({"name": name, "kind": None, "size": st.st_size, "pid": None,
-                         "alive": None, "age_s": now - st.st_mtime, "foreign": True})
+            rows.append(
+                {
+                    "name": name,
+                    "kind": None,
+                    "size": st.st_size,
+                    "pid": None,
+                    "alive": None,
+                    "age_s": now - st.st_mtime,
+                    "foreign": True,
+                }
+            )
             continue
         problem = untrusted_reason(info, st)
         if problem is not None:
             skipped.append((name, problem))
             continue
-        rows.append({"name": name, "kind": info.kind.name.lower(), "size": info.size,
-                     "pid": info.pid, "alive": not exporter_gone(info, st, mapped),
-                     "age_s": round(now - info.created, 3), "foreign": False})
+        rows.append(
+            {
+                "name": name,
+                "kind": info.kind.name.lower(),
+                "size": info.size,
+                "pid": info.pid,
+                "alive": not exporter_gone(info, st, mapped),
+                "age_s": round(now - info.created, 3),
+                "foreign": False,
+            }
+        )
     return store.own_path(), rows, skipped
 
 
@@ -120,12 +139,20 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"hipipc   {__version__}")
     print(f"backend  {info['backend']}")
     print(f"devices  {info['devices']}")
-    state = " (UNUSABLE, see the error)" if problem else \
-        "" if info["store_exists"] else " (not created yet)"
+    state = (
+        " (UNUSABLE, see the error)"
+        if problem
+        else ""
+        if info["store_exists"]
+        else " (not created yet)"
+    )
     print(f"store    {path}{state}  (template {store.template})")
     print(f"sharing  {share} (exported segments get mode {mode:04o})")
-    dead_note = f", {info['exports_dead']} of exited exporters (run 'hipipc gc')" \
-        if info["exports_dead"] else ""
+    dead_note = (
+        f", {info['exports_dead']} of exited exporters (run 'hipipc gc')"
+        if info["exports_dead"]
+        else ""
+    )
     print(f"exports  {alive} live{dead_note}")
     return status
 
@@ -142,12 +169,16 @@ def _cmd_ls(args: argparse.Namespace) -> int:
         print(f"{'name':12}  {'kind':12}  {'size':>10}  {'exporter pid':>12}  {'state':6}  age")
     for r in sorted(rows, key=lambda r: -r["age_s"]):
         if r["foreign"]:
-            print(f"{r['name'][:12]:12}  {'(not hipipc)':12}  {human_size(r['size']):>10}  "
-                  f"{'-':>12}  {'-':6}  {_human_age(r['age_s'])}")
+            print(
+                f"{r['name'][:12]:12}  {'(not hipipc)':12}  {human_size(r['size']):>10}  "
+                f"{'-':>12}  {'-':6}  {_human_age(r['age_s'])}"
+            )
             continue
         state = "alive" if r["alive"] else "dead"
-        print(f"{r['name'][:12]:12}  {r['kind']:12}  {human_size(r['size']):>10}  "
-              f"{r['pid']:>12}  {state:6}  {_human_age(r['age_s'])}")
+        print(
+            f"{r['name'][:12]:12}  {r['kind']:12}  {human_size(r['size']):>10}  "
+            f"{r['pid']:>12}  {state:6}  {_human_age(r['age_s'])}"
+        )
     dead = sum(1 for r in rows if r["alive"] is False)
     hint = f"; {dead} dead (run 'hipipc gc')" if dead else ""
     print(f"{len(rows)} segment(s) in {path}{hint}")
@@ -198,68 +229,104 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 print(f"plot:   {p}")
     failed = [b["module"] for b in report["benchmarks"] if b.get("error")]
     if failed:
-        print(f"hipipc bench: error: {len(failed)} benchmark(s) failed: {', '.join(failed)}",
-              file=sys.stderr)
+        print(
+            f"hipipc bench: error: {len(failed)} benchmark(s) failed: {', '.join(failed)}",
+            file=sys.stderr,
+        )
         return EXIT_FAIL
-    missed = [row["case"] for b in report["benchmarks"] for row in b["rows"]
-              if row.get("met") is False]
+    missed = [
+        row["case"] for b in report["benchmarks"] for row in b["rows"] if row.get("met") is False
+    ]
     if args.check and missed:
-        print(f"hipipc bench: {len(missed)} target(s) not met: {', '.join(missed)}",
-              file=sys.stderr)
+        print(
+            f"hipipc bench: {len(missed)} target(s) not met: {', '.join(missed)}", file=sys.stderr
+        )
         return EXIT_MISSED
     return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="hipipc", description="HIP-style IPC memory handles: inspect the handle store "
-        "and run the benchmarks.", epilog=__doc__.split("\n", 2)[2].strip(),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="hipipc",
+        description="HIP-style IPC memory handles: inspect the handle store "
+        "and run the benchmarks.",
+        epilog=__doc__.split("\n", 2)[2].strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"hipipc {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("info", help="version, backend, devices, store, sharing policy, exports",
-                       description="Show the hipipc version, the active backend "
-                       "($HIPIPC_BACKEND) and its devices, this user's store directory "
-                       "($HIPIPC_STORE), the sharing policy ($HIPIPC_SHARE) and how many "
-                       "exports are live.")
+    p = sub.add_parser(
+        "info",
+        help="version, backend, devices, store, sharing policy, exports",
+        description="Show the hipipc version, the active backend "
+        "($HIPIPC_BACKEND) and its devices, this user's store directory "
+        "($HIPIPC_STORE), the sharing policy ($HIPIPC_SHARE) and how many "
+        "exports are live.",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=_cmd_info)
 
-    p = sub.add_parser("ls", help="list this user's exported segments",
-                       description="List the segments in this user's store: kind, size, "
-                       "exporting pid, whether that process still runs, and age.  Names are "
-                       "shown shortened; they are digests, never handle bytes.")
+    p = sub.add_parser(
+        "ls",
+        help="list this user's exported segments",
+        description="List the segments in this user's store: kind, size, "
+        "exporting pid, whether that process still runs, and age.  Names are "
+        "shown shortened; they are digests, never handle bytes.",
+    )
     p.add_argument("--json", action="store_true", help="print JSON (full names) instead")
     p.set_defaults(func=_cmd_ls)
 
-    p = sub.add_parser("gc", help="remove segments whose exporting process has exited",
-                       description="Remove this user's segments whose exporter has exited "
-                       "(checked by pid and process start time, so a reused pid is not "
-                       "mistaken for the exporter).  Live exports are never touched.")
-    p.add_argument("--dry-run", action="store_true",
-                   help="list what would be removed, remove nothing")
-    p.add_argument("--json", action="store_true",
-                   help="print JSON (full names of the removed segments) instead")
+    p = sub.add_parser(
+        "gc",
+        help="remove segments whose exporting process has exited",
+        description="Remove this user's segments whose exporter has exited "
+        "(checked by pid and process start time, so a reused pid is not "
+        "mistaken for the exporter).  Live exports are never touched.",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="list what would be removed, remove nothing"
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print JSON (full names of the removed segments) instead",
+    )
     p.set_defaults(func=_cmd_gc)
 
-    p = sub.add_parser("bench", help="run the benchmarks, write report.json and plots",
-                       description="Run every benchmark (the bench_*.py modules of "
-                       "hipipc.benchmarks, plus those of a source checkout's benchmarks/ "
-                       "directory; each defines run(quick, progress) -> dict), print a table, "
-                       "and write report.json and one PNG per series (needs matplotlib: pip "
-                       "install hipipc[plot]) to --out.  Ctrl-C stops the run.")
-    p.add_argument("--dir", metavar="DIR", help="run the bench_*.py files of DIR instead "
-                   "(default: the package's benchmarks and the source checkout's)")
-    p.add_argument("--out", metavar="DIR", default="bench-report",
-                   help="report directory (default: ./bench-report)")
+    p = sub.add_parser(
+        "bench",
+        help="run the benchmarks, write report.json and plots",
+        description="Run every benchmark (the bench_*.py modules of "
+        "hipipc.benchmarks, plus those of a source checkout's benchmarks/ "
+        "directory; each defines run(quick, progress) -> dict), print a table, "
+        "and write report.json and one PNG per series (needs matplotlib: pip "
+        "install hipipc[plot]) to --out.  Ctrl-C stops the run.",
+    )
+    p.add_argument(
+        "--dir",
+        metavar="DIR",
+        help="run the bench_*.py files of DIR instead "
+        "(default: the package's benchmarks and the source checkout's)",
+    )
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        default="bench-report",
+        help="report directory (default: ./bench-report)",
+    )
     p.add_argument("--quick", action="store_true", help="fewer sizes and repetitions")
-    p.add_argument("--only", metavar="NAME", action="append",
-                   help="run only this benchmark (e.g. ipc for bench_ipc.py); repeatable")
+    p.add_argument(
+        "--only",
+        metavar="NAME",
+        action="append",
+        help="run only this benchmark (e.g. ipc for bench_ipc.py); repeatable",
+    )
     p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     p.add_argument("--no-plots", action="store_true", help="write report.json only")
-    p.add_argument("--check", action="store_true",
-                   help=f"exit {EXIT_MISSED} if any target is not met")
+    p.add_argument(
+        "--check", action="store_true", help=f"exit {EXIT_MISSED} if any target is not met"
+    )
     p.set_defaults(func=_cmd_bench)
     return parser
 

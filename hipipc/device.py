@@ -88,8 +88,9 @@ _ATTRIBUTE_FIELDS: dict[hipDeviceAttribute_t, str] = {
     _A.hipDeviceAttributeMultiprocessorCount: "multiProcessorCount",
     _A.hipDeviceAttributePhysicalMultiProcessorCount: "multiProcessorCount",
     _A.hipDeviceAttributePageableMemoryAccess: "pageableMemoryAccess",
-    _A.hipDeviceAttributePageableMemoryAccessUsesHostPageTables:
-        "pageableMemoryAccessUsesHostPageTables",
+    _A.hipDeviceAttributePageableMemoryAccessUsesHostPageTables: (
+        "pageableMemoryAccessUsesHostPageTables"
+    ),
     _A.hipDeviceAttributePciBusId: "pciBusID",
     _A.hipDeviceAttributePciDeviceId: "pciDeviceID",
     _A.hipDeviceAttributePciDomainId: "pciDomainID",
@@ -140,11 +141,15 @@ def _device(device: Any, what: str) -> int:
             raise TypeError
         n = operator.index(device)
     except TypeError:
-        raise HipError(hipError_t.hipErrorInvalidDevice,
-                       f"{what}: device must be an int, not {type(device).__name__}") from None
+        raise HipError(
+            hipError_t.hipErrorInvalidDevice,
+            f"{what}: device must be an int, not {type(device).__name__}",
+        ) from None
     if not 0 <= n < count:
-        raise HipError(hipError_t.hipErrorInvalidDevice,
-                       f"{what}: device {n} does not exist ({count} device(s))")
+        raise HipError(
+            hipError_t.hipErrorInvalidDevice,
+            f"{what}: device {n} does not exist ({count} device(s))",
+        )
     return n
 
 
@@ -192,8 +197,7 @@ def hipDeviceGetAttribute(attr: int, device: int) -> int:
             raise ValueError
         attr = hipDeviceAttribute_t(attr)
     except (ValueError, TypeError):
-        raise _invalid(f"hipDeviceGetAttribute: {attr!r} is not a hipDeviceAttribute_t") \
-            from None
+        raise _invalid(f"hipDeviceGetAttribute: {attr!r} is not a hipDeviceAttribute_t") from None
     device = _device(device, "hipDeviceGetAttribute")
     props = get_registry().backend.device_properties(device)
     if attr in _DIM_FIELDS:
@@ -201,13 +205,23 @@ def hipDeviceGetAttribute(attr: int, device: int) -> int:
         value = getattr(props, name)[i]
     elif attr in _ATTRIBUTE_FIELDS:
         value = getattr(props, _ATTRIBUTE_FIELDS[attr])
-    elif attr.name.startswith(("hipDeviceAttributeMaxTexture", "hipDeviceAttributeMaxSurface",
-                               "hipDeviceAttributeCooperativeMultiDeviceUnmatched")) or attr in (
-            _A.hipDeviceAttributeMaxThreadsDim, _A.hipDeviceAttributeSurfaceAlignment,
-            _A.hipDeviceAttributeVirtualMemoryManagementSupported,
-            _A.hipDeviceAttributeCanUseStreamWaitValue, _A.hipDeviceAttributeImageSupport,
-            _A.hipDeviceAttributeHdpMemFlushCntl, _A.hipDeviceAttributeHdpRegFlushCntl,
-            _A.hipDeviceAttributeFineGrainSupport, _A.hipDeviceAttributeWallClockRate):
+    elif attr.name.startswith(
+        (
+            "hipDeviceAttributeMaxTexture",
+            "hipDeviceAttributeMaxSurface",
+            "hipDeviceAttributeCooperativeMultiDeviceUnmatched",
+        )
+    ) or attr in (
+        _A.hipDeviceAttributeMaxThreadsDim,
+        _A.hipDeviceAttributeSurfaceAlignment,
+        _A.hipDeviceAttributeVirtualMemoryManagementSupported,
+        _A.hipDeviceAttributeCanUseStreamWaitValue,
+        _A.hipDeviceAttributeImageSupport,
+        _A.hipDeviceAttributeHdpMemFlushCntl,
+        _A.hipDeviceAttributeHdpRegFlushCntl,
+        _A.hipDeviceAttributeFineGrainSupport,
+        _A.hipDeviceAttributeWallClockRate,
+    ):
         value = _NOT_SUPPORTED
     else:  # Luid, LuidDeviceNodeMask, the range markers: no int value
         raise _invalid(f"hipDeviceGetAttribute: {attr.name} has no integer value")
@@ -270,13 +284,16 @@ def hipDeviceEnablePeerAccess(peer: int, flags: int = 0) -> None:
         raise _invalid(f"hipDeviceEnablePeerAccess flags must be 0, got {flags!r}")
     device = get_registry().device
     if peer == device or not hipDeviceCanAccessPeer(device, peer):
-        raise HipError(hipError_t.hipErrorInvalidDevice,
-                       f"hipDeviceEnablePeerAccess: device {device} cannot access device "
-                       f"{peer}" + (" (itself)" if peer == device else ""))
+        raise HipError(
+            hipError_t.hipErrorInvalidDevice,
+            f"hipDeviceEnablePeerAccess: device {device} cannot access device "
+            f"{peer}" + (" (itself)" if peer == device else ""),
+        )
     with _peer_lock:
         if (device, peer) in _peers:
-            raise HipError(hipError_t.hipErrorPeerAccessAlreadyEnabled,
-                           f"device {device} -> {peer}")
+            raise HipError(
+                hipError_t.hipErrorPeerAccessAlreadyEnabled, f"device {device} -> {peer}"
+            )
         _peers.add((device, peer))
 
 
@@ -290,8 +307,7 @@ def hipDeviceDisablePeerAccess(peer: int) -> None:
     device = get_registry().device
     with _peer_lock:
         if (device, peer) not in _peers:
-            raise HipError(hipError_t.hipErrorPeerAccessNotEnabled,
-                           f"device {device} -> {peer}")
+            raise HipError(hipError_t.hipErrorPeerAccessNotEnabled, f"device {device} -> {peer}")
         _peers.discard((device, peer))
 
 
@@ -330,8 +346,9 @@ def hipMemcpyPeer(dst: int, dstDevice: int, src: int, srcDevice: int, nbytes: in
     hipMemcpy(dst, src, nbytes, hipMemcpyDeviceToDevice)
 
 
-def hipMemcpyPeerAsync(dst: int, dstDevice: int, src: int, srcDevice: int, nbytes: int,
-                       stream: Stream | None = None) -> None:
+def hipMemcpyPeerAsync(
+    dst: int, dstDevice: int, src: int, srcDevice: int, nbytes: int, stream: Stream | None = None
+) -> None:
     """``hipMemcpyPeer`` enqueued on ``stream`` (``hipMemcpyAsync``'s rules and errors)."""
     _device(dstDevice, "hipMemcpyPeerAsync")
     _device(srcDevice, "hipMemcpyPeerAsync")

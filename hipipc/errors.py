@@ -160,10 +160,12 @@ _STRINGS = {
     hipError_t.hipErrorPeerAccessAlreadyEnabled: "peer access is already enabled",
     hipError_t.hipErrorPeerAccessNotEnabled: "peer access has not been enabled",
     hipError_t.hipErrorContextIsDestroyed: "context is destroyed",
-    hipError_t.hipErrorHostMemoryAlreadyRegistered:
-        "part or all of the requested memory range is already mapped",
-    hipError_t.hipErrorHostMemoryNotRegistered:
-        "pointer does not correspond to a registered memory region",
+    hipError_t.hipErrorHostMemoryAlreadyRegistered: (
+        "part or all of the requested memory range is already mapped"
+    ),
+    hipError_t.hipErrorHostMemoryNotRegistered: (
+        "pointer does not correspond to a registered memory region"
+    ),
     hipError_t.hipErrorLaunchFailure: "unspecified launch failure",
     hipError_t.hipErrorNotSupported: "operation not supported",
     hipError_t.hipErrorUnknown: "unknown error",
@@ -182,7 +184,7 @@ def short_repr(value: object, limit: int = 80) -> str:
         text = repr(value)
     except Exception:
         text = f"<{type(value).__name__} object>"
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _as_code(code: Any) -> hipError_t:
@@ -212,8 +214,10 @@ def _code_argument(code: object) -> hipError_t:
             raise TypeError
         value = operator.index(code)  # type: ignore[arg-type]
     except TypeError:
-        raise HipError(hipError_t.hipErrorInvalidValue,
-                       f"a hipError_t must be an integer, not {type(code).__name__}") from None
+        raise HipError(
+            hipError_t.hipErrorInvalidValue,
+            f"a hipError_t must be an integer, not {type(code).__name__}",
+        ) from None
     return _as_code(value)
 
 

@@ -51,22 +51,30 @@ _KNOWN_FLAGS = hipEventBlockingSync | hipEventDisableTiming | hipEventInterproce
 def check_event_flags(flags: Any) -> int:
     """Validate ``hipEventCreateWithFlags`` flags; ``hipErrorInvalidValue`` if they are wrong."""
     if isinstance(flags, bool) or not isinstance(flags, int):
-        raise HipError(hipError_t.hipErrorInvalidValue,
-                       f"event flags must be an int, not {type(flags).__name__}")
+        raise HipError(
+            hipError_t.hipErrorInvalidValue,
+            f"event flags must be an int, not {type(flags).__name__}",
+        )
     if flags & ~_KNOWN_FLAGS or flags < 0:
-        raise HipError(hipError_t.hipErrorInvalidValue,
-                       f"unknown event flags {flags:#x} (known: hipEventBlockingSync, "
-                       "hipEventDisableTiming, hipEventInterprocess)")
+        raise HipError(
+            hipError_t.hipErrorInvalidValue,
+            f"unknown event flags {flags:#x} (known: hipEventBlockingSync, "
+            "hipEventDisableTiming, hipEventInterprocess)",
+        )
     if flags & hipEventInterprocess and not flags & hipEventDisableTiming:
-        raise HipError(hipError_t.hipErrorInvalidValue,
-                       "hipEventInterprocess needs hipEventDisableTiming too (HIP and CUDA "
-                       "refuse interprocess events with timing)")
+        raise HipError(
+            hipError_t.hipErrorInvalidValue,
+            "hipEventInterprocess needs hipEventDisableTiming too (HIP and CUDA "
+            "refuse interprocess events with timing)",
+        )
     return flags
 
 
 def destroyed_event() -> HipError:
-    return HipError(hipError_t.hipErrorInvalidResourceHandle,
-                    "the event was destroyed (hipEventDestroy); create a new one")
+    return HipError(
+        hipError_t.hipErrorInvalidResourceHandle,
+        "the event was destroyed (hipEventDestroy); create a new one",
+    )
 
 
 class Event(abc.ABC):
@@ -138,7 +146,8 @@ class Event(abc.ABC):
                 "a local event cannot be sent to another process (its records complete in "
                 "this process's private memory): create it with hipEventCreateWithFlags("
                 "hipEventInterprocess | hipEventDisableTiming) and send that event or its "
-                "hipIpcGetEventHandle")
+                "hipIpcGetEventHandle"
+            )
         if self.destroyed:
             raise destroyed_event()
         from .registry import get_registry  # registry imports this module

@@ -134,13 +134,17 @@ def _need(state: _Partial, limit: int, framed: bool) -> tuple[int, int]:
         (size,) = _LEN64.unpack_from(data, _LEN.size)
     elif size < 0:
         data.clear()
-        raise _invalid(f"corrupt frame header (length {size}): the peer does not speak "
-                       "multiprocessing's framing; the channel is out of step, close it")
+        raise _invalid(
+            f"corrupt frame header (length {size}): the peer does not speak "
+            "multiprocessing's framing; the channel is out of step, close it"
+        )
     if size > limit:
         state.skip = size - (len(data) - header)
         data.clear()
-        raise _invalid(f"the message is {size} bytes, not a {limit}-byte handle; it is "
-                       "skipped and the next receive reads the message after it")
+        raise _invalid(
+            f"the message is {size} bytes, not a {limit}-byte handle; it is "
+            "skipped and the next receive reads the message after it"
+        )
     return header + size - len(data), header
 
 
@@ -164,8 +168,10 @@ def read_frame(channel: Any, limit: int, end: float | None, *, framed: bool) -> 
                 got = len(state.data)
                 raise TimeoutError(
                     f"no complete handle arrived in time ({got} bytes of a frame so far; "
-                    "the next receive continues it)" if got or state.skip else
-                    "no handle arrived in time")
+                    "the next receive continues it)"
+                    if got or state.skip
+                    else "no handle arrived in time"
+                )
             chunk = _read_some(channel, fd, n)
             if chunk is None:
                 continue
@@ -197,12 +203,14 @@ def write_frame(channel: Any, payload: bytes, end: float | None) -> None:
         view = memoryview(payload)
         while view:
             try:
-                view = view[channel.send(view):]
+                view = view[channel.send(view) :]
             except (TimeoutError, BlockingIOError, InterruptedError):
                 pass
             if view and not _ready(fd, select.POLLOUT, end):
-                raise TimeoutError(f"{len(payload) - len(view)} of {len(payload)} bytes sent "
-                                   "in time; the stream is out of step, close it")
+                raise TimeoutError(
+                    f"{len(payload) - len(view)} of {len(payload)} bytes sent "
+                    "in time; the stream is out of step, close it"
+                )
     except TimeoutError:
         raise
     except OSError as exc:

@@ -106,8 +106,10 @@ def _tag_from_env() -> int:
     except ValueError:
         return tag_of(value)  # any other string names a node by its hash
     if not 1 <= number <= 0xFFFF:
-        raise _invalid(f"${NODE_ENV}={value!r}: a number must be a node tag in 1..65535 "
-                       "(any other string is hashed to one)")
+        raise _invalid(
+            f"${NODE_ENV}={value!r}: a number must be a node tag in 1..65535 "
+            "(any other string is hashed to one)"
+        )
     return number
 
 
@@ -139,10 +141,12 @@ def set_node_tag(tag: int) -> None:
     if isinstance(tag, bool) or not isinstance(tag, int) or not 1 <= tag <= 0xFFFF:
         raise _invalid(f"a node tag is an integer in 1..65535, got {tag!r}")
     if _node_tag is not None and _node_tag != tag:
-        raise HipError(hipError_t.hipErrorInvalidContext,
-                       f"this process already fixed its node tag ({_node_tag:#06x}, at its first "
-                       f"handle); choose the node ({NODE_ENV}, hipipc.mpi.NodeComm) before the "
-                       "first hipMalloc, IPC event or open")
+        raise HipError(
+            hipError_t.hipErrorInvalidContext,
+            f"this process already fixed its node tag ({_node_tag:#06x}, at its first "
+            f"handle); choose the node ({NODE_ENV}, hipipc.mpi.NodeComm) before the "
+            "first hipMalloc, IPC event or open",
+        )
     os.environ[NODE_ENV] = str(tag)
     _node_tag = tag
 
@@ -179,9 +183,7 @@ class IpcHandle:
                 ) from exc
         if len(raw) != HANDLE_SIZE:
             raise _invalid(f"an IPC handle is {HANDLE_SIZE} bytes, got {len(raw)}")
-        magic, version, kind_value, node, _secret, size, device, uid, tail = (
-            _LAYOUT.unpack(raw)
-        )
+        magic, version, kind_value, node, _secret, size, device, uid, tail = _LAYOUT.unpack(raw)
         if magic != _MAGIC:
             raise _invalid("not a hipipc handle (bad magic)")
         if version != _VERSION:
@@ -208,6 +210,7 @@ class IpcHandle:
     # rewritten in place would no longer match the bytes (and hash) it was parsed from.
     # attrgetter properties cost next to nothing on the open path.
     if TYPE_CHECKING:  # what the attrgetter properties below return
+
         @property
         def kind(self) -> HandleKind: ...
         @property
@@ -239,12 +242,21 @@ class IpcHandle:
             raise _invalid(f"{kind!r} is not a HandleKind") from None
         try:
             raw = _LAYOUT.pack(
-                _MAGIC, _VERSION, int(kind), node_tag(), secrets.token_bytes(_SECRET_BYTES),
-                size, device, uid, _ZERO_TAIL,
+                _MAGIC,
+                _VERSION,
+                int(kind),
+                node_tag(),
+                secrets.token_bytes(_SECRET_BYTES),
+                size,
+                device,
+                uid,
+                _ZERO_TAIL,
             )
         except struct.error:
-            raise _invalid(f"cannot describe size {size}, device {device}, uid {uid} in a "
-                           "handle (64-bit size, 32-bit device and uid)") from None
+            raise _invalid(
+                f"cannot describe size {size}, device {device}, uid {uid} in a "
+                "handle (64-bit size, 32-bit device and uid)"
+            ) from None
         return cls(raw)
 
     @classmethod

@@ -54,9 +54,11 @@ def holds_objects(buf: Any) -> bool:
 def refuse_objects(buf: Any, what: str) -> None:
     """Raise ``hipErrorInvalidValue`` if ``buf`` holds Python objects (see the module doc)."""
     if holds_objects(buf):
-        raise _invalid(f"{what} holds Python objects (a numpy object array or a buffer of "
-                       "format 'O'), whose bytes are interpreter pointers, not data: refusing "
-                       "to copy raw memory into or out of it; use a numeric dtype")
+        raise _invalid(
+            f"{what} holds Python objects (a numpy object array or a buffer of "
+            "format 'O'), whose bytes are interpreter pointers, not data: refusing "
+            "to copy raw memory into or out of it; use a numeric dtype"
+        )
 
 
 def host_address(buf: Any, nbytes: int, writable: bool, what: str) -> tuple[int, Any]:
@@ -69,8 +71,10 @@ def host_address(buf: Any, nbytes: int, writable: bool, what: str) -> tuple[int,
     try:
         arr = np.frombuffer(buf, dtype=np.uint8)
     except (TypeError, ValueError, BufferError) as exc:
-        raise _invalid(f"{what} must be a C-contiguous buffer (numpy array, bytearray, "
-                       f"memoryview) or, for a device side, an int pointer: {exc}") from None
+        raise _invalid(
+            f"{what} must be a C-contiguous buffer (numpy array, bytearray, "
+            f"memoryview) or, for a device side, an int pointer: {exc}"
+        ) from None
     if arr.size < nbytes:
         raise _invalid(f"{what} holds {arr.size} bytes, {nbytes} needed")
     if writable and not arr.flags.writeable:

@@ -62,16 +62,26 @@ hipHostMallocWriteCombined = 0x4
 hipHostMallocNumaUser = 0x20000000
 hipHostMallocCoherent = 0x40000000
 hipHostMallocNonCoherent = 0x80000000
-_MALLOC_FLAGS = (hipHostMallocPortable | hipHostMallocMapped | hipHostMallocWriteCombined
-                 | hipHostMallocNumaUser | hipHostMallocCoherent | hipHostMallocNonCoherent)
+_MALLOC_FLAGS = (
+    hipHostMallocPortable
+    | hipHostMallocMapped
+    | hipHostMallocWriteCombined
+    | hipHostMallocNumaUser
+    | hipHostMallocCoherent
+    | hipHostMallocNonCoherent
+)
 
 hipHostRegisterDefault = 0x0
 hipHostRegisterPortable = 0x1
 hipHostRegisterMapped = 0x2
 hipHostRegisterIoMemory = 0x4
 hipHostRegisterReadOnly = 0x8
-_REGISTER_FLAGS = (hipHostRegisterPortable | hipHostRegisterMapped | hipHostRegisterIoMemory
-                   | hipHostRegisterReadOnly)
+_REGISTER_FLAGS = (
+    hipHostRegisterPortable
+    | hipHostRegisterMapped
+    | hipHostRegisterIoMemory
+    | hipHostRegisterReadOnly
+)
 
 
 class _ViewPins:
@@ -82,7 +92,7 @@ class _ViewPins:
         self.view = view
 
     def buffer(self, offset: int, nbytes: int) -> memoryview:
-        return self.view[offset:offset + nbytes]  # a new view: valid after unregister too
+        return self.view[offset : offset + nbytes]  # a new view: valid after unregister too
 
     pin = buffer  # Mapping.pin: the slice keeps the registered buffer alive as long
 
@@ -120,8 +130,7 @@ class _HostTable:
 
     def overlaps(self, base: int, size: int) -> bool:
         i = bisect.bisect_left(self.bases, base + size) - 1
-        return i >= 0 and self.ranges[self.bases[i]].base + \
-            self.ranges[self.bases[i]].size > base
+        return i >= 0 and self.ranges[self.bases[i]].base + self.ranges[self.bases[i]].size > base
 
     def add(self, r: _HostRange) -> None:
         bisect.insort(self.bases, r.base)
@@ -140,8 +149,12 @@ def _invalid(detail: str) -> HipError:
 
 
 def _flags(flags: Any, allowed: int, what: str) -> int:
-    if isinstance(flags, bool) or not isinstance(flags, (int, np.integer)) or flags < 0 or \
-            int(flags) & ~allowed:
+    if (
+        isinstance(flags, bool)
+        or not isinstance(flags, (int, np.integer))
+        or flags < 0
+        or int(flags) & ~allowed
+    ):
         raise _invalid(f"{what}: invalid flags {flags!r}")
     return int(flags)
 
@@ -157,8 +170,7 @@ def _address(obj: Any, what: str) -> int | None:
     try:
         arr = np.frombuffer(obj, dtype=np.uint8)
     except (TypeError, ValueError, BufferError) as exc:
-        raise _invalid(f"{what} needs a pointer (int) or a C-contiguous buffer: {exc}") \
-            from None
+        raise _invalid(f"{what} needs a pointer (int) or a C-contiguous buffer: {exc}") from None
     return arr.__array_interface__["data"][0] or None
 
 
@@ -192,8 +204,9 @@ def hipHostMalloc(nbytes: int, flags: int = hipHostMallocDefault) -> NDArray[np.
         raise _invalid(f"hipHostMalloc size must be an int >= 0, not {nbytes!r}")
     flags = _flags(flags, _MALLOC_FLAGS, "hipHostMalloc")
     if flags & hipHostMallocCoherent and flags & hipHostMallocNonCoherent:
-        raise _invalid("hipHostMalloc: hipHostMallocCoherent and hipHostMallocNonCoherent "
-                       "exclude each other")
+        raise _invalid(
+            "hipHostMalloc: hipHostMallocCoherent and hipHostMallocNonCoherent exclude each other"
+        )
     if nbytes == 0:
         return None
     reg = get_registry()
@@ -202,7 +215,8 @@ def hipHostMalloc(nbytes: int, flags: int = hipHostMallocDefault) -> NDArray[np.
         # ignore: a ctypes array has the buffer protocol; numpy's stubs for Python < 3.12
         # list only some buffer types.
         array: NDArray[np.uint8] = np.frombuffer(  # type: ignore[call-overload]
-            mapping.buffer(0, int(nbytes)), dtype=np.uint8)
+            mapping.buffer(0, int(nbytes)), dtype=np.uint8
+        )
         r = _HostRange(mapping.addr, int(nbytes), flags, reg.device, locked, mapping)
         with _table.lock:
             _publish_locked(r, mapping)
@@ -224,8 +238,10 @@ def hipHostFree(ptr: Any) -> None:
     with _table.lock:
         r = _table.ranges.get(addr)
         if r is None or not r.malloced:
-            raise _invalid(f"hipHostFree: {addr:#x} is not memory hipHostMalloc returned "
-                           "(freed already, interior, registered or device memory?)")
+            raise _invalid(
+                f"hipHostFree: {addr:#x} is not memory hipHostMalloc returned "
+                "(freed already, interior, registered or device memory?)"
+            )
         _table.remove(r)
         if r.locked:
             # Unpinned now, as in HIP, not when the last view goes: a view still alive
@@ -249,8 +265,9 @@ def hipHostRegister(buf: Any, nbytes: int, flags: int = hipHostRegisterDefault) 
     """
     flags = _flags(flags, _REGISTER_FLAGS, "hipHostRegister")
     if buf is None or isinstance(buf, (int, np.integer)):
-        raise _invalid("hipHostRegister needs the buffer itself (a nullptr or int address "
-                       "cannot be checked)")
+        raise _invalid(
+            "hipHostRegister needs the buffer itself (a nullptr or int address cannot be checked)"
+        )
     if isinstance(nbytes, bool) or not isinstance(nbytes, (int, np.integer)) or nbytes <= 0:
         raise _invalid(f"hipHostRegister size must be an int > 0, not {nbytes!r}")
     refuse_objects(buf, "hipHostRegister buffer")  # copies to its device pointer: raw bytes
@@ -259,23 +276,28 @@ def hipHostRegister(buf: Any, nbytes: int, flags: int = hipHostRegisterDefault) 
     except (TypeError, ValueError) as exc:
         raise _invalid(f"hipHostRegister needs a C-contiguous buffer: {exc}") from None
     if view.nbytes < nbytes:
-        raise _invalid(f"hipHostRegister: the buffer holds {view.nbytes} bytes, "
-                       f"{nbytes} requested")
+        raise _invalid(f"hipHostRegister: the buffer holds {view.nbytes} bytes, {nbytes} requested")
     if view.readonly and not flags & hipHostRegisterReadOnly:
-        raise _invalid("hipHostRegister: the buffer is read-only (pass "
-                       "hipHostRegisterReadOnly to register it anyway)")
+        raise _invalid(
+            "hipHostRegister: the buffer is read-only (pass "
+            "hipHostRegisterReadOnly to register it anyway)"
+        )
     base = np.frombuffer(view, dtype=np.uint8).__array_interface__["data"][0]
     reg = get_registry()
     with _table.lock:
         if _table.overlaps(base, int(nbytes)):
-            raise HipError(hipError_t.hipErrorHostMemoryAlreadyRegistered,
-                           f"[{base:#x}, +{nbytes}) overlaps registered or pinned memory")
+            raise HipError(
+                hipError_t.hipErrorHostMemoryAlreadyRegistered,
+                f"[{base:#x}, +{nbytes}) overlaps registered or pinned memory",
+            )
         if reg.overlaps(base, int(nbytes)):
             # HIP: memory the runtime knows already (hipMalloc, an import) cannot be
             # registered; here its entry would also be shadowed by the registration's.
-            raise HipError(hipError_t.hipErrorHostMemoryAlreadyRegistered,
-                           f"[{base:#x}, +{nbytes}) is device memory (hipMalloc or an "
-                           "import): it needs no registration")
+            raise HipError(
+                hipError_t.hipErrorHostMemoryAlreadyRegistered,
+                f"[{base:#x}, +{nbytes}) is device memory (hipMalloc or an "
+                "import): it needs no registration",
+            )
         locked = reg.backend.host_lock(base, int(nbytes))
         r = _HostRange(base, int(nbytes), flags, reg.device, locked, view)
         try:
@@ -300,8 +322,10 @@ def hipHostUnregister(ptr: Any) -> None:
     with _table.lock:
         r = _table.ranges.get(addr)
         if r is None or r.malloced:
-            raise HipError(hipError_t.hipErrorHostMemoryNotRegistered,
-                           f"{addr:#x} is not the start of memory hipHostRegister pinned")
+            raise HipError(
+                hipError_t.hipErrorHostMemoryNotRegistered,
+                f"{addr:#x} is not the start of memory hipHostRegister pinned",
+            )
         _table.remove(r)
         if r.locked:
             get_registry().backend.host_unlock(r.base, r.size)
@@ -323,8 +347,10 @@ def hipHostGetDevicePointer(ptr: Any, flags: int = 0) -> int:
     with _table.lock:
         r = _table.find(addr) if addr is not None else None
     if r is None:
-        raise _invalid(f"hipHostGetDevicePointer: {addr or 0:#x} is neither hipHostMalloc "
-                       "nor hipHostRegister memory")
+        raise _invalid(
+            f"hipHostGetDevicePointer: {addr or 0:#x} is neither hipHostMalloc "
+            "nor hipHostRegister memory"
+        )
     assert addr is not None  # r was found at it
     return addr
 
@@ -347,18 +373,22 @@ def hipPointerGetAttributes(ptr: Any) -> hipPointerAttribute_t:
     with _table.lock:
         r = _table.find(addr)
     if r is not None:
-        return hipPointerAttribute_t(hipMemoryTypeHost, r.device, addr, addr, 0, r.flags,
-                                     r.base, r.size)
+        return hipPointerAttribute_t(
+            hipMemoryTypeHost, r.device, addr, addr, 0, r.flags, r.base, r.size
+        )
     try:
         region, _ = get_registry().find(addr)
         if not isinstance(region, (Allocation, ImportedMemory)):
             raise HipError(hipError_t.hipErrorInvalidValue, "a host range just removed")
     except HipError:
-        raise _invalid(f"hipPointerGetAttributes: {addr:#x} is not memory this process "
-                       "allocated, imported, pinned or registered (freed or closed "
-                       "already?)") from None
-    return hipPointerAttribute_t(hipMemoryTypeDevice, region.device, addr, 0, 0, 0,
-                                 region.ptr, region.size)
+        raise _invalid(
+            f"hipPointerGetAttributes: {addr:#x} is not memory this process "
+            "allocated, imported, pinned or registered (freed or closed "
+            "already?)"
+        ) from None
+    return hipPointerAttribute_t(
+        hipMemoryTypeDevice, region.device, addr, 0, 0, 0, region.ptr, region.size
+    )
 
 
 def _after_fork_in_child() -> None:

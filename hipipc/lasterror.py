@@ -61,9 +61,12 @@ def record_errors(namespace: MutableMapping[str, Any]) -> None:
     raises are recorded, and put the same wrapper in the module that defines it, so that
     ``hipipc.hipX is hipipc.runtime.hipX`` and pickling by name still works.  Idempotent."""
     for name, fn in list(namespace.items()):
-        if not name.startswith("hip") or name in _EXEMPT or \
-                not isinstance(fn, types.FunctionType) or \
-                getattr(fn, "__hipipc_records_errors__", False):
+        if (
+            not name.startswith("hip")
+            or name in _EXEMPT
+            or not isinstance(fn, types.FunctionType)
+            or getattr(fn, "__hipipc_records_errors__", False)
+        ):
             continue
         wrapped = _recording(fn)
         namespace[name] = wrapped

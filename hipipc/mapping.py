@@ -24,8 +24,14 @@ __all__ = ["Mapping", "map_file"]
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _raw_mmap = _libc.mmap
 _raw_mmap.restype = ctypes.c_void_p
-_raw_mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                      ctypes.c_int, ctypes.c_long]
+_raw_mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
 _munmap = _libc.munmap
 _munmap.restype = ctypes.c_int
 _munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
@@ -50,8 +56,7 @@ def _after_fork_in_child() -> None:  # cannot fail: plain assignments
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _mmap(addr: int | None, length: int, prot: int, flags: int, fd: int, offset: int
-          ) -> int | None:
+def _mmap(addr: int | None, length: int, prot: int, flags: int, fd: int, offset: int) -> int | None:
     """libc's mmap, refusing (ENOMEM) a length or offset its C types cannot hold: ctypes
     would silently keep the low 64 bits, mapping a few pages for a huge request while the
     caller believes it has the whole length."""
@@ -104,8 +109,10 @@ class Mapping:
             raise HipError(hipError_t.hipErrorInvalidValue, "view outside the mapping")
         with self._lock:
             if self._released and self._live == 0:
-                raise HipError(hipError_t.hipErrorInvalidValue,
-                               "the memory was freed or closed (mapping already released)")
+                raise HipError(
+                    hipError_t.hipErrorInvalidValue,
+                    "the memory was freed or closed (mapping already released)",
+                )
             self._live += 1
         # Made after the count: if _Pin() itself failed the count would leak, not the pages.
         return _Pin(self)
@@ -164,7 +171,8 @@ def map_file(fd: int, length: int, offset: int) -> Mapping:
     addr = _mmap(None, length, _PROT_RW, _MAP_SHARED, fd, offset)
     if addr is None or addr == _MAP_FAILED:
         err = ctypes.get_errno()
-        code = (hipError_t.hipErrorOutOfMemory if err == errno.ENOMEM
-                else hipError_t.hipErrorMapFailed)
+        code = (
+            hipError_t.hipErrorOutOfMemory if err == errno.ENOMEM else hipError_t.hipErrorMapFailed
+        )
         raise HipError(code, f"mmap of {length} bytes failed: {os.strerror(err)}")
     return Mapping(addr, length)

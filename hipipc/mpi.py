@@ -33,8 +33,10 @@ try:
     import mpi4py
     from mpi4py import MPI
 except ImportError as _exc:  # pragma: no cover - depends on the environment
-    raise ImportError("hipipc.mpi needs mpi4py >= 4 and an MPI runtime: "
-                      "pip install 'hipipc[mpi]' (mpi4py and the mpich wheel)") from _exc
+    raise ImportError(
+        "hipipc.mpi needs mpi4py >= 4 and an MPI runtime: "
+        "pip install 'hipipc[mpi]' (mpi4py and the mpich wheel)"
+    ) from _exc
 
 from . import runtime
 from .buffer import DeviceBuffer
@@ -43,8 +45,9 @@ from .events import Event
 from .handle import HANDLE_SIZE, machine_tag, node_tag, set_node_tag
 
 if int(mpi4py.__version__.split(".")[0]) < 4:  # pragma: no cover - depends on the environment
-    raise ImportError(f"hipipc.mpi needs mpi4py >= 4, found {mpi4py.__version__}: "
-                      "pip install -U 'hipipc[mpi]'")
+    raise ImportError(
+        f"hipipc.mpi needs mpi4py >= 4, found {mpi4py.__version__}: pip install -U 'hipipc[mpi]'"
+    )
 
 __all__ = ["NodeComm", "NODES_ENV", "simulated_nodes"]
 
@@ -66,9 +69,11 @@ def simulated_nodes(size: int, nodes: int | None = None) -> int | None:
     except (TypeError, ValueError):
         k = 0
     if isinstance(value, bool) or not 1 <= k <= size:
-        raise HipError(hipError_t.hipErrorInvalidValue,
-                       f"simulated nodes ({NODES_ENV} or nodes=) must be an integer in "
-                       f"1..{size} (the communicator's size), got {value!r}")
+        raise HipError(
+            hipError_t.hipErrorInvalidValue,
+            f"simulated nodes ({NODES_ENV} or nodes=) must be an integer in "
+            f"1..{size} (the communicator's size), got {value!r}",
+        )
     return k
 
 
@@ -137,26 +142,31 @@ class NodeComm:
             self.comm.Allgather(mine, table)
             failed = [r for r in range(self.size) if table[r, 0]]
             if failed:
-                raise error or HipError(int(table[failed[0], 0]),
-                                        f"NodeComm: set-up failed on rank(s) {failed}")
+                raise error or HipError(
+                    int(table[failed[0], 0]), f"NodeComm: set-up failed on rank(s) {failed}"
+                )
             self._node_of = table[:, 1].copy()
             self.node_ranks: tuple[int, ...] = tuple(
-                int(r) for r in np.flatnonzero(self._node_of == self._node_of[self.rank]))
+                int(r) for r in np.flatnonzero(self._node_of == self._node_of[self.rank])
+            )
             # Every rank checks every node, so all of comm raise alike (no rank is left
             # waiting in the next collective).
             for leader in sorted(set(self._node_of.tolist())):
                 tags = {int(t) for t in table[self._node_of == leader, 2]}
                 if len(tags) != 1:
-                    raise HipError(hipError_t.hipErrorInvalidResourceHandle,
-                                   f"the ranks of the node of rank {leader} have different "
-                                   f"node tags {sorted(hex(t) for t in tags)}: set "
-                                   "$HIPIPC_NODE_ID for every rank of a node alike, or for "
-                                   "none")
+                    raise HipError(
+                        hipError_t.hipErrorInvalidResourceHandle,
+                        f"the ranks of the node of rank {leader} have different "
+                        f"node tags {sorted(hex(t) for t in tags)}: set "
+                        "$HIPIPC_NODE_ID for every rank of a node alike, or for "
+                        "none",
+                    )
             leaders_of = sorted(set(self._node_of.tolist()))
             self.num_nodes: int = len(leaders_of)
             self.node_index: int = leaders_of.index(int(self._node_of[self.rank]))
-            self.leaders = self.comm.Split(0 if self.node.Get_rank() == 0 else MPI.UNDEFINED,
-                                           self.rank)
+            self.leaders = self.comm.Split(
+                0 if self.node.Get_rank() == 0 else MPI.UNDEFINED, self.rank
+            )
         except BaseException:
             self.node.Free()
             raise
@@ -165,10 +175,15 @@ class NodeComm:
 
     def is_local(self, rank: int) -> bool:
         """Whether ``rank`` (of ``comm``) runs on this rank's node (itself included)."""
-        if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) \
-                or not 0 <= rank < self.size:
-            raise HipError(hipError_t.hipErrorInvalidValue,
-                           f"rank {rank!r} is not a rank of the communicator (0..{self.size - 1})")
+        if (
+            isinstance(rank, bool)
+            or not isinstance(rank, (int, np.integer))
+            or not 0 <= rank < self.size
+        ):
+            raise HipError(
+                hipError_t.hipErrorInvalidValue,
+                f"rank {rank!r} is not a rank of the communicator (0..{self.size - 1})",
+            )
         return bool(self._node_of[rank] == self._node_of[self.rank])
 
     @property
@@ -184,10 +199,12 @@ class NodeComm:
         wanted: list[int] = []
         for r in peers:
             if not self.is_local(r):
-                raise HipError(hipError_t.hipErrorInvalidValue,
-                               f"rank {r} runs on another node (node of rank "
-                               f"{int(self._node_of[r])}); exchange with it through MPI "
-                               "(Isend/Irecv), or test is_local(rank) first")
+                raise HipError(
+                    hipError_t.hipErrorInvalidValue,
+                    f"rank {r} runs on another node (node of rank "
+                    f"{int(self._node_of[r])}); exchange with it through MPI "
+                    "(Isend/Irecv), or test is_local(rank) first",
+                )
             if int(r) not in wanted:
                 wanted.append(int(r))
         return wanted
@@ -197,19 +214,29 @@ class NodeComm:
         codes = np.zeros(self.node.Get_size(), dtype=np.int32)
         code = 0
         if error is not None:
-            code = int(error.code) if isinstance(error, HipError) else \
-                int(hipError_t.hipErrorUnknown)
+            code = (
+                int(error.code) if isinstance(error, HipError) else int(hipError_t.hipErrorUnknown)
+            )
         self.node.Allgather(np.array([code], dtype=np.int32), codes)
         failed = [self.node_ranks[i] for i in np.flatnonzero(codes)]
         if error is not None:
             raise error
         if failed:
-            raise HipError(int(codes[self.node_ranks.index(failed[0])]),
-                           f"{what} failed on rank(s) {failed} of this node (see their error)")
+            raise HipError(
+                int(codes[self.node_ranks.index(failed[0])]),
+                f"{what} failed on rank(s) {failed} of this node (see their error)",
+            )
 
-    def _share(self, handle: Any, error: BaseException | None, peers: Iterable[int] | None,
-               open_one: Callable[[bytes], Any], close_one: Callable[[Any], None],
-               what: str, own: Any = None) -> dict[int, Any]:
+    def _share(
+        self,
+        handle: Any,
+        error: BaseException | None,
+        peers: Iterable[int] | None,
+        open_one: Callable[[bytes], Any],
+        close_one: Callable[[Any], None],
+        what: str,
+        own: Any = None,
+    ) -> dict[int, Any]:
         """Allgather this rank's handle on the node, open the wanted peers' handles.
 
         Returns ``{rank: opened}`` sorted by rank, with ``own`` for this rank if it was asked
@@ -249,9 +276,9 @@ class NodeComm:
     def _record(self, opened: dict[int, Any], into: list[Any]) -> None:
         into.extend(obj for r, obj in opened.items() if r != self.rank)
 
-    def allocate_shared(self, nbytes: int, peers: Iterable[int] | None = None, *,
-                        device: int | None = None
-                        ) -> tuple[DeviceBuffer, dict[int, DeviceBuffer]]:
+    def allocate_shared(
+        self, nbytes: int, peers: Iterable[int] | None = None, *, device: int | None = None
+    ) -> tuple[DeviceBuffer, dict[int, DeviceBuffer]]:
         """Allocate ``nbytes`` on ``device`` here, and open the on-node peers' allocations.
 
         Collective on the node (each rank may ask for its own size, as with
@@ -271,8 +298,15 @@ class NodeComm:
         except BaseException as exc:
             error, handle = exc, None
         try:
-            opened = self._share(handle, error, peers, DeviceBuffer.from_handle,
-                                 DeviceBuffer.close, "allocate_shared", own)
+            opened = self._share(
+                handle,
+                error,
+                peers,
+                DeviceBuffer.from_handle,
+                DeviceBuffer.close,
+                "allocate_shared",
+                own,
+            )
         except BaseException:
             if own is not None:
                 own.close()  # every peer's import was rolled back: the agreement failed
@@ -282,8 +316,9 @@ class NodeComm:
         self._record(opened, self._imported)
         return own, opened
 
-    def exchange(self, buf: DeviceBuffer | int, peers: Iterable[int] | None = None
-                 ) -> dict[int, DeviceBuffer]:
+    def exchange(
+        self, buf: DeviceBuffer | int, peers: Iterable[int] | None = None
+    ) -> dict[int, DeviceBuffer]:
         """Open the on-node peers' buffers: this rank offers ``buf`` (a ``DeviceBuffer`` or a
         ``hipMalloc`` pointer, exported here) and gets ``{rank: opened buffer}``.
 
@@ -302,14 +337,19 @@ class NodeComm:
                 handle = runtime.hipIpcGetMemHandle(buf)
         except BaseException as exc:
             error = exc
-        opened = self._share(handle, error, peers, DeviceBuffer.from_handle,
-                             DeviceBuffer.close, "exchange",
-                             buf if isinstance(buf, DeviceBuffer) else None)
+        opened = self._share(
+            handle,
+            error,
+            peers,
+            DeviceBuffer.from_handle,
+            DeviceBuffer.close,
+            "exchange",
+            buf if isinstance(buf, DeviceBuffer) else None,
+        )
         self._record(opened, self._imported)
         return opened
 
-    def exchange_events(self, event: Event, peers: Iterable[int] | None = None
-                        ) -> dict[int, Event]:
+    def exchange_events(self, event: Event, peers: Iterable[int] | None = None) -> dict[int, Event]:
         """Open the on-node peers' IPC events (``hipIpcOpenEventHandle``): ``{rank: event}``.
 
         ``event`` must be interprocess (``hipEventCreateWithFlags(hipEventInterprocess |
@@ -324,8 +364,15 @@ class NodeComm:
             handle = runtime.hipIpcGetEventHandle(event)
         except BaseException as exc:
             error = exc
-        opened = self._share(handle, error, peers, runtime.hipIpcOpenEventHandle,
-                             runtime.hipEventDestroy, "exchange_events", event)
+        opened = self._share(
+            handle,
+            error,
+            peers,
+            runtime.hipIpcOpenEventHandle,
+            runtime.hipEventDestroy,
+            "exchange_events",
+            event,
+        )
         self._record(opened, self._events)
         return opened
 
@@ -388,6 +435,8 @@ class NodeComm:
 
     def __repr__(self) -> str:
         kind = f"simulated {self.simulated}" if self.simulated else "shared-memory"
-        return (f"<NodeComm rank {self.rank}/{self.size}, node {self.node_index} of "
-                f"{self.num_nodes} ({kind}), node ranks {list(self.node_ranks)}"
-                f"{', closed' if self._closed else ''}>")
+        return (
+            f"<NodeComm rank {self.rank}/{self.size}, node {self.node_index} of "
+            f"{self.num_nodes} ({kind}), node ranks {list(self.node_ranks)}"
+            f"{', closed' if self._closed else ''}>"
+        )

@@ -72,8 +72,7 @@ class Registry:
         self._streams: set[Stream] = set()
         # Interprocess events this process created, by segment name, and every event, for
         # fork (an undestroyed event that is dropped destroys itself, so these are weak).
-        self._own_events: weakref.WeakValueDictionary[str, Event] = \
-            weakref.WeakValueDictionary()
+        self._own_events: weakref.WeakValueDictionary[str, Event] = weakref.WeakValueDictionary()
         self._events: weakref.WeakSet[Event] = weakref.WeakSet()
         # Ticket names this process linked in its store (send-and-drop), pruned of consumed
         # ones whenever the set doubles, removed at exit.
@@ -99,8 +98,10 @@ class Registry:
     def set_device(self, device: int) -> None:
         count = self.backend.device_count()
         if not 0 <= device < count:
-            raise HipError(hipError_t.hipErrorInvalidDevice,
-                           f"device {device} does not exist ({count} device(s))")
+            raise HipError(
+                hipError_t.hipErrorInvalidDevice,
+                f"device {device} does not exist ({count} device(s))",
+            )
         self._device.value = device
 
     # -- lookups -------------------------------------------------------------------------
@@ -121,10 +122,12 @@ class Registry:
         """The error for a pointer this process does not hold: a parent's pointer says so."""
         i = bisect.bisect_right(self._inherited, (ptr, float("inf"), 0)) - 1
         if i >= 0 and ptr < self._inherited[i][1]:
-            return _invalid(f"{ptr:#x} comes from the parent process {self._inherited[i][2]} "
-                            "(hipMalloc or hipIpcOpenMemHandle there, before fork); a forked "
-                            "child has its own context: open the parent's hipIpcGetMemHandle "
-                            "handle with hipIpcOpenMemHandle")
+            return _invalid(
+                f"{ptr:#x} comes from the parent process {self._inherited[i][2]} "
+                "(hipMalloc or hipIpcOpenMemHandle there, before fork); a forked "
+                "child has its own context: open the parent's hipIpcGetMemHandle "
+                "handle with hipIpcOpenMemHandle"
+            )
         return _invalid(what)
 
     def _remove(self, region: Region) -> None:
@@ -139,16 +142,21 @@ class Registry:
                 region = self._regions[self._bases[i]]
                 if ptr < region.ptr + region.size:
                     return region, ptr - region.ptr
-            raise self._not_found(ptr, f"{ptr:#x} is not a pointer hipMalloc or "
-                                  "hipIpcOpenMemHandle returned in this process (freed or "
-                                  "closed already?)")
+            raise self._not_found(
+                ptr,
+                f"{ptr:#x} is not a pointer hipMalloc or "
+                "hipIpcOpenMemHandle returned in this process (freed or "
+                "closed already?)",
+            )
 
     def check_range(self, ptr: int, nbytes: int) -> tuple[Region, int]:
         """Like :meth:`find`, and ``[ptr, ptr+nbytes)`` must lie inside the region."""
         region, offset = self.find(ptr)
         if offset + nbytes > region.size:
-            raise _invalid(f"{nbytes} bytes at {ptr:#x} run past the end of its allocation "
-                           f"({region.size - offset} bytes left)")
+            raise _invalid(
+                f"{nbytes} bytes at {ptr:#x} run past the end of its allocation "
+                f"({region.size - offset} bytes left)"
+            )
         return region, offset
 
     # -- own memory ----------------------------------------------------------------------
@@ -164,10 +172,14 @@ class Registry:
         region, offset = self.find(ptr)
         if not isinstance(region, Allocation):
             if what == "hipFree":
-                raise _invalid(f"hipFree: {ptr:#x} was opened with hipIpcOpenMemHandle; close "
-                               "it with hipIpcCloseMemHandle (only the exporter frees it)")
-            raise _invalid(f"{what}: {ptr:#x} was opened from another process's handle; "
-                           "only the exporter may do this")
+                raise _invalid(
+                    f"hipFree: {ptr:#x} was opened with hipIpcOpenMemHandle; close "
+                    "it with hipIpcCloseMemHandle (only the exporter frees it)"
+                )
+            raise _invalid(
+                f"{what}: {ptr:#x} was opened from another process's handle; "
+                "only the exporter may do this"
+            )
         return region
 
     def _quiesce(self) -> None:
@@ -189,8 +201,9 @@ class Registry:
         with self._lock:
             alloc = self._own_allocation(ptr, "hipFree")
             if alloc.ptr != ptr:
-                raise _invalid(f"hipFree: {ptr:#x} points inside an allocation; "
-                               f"free its base {alloc.ptr:#x}")
+                raise _invalid(
+                    f"hipFree: {ptr:#x} points inside an allocation; free its base {alloc.ptr:#x}"
+                )
             self._remove(alloc)
             del self._own[alloc.handle.segment_name]
         self.backend.free(alloc)
@@ -223,9 +236,11 @@ class Registry:
                     self.backend.store.consume_ticket(handle, ticket)
                 return mem.ptr
             if name in self._own:
-                raise HipError(hipError_t.hipErrorInvalidContext,
-                               "this process exported the handle; use the pointer itself "
-                               "(CUDA and HIP refuse to open a handle in its exporting process)")
+                raise HipError(
+                    hipError_t.hipErrorInvalidContext,
+                    "this process exported the handle; use the pointer itself "
+                    "(CUDA and HIP refuse to open a handle in its exporting process)",
+                )
             mem = self.backend.open(handle, ticket)
             self._insert(mem)
             self._imports[name] = mem
@@ -236,8 +251,10 @@ class Registry:
         with self._lock:
             region = self._regions.get(ptr)
             if not isinstance(region, ImportedMemory):
-                detail = f"hipIpcCloseMemHandle: {ptr:#x} is not a pointer " \
+                detail = (
+                    f"hipIpcCloseMemHandle: {ptr:#x} is not a pointer "
                     "hipIpcOpenMemHandle returned (or it was closed already)"
+                )
                 if isinstance(region, Allocation):
                     detail += "; this process allocated it: free it with hipFree"
                 raise self._not_found(ptr, detail) if region is None else _invalid(detail)
@@ -267,8 +284,9 @@ class Registry:
         deadline = None if timeout is None else time.monotonic() + timeout
         for stream in streams:
             if not stream.query():
-                stream.wait_idle(None if deadline is None
-                                 else max(0.0, deadline - time.monotonic()))
+                stream.wait_idle(
+                    None if deadline is None else max(0.0, deadline - time.monotonic())
+                )
 
     def _all_streams(self) -> list[Stream]:
         """The null stream first (its queue orders itself after the blocking streams), then
@@ -315,15 +333,19 @@ class Registry:
 
     def open_event(self, handle: IpcEventHandle, ticket: bytes | None = None) -> Event:
         if handle.segment_name in self._own_events:
-            raise HipError(hipError_t.hipErrorInvalidContext,
-                           "this process created the event; use the event itself (CUDA and "
-                           "HIP refuse to open a handle in its exporting process)")
+            raise HipError(
+                hipError_t.hipErrorInvalidContext,
+                "this process created the event; use the event itself (CUDA and "
+                "HIP refuse to open a handle in its exporting process)",
+            )
         if handle.uid != os.geteuid():
             # A peer could write the event's page and read-lock its file (eventstate.py).
-            raise HipError(hipError_t.hipErrorInvalidResourceHandle,
-                           f"the event was exported by uid {handle.uid}; interprocess events "
-                           "work only between processes of one user (memory handles can be "
-                           "shared further, see HIPIPC_SHARE)")
+            raise HipError(
+                hipError_t.hipErrorInvalidResourceHandle,
+                f"the event was exported by uid {handle.uid}; interprocess events "
+                "work only between processes of one user (memory handles can be "
+                "shared further, see HIPIPC_SHARE)",
+            )
         event = self.backend.open_event(handle, ticket)
         self._events.add(event)
         return event
@@ -341,8 +363,11 @@ class Registry:
         try:
             self._wait_idle(streams, timeout)
         except HipError:
-            print(f"hipipc: work enqueued on {len(streams)} stream(s) did not finish within "
-                  f"{timeout:.0f} s of exit; abandoning it", file=sys.stderr)
+            print(
+                f"hipipc: work enqueued on {len(streams)} stream(s) did not finish within "
+                f"{timeout:.0f} s of exit; abandoning it",
+                file=sys.stderr,
+            )
 
     def _at_exit(self) -> None:
         """The exit rule (module docstring): drain, revoke every export and ticket, remove
@@ -423,9 +448,11 @@ class Registry:
         with self._lock:
             i = bisect.bisect_left(self._bases, region.ptr + region.size) - 1
             if i >= 0 and self._bases[i] + self._regions[self._bases[i]].size > region.ptr:
-                raise HipError(hipError_t.hipErrorHostMemoryAlreadyRegistered,
-                               f"[{region.ptr:#x}, +{region.size}) is device, pinned or "
-                               "registered memory already")
+                raise HipError(
+                    hipError_t.hipErrorHostMemoryAlreadyRegistered,
+                    f"[{region.ptr:#x}, +{region.size}) is device, pinned or "
+                    "registered memory already",
+                )
             self._insert(region)
 
     def remove_host_range(self, region: Region) -> None:
@@ -453,10 +480,15 @@ class Registry:
         and one object's failure does not keep the others from being forgotten.
         """
         self._lock = threading.RLock()  # the parent's other threads may have held it
-        inherited = self._inherited + [(r.ptr, r.ptr + r.size, self._pid)
-                                       for r in self._regions.values()]
-        objects: list[Any] = [*self._regions.values(), self.backend.null_stream(), *self._streams,
-                         *self._events]
+        inherited = self._inherited + [
+            (r.ptr, r.ptr + r.size, self._pid) for r in self._regions.values()
+        ]
+        objects: list[Any] = [
+            *self._regions.values(),
+            self.backend.null_stream(),
+            *self._streams,
+            *self._events,
+        ]
         for obj in objects:
             try:
                 if isinstance(obj, Region):
@@ -547,5 +579,6 @@ def _after_fork_in_child() -> None:
         _registry = None
 
 
-os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
-                    after_in_child=_after_fork_in_child)
+os.register_at_fork(
+    before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child
+)

@@ -122,8 +122,7 @@ def _integer(value: Any, what: str, code: hipError_t = hipError_t.hipErrorInvali
             raise TypeError
         return operator.index(value)
     except TypeError:
-        raise HipError(code, f"{what} must be an integer, not {type(value).__name__}"
-                       ) from None
+        raise HipError(code, f"{what} must be an integer, not {type(value).__name__}") from None
 
 
 def _count(value: Any, what: str) -> int:
@@ -157,8 +156,9 @@ def hipGetDeviceCount() -> int:
 
 def hipSetDevice(device: int) -> None:
     """Make ``device`` current for this thread; ``hipErrorInvalidDevice`` if out of range."""
-    get_registry().set_device(_integer(device, "hipSetDevice device",
-                                       hipError_t.hipErrorInvalidDevice))
+    get_registry().set_device(
+        _integer(device, "hipSetDevice device", hipError_t.hipErrorInvalidDevice)
+    )
 
 
 def hipGetDevice() -> int:
@@ -251,32 +251,39 @@ def hipMemGetAddressRange(ptr: int) -> tuple[int, int]:
     return region.ptr, region.size
 
 
-def _copy_side(obj: Any, is_device: bool, nbytes: int, writable: bool, what: str,
-               pin: bool) -> tuple[int, Any]:
+def _copy_side(
+    obj: Any, is_device: bool, nbytes: int, writable: bool, what: str, pin: bool
+) -> tuple[int, Any]:
     """The address of one side of a copy and what keeps it valid (a pin only if ``pin``)."""
     if is_device:
         if not _is_pointer(obj):
-            raise _invalid(f"{what} must be a device pointer (int) for this copy kind, "
-                           f"not {type(obj).__name__}")
+            raise _invalid(
+                f"{what} must be a device pointer (int) for this copy kind, "
+                f"not {type(obj).__name__}"
+            )
         ptr = _integer(obj, what)
         reg = get_registry()
         region, offset = reg.check_range(ptr, nbytes)
         return ptr, reg.backend.pin(region, offset, nbytes) if pin and nbytes else None
     if _is_pointer(obj):
-        raise _invalid(f"{what} is an int but this copy kind says it is host memory; "
-                       "pass a buffer or use hipMemcpyDefault")
+        raise _invalid(
+            f"{what} is an int but this copy kind says it is host memory; "
+            "pass a buffer or use hipMemcpyDefault"
+        )
     return host_address(obj, nbytes, writable, what)
 
 
-def _copy_args(dst: Any, src: Any, nbytes: Any, kind: Any, what: str, pin: bool
-               ) -> tuple[int, int, int, hipMemcpyKind, tuple[Any, Any]]:
+def _copy_args(
+    dst: Any, src: Any, nbytes: Any, kind: Any, what: str, pin: bool
+) -> tuple[int, int, int, hipMemcpyKind, tuple[Any, Any]]:
     nbytes = _count(nbytes, f"{what} size")
     direction = hipError_t.hipErrorInvalidMemcpyDirection
     try:
         kind = hipMemcpyKind(_integer(kind, f"{what} kind", direction))
     except ValueError:
-        raise HipError(direction, f"{what} kind {short_repr(kind)} is not a hipMemcpyKind"
-                       ) from None
+        raise HipError(
+            direction, f"{what} kind {short_repr(kind)} is not a hipMemcpyKind"
+        ) from None
     if kind == hipMemcpyDefault:
         dst_dev, src_dev = _is_pointer(dst), _is_pointer(src)
         kind = _KIND_OF_SIDES[dst_dev, src_dev]
@@ -300,22 +307,25 @@ def hipMemcpy(dst: Any, src: Any, nbytes: int, kind: int = hipMemcpyDefault) -> 
     """
     # Pinned as on the async path, so that a hipFree/close racing in another thread cannot
     # unmap (or remap) the memory under the copy.
-    dst_addr, src_addr, nbytes, kind, keep = _copy_args(dst, src, nbytes, kind, "hipMemcpy",
-                                                        pin=True)
+    dst_addr, src_addr, nbytes, kind, keep = _copy_args(
+        dst, src, nbytes, kind, "hipMemcpy", pin=True
+    )
     if nbytes:
         _null_sync().memcpy(dst_addr, src_addr, nbytes, kind, keep)
 
 
-def hipMemcpyAsync(dst: Any, src: Any, nbytes: int, kind: int = hipMemcpyDefault,
-                   stream: Stream | None = None) -> None:
+def hipMemcpyAsync(
+    dst: Any, src: Any, nbytes: int, kind: int = hipMemcpyDefault, stream: Stream | None = None
+) -> None:
     """``hipMemcpy`` enqueued on ``stream``: checked now (same rules and errors), run in order.
 
     Both sides stay valid until the copy has run: host buffers are referenced and device
     memory stays mapped even if it is freed or closed meanwhile.  As in CUDA, the host buffer
     must not be changed or read until the stream reaches the copy.
     """
-    dst_addr, src_addr, nbytes, kind, keep = _copy_args(dst, src, nbytes, kind,
-                                                        "hipMemcpyAsync", pin=True)
+    dst_addr, src_addr, nbytes, kind, keep = _copy_args(
+        dst, src, nbytes, kind, "hipMemcpyAsync", pin=True
+    )
     s = _stream(stream)
     if nbytes:
         s.memcpy(dst_addr, src_addr, nbytes, kind, keep)
@@ -324,8 +334,7 @@ def hipMemcpyAsync(dst: Any, src: Any, nbytes: int, kind: int = hipMemcpyDefault
 _MAX_DIM = int(np.iinfo(np.intp).max)
 
 
-def asarray(ptr: int, shape: int | tuple[int, ...], dtype: DTypeLike = np.uint8
-            ) -> NDArray[Any]:
+def asarray(ptr: int, shape: int | tuple[int, ...], dtype: DTypeLike = np.uint8) -> NDArray[Any]:
     """A zero-copy array of ``shape``/``dtype`` over device memory at ``ptr``.
 
     Host backend: a ``numpy.ndarray`` (:class:`hipipc.arrays.SharedArray`: it and its views
@@ -372,8 +381,10 @@ def hipIpcGetMemHandle(ptr: int, *, share: str | None = None) -> IpcMemHandle:
     return get_registry().export(_integer(ptr, "hipIpcGetMemHandle pointer"), share)
 
 
-def hipIpcOpenMemHandle(handle: IpcMemHandle | bytes | bytearray | memoryview,
-                        flags: int = hipIpcMemLazyEnablePeerAccess) -> int:
+def hipIpcOpenMemHandle(
+    handle: IpcMemHandle | bytes | bytearray | memoryview,
+    flags: int = hipIpcMemLazyEnablePeerAccess,
+) -> int:
     """Open memory another process exported; returns the base pointer.
 
     ``handle`` is an :class:`IpcMemHandle` or its 64 raw bytes.  Opening the same handle again
@@ -384,8 +395,10 @@ def hipIpcOpenMemHandle(handle: IpcMemHandle | bytes | bytearray | memoryview,
     exporter gone, another user's unshared memory, or a handle altered in transit).
     """
     if _integer(flags, "hipIpcOpenMemHandle flags") != hipIpcMemLazyEnablePeerAccess:
-        raise _invalid(f"hipIpcOpenMemHandle flags must be hipIpcMemLazyEnablePeerAccess "
-                       f"({hipIpcMemLazyEnablePeerAccess}), got {short_repr(flags)}")
+        raise _invalid(
+            f"hipIpcOpenMemHandle flags must be hipIpcMemLazyEnablePeerAccess "
+            f"({hipIpcMemLazyEnablePeerAccess}), got {short_repr(flags)}"
+        )
     return get_registry().open(IpcMemHandle.coerce(handle))
 
 
@@ -411,8 +424,10 @@ def _is_null(stream: Any) -> bool:
         return True
     if isinstance(stream, Stream):
         return stream.is_null
-    raise _invalid(f"expected a stream from hipStreamCreate, or None/0 for the null stream, "
-                   f"not {type(stream).__name__}")
+    raise _invalid(
+        f"expected a stream from hipStreamCreate, or None/0 for the null stream, "
+        f"not {type(stream).__name__}"
+    )
 
 
 def _stream(stream: Any) -> Stream:
@@ -448,8 +463,10 @@ def hipStreamCreateWithFlags(flags: int) -> Stream:
     """
     value = _integer(flags, "hipStreamCreateWithFlags flags")
     if value not in (hipStreamDefault, hipStreamNonBlocking):
-        raise _invalid(f"stream flags must be hipStreamDefault or hipStreamNonBlocking, "
-                       f"got {short_repr(flags)}")
+        raise _invalid(
+            f"stream flags must be hipStreamDefault or hipStreamNonBlocking, "
+            f"got {short_repr(flags)}"
+        )
     return get_registry().create_stream(blocking=value != hipStreamNonBlocking)
 
 
@@ -460,11 +477,14 @@ def hipStreamDestroy(stream: Stream) -> None:
     ``hipErrorInvalidHandle`` for the null stream or a stream destroyed already.
     """
     if _is_null(stream):
-        raise HipError(hipError_t.hipErrorInvalidHandle,
-                       "hipStreamDestroy: the null stream cannot be destroyed")
+        raise HipError(
+            hipError_t.hipErrorInvalidHandle,
+            "hipStreamDestroy: the null stream cannot be destroyed",
+        )
     if stream.destroyed:
-        raise HipError(hipError_t.hipErrorInvalidHandle,
-                       "hipStreamDestroy: the stream was destroyed already")
+        raise HipError(
+            hipError_t.hipErrorInvalidHandle, "hipStreamDestroy: the stream was destroyed already"
+        )
     stream.destroy()
 
 
@@ -523,8 +543,10 @@ def hipLaunchHostFunc(stream: Stream | None, fn: Callable[..., Any], *args: Any)
 
 def _event(event: Any) -> Event:
     if not isinstance(event, Event):
-        raise _invalid(f"expected an event from hipEventCreate or hipIpcOpenEventHandle, not "
-                       f"{type(event).__name__}")
+        raise _invalid(
+            f"expected an event from hipEventCreate or hipIpcOpenEventHandle, not "
+            f"{type(event).__name__}"
+        )
     return event
 
 
@@ -541,7 +563,8 @@ def hipEventCreateWithFlags(flags: int) -> Event:
     Raises ``hipErrorInvalidValue`` for other flags or ``hipEventInterprocess`` alone.
     """
     return get_registry().create_event(
-        check_event_flags(_integer(flags, "hipEventCreateWithFlags flags")))
+        check_event_flags(_integer(flags, "hipEventCreateWithFlags flags"))
+    )
 
 
 def hipEventRecord(event: Event, stream: Stream | None = None) -> None:
@@ -590,8 +613,9 @@ def hipEventDestroy(event: Event) -> None:
     """
     ev = _event(event)
     if ev.destroyed:
-        raise HipError(hipError_t.hipErrorInvalidHandle,
-                       "hipEventDestroy: the event was destroyed already")
+        raise HipError(
+            hipError_t.hipErrorInvalidHandle, "hipEventDestroy: the event was destroyed already"
+        )
     ev.destroy()
 
 

@@ -21,8 +21,14 @@ from dataclasses import dataclass
 
 from .handle import HandleKind, IpcHandle
 
-__all__ = ["SegmentInfo", "process_alive", "process_start_time", "own_process",
-           "untrusted_reason", "exporter_gone"]
+__all__ = [
+    "SegmentInfo",
+    "process_alive",
+    "process_start_time",
+    "own_process",
+    "untrusted_reason",
+    "exporter_gone",
+]
 
 # The header is the segment's identity (everything the handle determines: magic, version,
 # kind, verifier, size, device, uid), then its exporter (pid, pid namespace, start time,
@@ -35,8 +41,15 @@ _HEADER_VERSION = 1
 
 
 def _identity(handle: IpcHandle) -> bytes:
-    return _IDENTITY.pack(_HEADER_MAGIC, _HEADER_VERSION, int(handle.kind), handle.verifier,
-                          handle.size, handle.device, handle.uid)
+    return _IDENTITY.pack(
+        _HEADER_MAGIC,
+        _HEADER_VERSION,
+        int(handle.kind),
+        handle.verifier,
+        handle.size,
+        handle.device,
+        handle.uid,
+    )
 
 
 # Header values a live exporter can have written (a grantee with write access may write any).
@@ -172,9 +185,12 @@ def untrusted_reason(info: SegmentInfo, st: os.stat_result) -> str | None:
     return None
 
 
-def exporter_gone(info: SegmentInfo, st: os.stat_result,
-                  cache: list[set[tuple[int, int]]] | None = None, fd: int | None = None
-                  ) -> bool:
+def exporter_gone(
+    info: SegmentInfo,
+    st: os.stat_result,
+    cache: list[set[tuple[int, int]]] | None = None,
+    fd: int | None = None,
+) -> bool:
     """Whether the segment (header ``info``, stat ``st``) is an orphan gc may remove.
 
     Never for an untrusted header.  A header others may write (group/other write bits) is
@@ -239,8 +255,7 @@ def _mapped_files() -> set[tuple[int, int]]:
                     fields = line.split(None, 5)
                     if len(fields) >= 5 and fields[4] != b"0":
                         major, _, minor = fields[3].partition(b":")
-                        found.add((os.makedev(int(major, 16), int(minor, 16)),
-                                   int(fields[4])))
+                        found.add((os.makedev(int(major, 16), int(minor, 16)), int(fields[4])))
         except (OSError, ValueError):
             continue
     return found

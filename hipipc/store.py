@@ -122,8 +122,12 @@ def _remove_created_stores() -> None:
             continue
         try:
             st = os.lstat(path)
-            if (stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) == (dev, ino)
-                    and st.st_uid == os.geteuid() and not st.st_mode & stat.S_ISVTX):
+            if (
+                stat.S_ISDIR(st.st_mode)
+                and (st.st_dev, st.st_ino) == (dev, ino)
+                and st.st_uid == os.geteuid()
+                and not st.st_mode & stat.S_ISVTX
+            ):
                 os.rmdir(path)
         except OSError:
             pass
@@ -137,9 +141,11 @@ def ticket_name(secret: bytes) -> str:
 
     Raises ``hipErrorInvalidValue`` unless ``secret`` is 16 bytes (a pickle carries it)."""
     if type(secret) is not bytes or len(secret) != _TICKET_BYTES:
-        raise HipError(hipError_t.hipErrorInvalidValue,
-                       f"a send ticket must be {_TICKET_BYTES} bytes, not {type(secret).__name__}"
-                       f" of length {len(secret) if isinstance(secret, bytes) else '?'}")
+        raise HipError(
+            hipError_t.hipErrorInvalidValue,
+            f"a send ticket must be {_TICKET_BYTES} bytes, not {type(secret).__name__}"
+            f" of length {len(secret) if isinstance(secret, bytes) else '?'}",
+        )
     return hashlib.blake2b(secret, digest_size=20, person=b"hipipc.ticket").hexdigest()
 
 
@@ -189,9 +195,11 @@ def _no_space(exc: OSError, what: str, path: str) -> HipError:
     try:
         fs = os.statvfs(path)
         if fs.f_files and fs.f_favail == 0:
-            why = (f"no free inodes: the file system behind {path} holds at most {fs.f_files} "
-                   "files (tmpfs nr_inodes); free or close other segments, or remount it "
-                   "with more inodes")
+            why = (
+                f"no free inodes: the file system behind {path} holds at most {fs.f_files} "
+                "files (tmpfs nr_inodes); free or close other segments, or remount it "
+                "with more inodes"
+            )
     except OSError:
         pass
     return HipError(hipError_t.hipErrorOutOfMemory, f"{what} in {path}: {why}")
@@ -200,6 +208,7 @@ def _no_space(exc: OSError, what: str, path: str) -> HipError:
 def _user_name(uid: int) -> str:
     try:
         import pwd
+
         return f" ({pwd.getpwuid(uid).pw_name})"
     except (KeyError, ImportError):
         return ""
@@ -251,10 +260,10 @@ class HandleStore:
             path = self._paths[uid] = self.template.replace("{uid}", str(uid))
         return path
 
-    def _refuse(self, path: str, why: str, importing: bool, owner: int | None = None
-                ) -> HipError:
+    def _refuse(self, path: str, why: str, importing: bool, owner: int | None = None) -> HipError:
         code = (
-            hipError_t.hipErrorInvalidResourceHandle if importing
+            hipError_t.hipErrorInvalidResourceHandle
+            if importing
             else hipError_t.hipErrorOperatingSystem
         )
         if owner is None:
@@ -262,9 +271,11 @@ class HandleStore:
         else:
             # Anyone may create /dev/shm/hipipc-<uid> first (a denial of service the sticky
             # /dev/shm does not prevent); its victim cannot remove it but can move away.
-            fix = (f"only uid {owner} or root can remove it; meanwhile set ${STORE_ENV} to a "
-                   "path of your own, the same for exporters and importers, e.g. "
-                   f"{STORE_ENV}=/dev/shm/hipipc-{{uid}}-{os.urandom(3).hex()}")
+            fix = (
+                f"only uid {owner} or root can remove it; meanwhile set ${STORE_ENV} to a "
+                "path of your own, the same for exporters and importers, e.g. "
+                f"{STORE_ENV}=/dev/shm/hipipc-{{uid}}-{os.urandom(3).hex()}"
+            )
         return HipError(
             code,
             f"refusing handle store {path}: {why}. A store must be a real directory owned by "
@@ -276,8 +287,12 @@ class HandleStore:
         if not stat.S_ISDIR(st.st_mode):
             raise self._refuse(path, "not a directory", importing)
         if st.st_uid not in (owner, 0):
-            raise self._refuse(path, f"owned by uid {st.st_uid}{_user_name(st.st_uid)}, "
-                               f"expected {owner} or root", importing, owner=st.st_uid)
+            raise self._refuse(
+                path,
+                f"owned by uid {st.st_uid}{_user_name(st.st_uid)}, expected {owner} or root",
+                importing,
+                owner=st.st_uid,
+            )
         mode = stat.S_IMODE(st.st_mode)
         admin_shared = st.st_uid == 0 and mode & stat.S_ISVTX
         forbidden = 0o044 if admin_shared else 0o066
@@ -301,11 +316,11 @@ class HandleStore:
             except NotADirectoryError:
                 raise self._refuse(path, _not_a_dir_reason(path), importing) from None
             except PermissionError as exc:
-                raise self._refuse(path, f"uid {os.geteuid()} cannot reach it "
-                                   f"({exc.strerror})", importing) from None
+                raise self._refuse(
+                    path, f"uid {os.geteuid()} cannot reach it ({exc.strerror})", importing
+                ) from None
             except OSError as exc:
-                raise self._refuse(path, f"cannot open it ({exc.strerror})",
-                                   importing) from None
+                raise self._refuse(path, f"cannot open it ({exc.strerror})", importing) from None
             try:
                 self._verify_dir(fd, path, owner, importing)
                 # mkdir's mode is filtered by the umask; set 0711 through the descriptor's
@@ -313,16 +328,19 @@ class HandleStore:
                 # redirect the chmod.
                 if path in _created and _created[path][0] == os.getpid():
                     st = os.fstat(fd)
-                    if (st.st_dev, st.st_ino) == _created[path][1:] and \
-                            stat.S_IMODE(st.st_mode) != 0o711:
+                    if (st.st_dev, st.st_ino) == _created[path][1:] and stat.S_IMODE(
+                        st.st_mode
+                    ) != 0o711:
                         os.chmod(f"/proc/self/fd/{fd}", 0o711)
             except BaseException:
                 os.close(fd)
                 raise
             return fd
-        raise HipError(hipError_t.hipErrorOperatingSystem,
-                       f"the handle store {path} was removed {_STORE_ATTEMPTS} times while "
-                       "this process was creating it; something keeps removing it")
+        raise HipError(
+            hipError_t.hipErrorOperatingSystem,
+            f"the handle store {path} was removed {_STORE_ATTEMPTS} times while "
+            "this process was creating it; something keeps removing it",
+        )
 
     def _make_dir(self, path: str) -> None:
         """Create the store (mode 0700 until verified, then 0711); an existing one is fine."""
@@ -333,21 +351,27 @@ class HandleStore:
         except FileExistsError:
             return
         except FileNotFoundError:
-            raise HipError(hipError_t.hipErrorOperatingSystem,
-                           f"cannot create handle store {path}: {parent} does not exist "
-                           f"(is /dev/shm mounted?); create it or set ${STORE_ENV} to a path "
-                           "in an existing directory") from None
+            raise HipError(
+                hipError_t.hipErrorOperatingSystem,
+                f"cannot create handle store {path}: {parent} does not exist "
+                f"(is /dev/shm mounted?); create it or set ${STORE_ENV} to a path "
+                "in an existing directory",
+            ) from None
         except NotADirectoryError:
-            raise HipError(hipError_t.hipErrorOperatingSystem,
-                           f"cannot create handle store {path}: {_not_a_dir_reason(parent)}; "
-                           f"set ${STORE_ENV} to a path in a directory") from None
+            raise HipError(
+                hipError_t.hipErrorOperatingSystem,
+                f"cannot create handle store {path}: {_not_a_dir_reason(parent)}; "
+                f"set ${STORE_ENV} to a path in a directory",
+            ) from None
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise _no_space(exc, "cannot create the handle store", parent) from None
-            raise HipError(hipError_t.hipErrorOperatingSystem,
-                           f"cannot create handle store {path}: {exc.strerror} (uid "
-                           f"{os.geteuid()} must be able to write {parent}); set "
-                           f"${STORE_ENV} to a path in a directory you can write") from None
+            raise HipError(
+                hipError_t.hipErrorOperatingSystem,
+                f"cannot create handle store {path}: {exc.strerror} (uid "
+                f"{os.geteuid()} must be able to write {parent}); set "
+                f"${STORE_ENV} to a path in a directory you can write",
+            ) from None
         try:
             _remember_created(path, os.lstat(path))
         except OSError:
@@ -381,9 +405,11 @@ class HandleStore:
                 return fn(dfd)
             except FileNotFoundError:
                 fresh = True
-        raise HipError(hipError_t.hipErrorOperatingSystem,
-                       f"the handle store {self.own_path()} was removed {_STORE_ATTEMPTS} "
-                       "times during one operation; something keeps removing it")
+        raise HipError(
+            hipError_t.hipErrorOperatingSystem,
+            f"the handle store {self.own_path()} was removed {_STORE_ATTEMPTS} "
+            "times during one operation; something keeps removing it",
+        )
 
     def diagnose(self) -> str | None:
         """What makes this user's store unusable, with the fix, or None if it is usable (or
@@ -399,11 +425,15 @@ class HandleStore:
         parent = os.path.dirname(path) or "."
         if not os.path.isdir(parent):
             why = "does not exist" if not os.path.lexists(parent) else "is not a directory"
-            return (f"cannot create handle store {path}: {parent} {why}; set ${STORE_ENV} "
-                    "to a path in an existing directory")
+            return (
+                f"cannot create handle store {path}: {parent} {why}; set ${STORE_ENV} "
+                "to a path in an existing directory"
+            )
         if not os.access(parent, os.W_OK | os.X_OK):
-            return (f"cannot create handle store {path}: uid {os.geteuid()} cannot write "
-                    f"{parent}; set ${STORE_ENV} to a path in a directory you can write")
+            return (
+                f"cannot create handle store {path}: uid {os.geteuid()} cannot write "
+                f"{parent}; set ${STORE_ENV} to a path in a directory you can write"
+            )
         return None
 
     def own_path(self) -> str:
@@ -422,15 +452,17 @@ class HandleStore:
         try:
             # The cached store may have been removed (another process's exit cleanup, an
             # admin): _in_own_store recreates it, verified as usual.
-            fd = self._in_own_store(lambda dfd: _os_call(
-                "creating a segment", os.open, ".", flags, 0o600, dir_fd=dfd))
+            fd = self._in_own_store(
+                lambda dfd: _os_call("creating a segment", os.open, ".", flags, 0o600, dir_fd=dfd)
+            )
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise _no_space(exc, "cannot create a segment", self.own_path()) from exc
-            raise HipError(hipError_t.hipErrorOperatingSystem,
-                           f"cannot create a segment in {self.own_path()}: {exc.strerror} "
-                           "(the store must be on a filesystem with O_TMPFILE, e.g. tmpfs)"
-                           ) from exc
+            raise HipError(
+                hipError_t.hipErrorOperatingSystem,
+                f"cannot create a segment in {self.own_path()}: {exc.strerror} "
+                "(the store must be on a filesystem with O_TMPFILE, e.g. tmpfs)",
+            ) from exc
         try:
             os.fchmod(fd, 0o600)  # O_TMPFILE's mode is filtered by the umask
             total = PAGE_SIZE + -(-payload_size // PAGE_SIZE) * PAGE_SIZE
@@ -479,9 +511,10 @@ class HandleStore:
                 raise _no_space(exc, "cannot export a segment", self.own_path()) from exc
             if exc.errno in (errno.EMFILE, errno.ENFILE):
                 raise _fd_exhausted("exporting a segment") from exc
-            raise HipError(hipError_t.hipErrorOperatingSystem,
-                           f"cannot export a segment into {self.own_path()}: {exc.strerror}"
-                           ) from exc
+            raise HipError(
+                hipError_t.hipErrorOperatingSystem,
+                f"cannot export a segment into {self.own_path()}: {exc.strerror}",
+            ) from exc
         self._unlink_if_exiting(name)
 
     def remove_if_empty(self) -> None:
@@ -499,26 +532,31 @@ class HandleStore:
         name = ticket_name(secret)
         dfd = self._dir_fd(os.geteuid(), importing=False)
         try:
-            os.link(handle.segment_name, name, src_dir_fd=dfd, dst_dir_fd=dfd,
-                    follow_symlinks=False)
+            os.link(
+                handle.segment_name, name, src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=False
+            )
         except FileNotFoundError:
-            raise HipError(hipError_t.hipErrorInvalidResourceHandle,
-                           "cannot send the memory: its export was revoked (freed, or the "
-                           "process is exiting)") from None
+            raise HipError(
+                hipError_t.hipErrorInvalidResourceHandle,
+                "cannot send the memory: its export was revoked (freed, or the process is exiting)",
+            ) from None
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise _no_space(exc, "cannot link a send ticket", self.own_path()) from exc
-            raise HipError(hipError_t.hipErrorOperatingSystem,
-                           f"cannot link a send ticket in {self.own_path()}: {exc.strerror}"
-                           ) from exc
+            raise HipError(
+                hipError_t.hipErrorOperatingSystem,
+                f"cannot link a send ticket in {self.own_path()}: {exc.strerror}",
+            ) from exc
         self._unlink_if_exiting(name)
         return secret, name
 
     def _refuse_if_exiting(self) -> None:
         if self.exiting:
-            raise HipError(hipError_t.hipErrorDeinitialized,
-                           "the process is exiting: its exports were revoked (the exit rule), "
-                           "nothing new can be exported")
+            raise HipError(
+                hipError_t.hipErrorDeinitialized,
+                "the process is exiting: its exports were revoked (the exit rule), "
+                "nothing new can be exported",
+            )
 
     def _unlink_if_exiting(self, name: str) -> None:
         """After a link: if the exit rule started meanwhile, take the name back and refuse.
@@ -610,25 +648,31 @@ class HandleStore:
             st = os.fstat(fd)
             # A regular file (S_IFREG) with no permission bits beyond rw for all.
             if st.st_mode & ~0o666 != stat.S_IFREG or st.st_uid != handle.uid:
-                raise HipError(hipError_t.hipErrorInvalidResourceHandle,
-                               f"the segment is not a regular file of uid {handle.uid} with "
-                               f"an expected mode (uid {st.st_uid}, mode {st.st_mode:o})")
+                raise HipError(
+                    hipError_t.hipErrorInvalidResourceHandle,
+                    f"the segment is not a regular file of uid {handle.uid} with "
+                    f"an expected mode (uid {st.st_uid}, mode {st.st_mode:o})",
+                )
             # One pread for the identity and the exporter: the liveness check costs no read.
-            raw = os.pread(fd, _HEADER_SIZE, 0) if st.st_size >= PAGE_SIZE + handle.size \
-                else b""
-            if len(raw) < _HEADER_SIZE or not hmac.compare_digest(raw[:_IDENTITY.size],
-                                                                  _identity(handle)):
-                raise HipError(hipError_t.hipErrorInvalidResourceHandle,
-                               "the segment does not match the handle")
+            raw = os.pread(fd, _HEADER_SIZE, 0) if st.st_size >= PAGE_SIZE + handle.size else b""
+            if len(raw) < _HEADER_SIZE or not hmac.compare_digest(
+                raw[: _IDENTITY.size], _identity(handle)
+            ):
+                raise HipError(
+                    hipError_t.hipErrorInvalidResourceHandle,
+                    "the segment does not match the handle",
+                )
             pid, pidns, start, _ = _EXPORTER.unpack_from(raw, _IDENTITY.size)
             # Fast path inline (open's cost is benchmarked): a cached exporter whose pidfd is
             # not readable is alive.  Any other answer takes the careful path.
             hit = _liveness.cache.get((pid, start, pidns))
             if (hit is None or hit[1].poll(0)) and self._exporter_dead(raw, st, fd):
                 self._reclaim(handle, names, dfd, st.st_uid)
-                raise HipError(hipError_t.hipErrorInvalidResourceHandle,
-                               f"the exporter (pid {pid}) exited without freeing: its memory "
-                               "died with it, as in CUDA")
+                raise HipError(
+                    hipError_t.hipErrorInvalidResourceHandle,
+                    f"the exporter (pid {pid}) exited without freeing: its memory "
+                    "died with it, as in CUDA",
+                )
         except BaseException:
             os.close(fd)
             raise
@@ -670,8 +714,11 @@ class HandleStore:
                     continue
                 except OSError as exc:
                     if exc.errno in (errno.EMFILE, errno.ENFILE):
-                        return (_os_call("opening a handle", os.open, name, _IMPORT_FLAGS,
-                                         dir_fd=dfd), name, dfd)
+                        return (
+                            _os_call("opening a handle", os.open, name, _IMPORT_FLAGS, dir_fd=dfd),
+                            name,
+                            dfd,
+                        )
                     raise self._open_error(handle, exc, dfd) from None
         return -1, names[-1], None
 
@@ -715,12 +762,15 @@ class HandleStore:
         if exc.errno == errno.ELOOP:
             # The store is fine; one name in it is not a segment (someone with write access
             # to the store planted it).
-            return HipError(hipError_t.hipErrorInvalidResourceHandle,
-                            "the segment this handle names is a symbolic link, not a segment "
-                            f"file (planted in {self.path_for(handle.uid)} by someone who "
-                            "can write the store?); refusing to follow it")
-        return HipError(hipError_t.hipErrorInvalidResourceHandle,
-                        f"cannot open the segment: {exc.strerror}")
+            return HipError(
+                hipError_t.hipErrorInvalidResourceHandle,
+                "the segment this handle names is a symbolic link, not a segment "
+                f"file (planted in {self.path_for(handle.uid)} by someone who "
+                "can write the store?); refusing to follow it",
+            )
+        return HipError(
+            hipError_t.hipErrorInvalidResourceHandle, f"cannot open the segment: {exc.strerror}"
+        )
 
     # -- maintenance ---------------------------------------------------------------------
 
@@ -741,8 +791,11 @@ class HandleStore:
                 # O_NONBLOCK: a FIFO someone left here (an admin-shared sticky store lets
                 # every user create entries) must not block the sweep until a writer comes.
                 try:
-                    fd = os.open(entry.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
-                                 | _O_CLOEXEC, dir_fd=dfd)
+                    fd = os.open(
+                        entry.name,
+                        os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | _O_CLOEXEC,
+                        dir_fd=dfd,
+                    )
                 except OSError:
                     continue
                 try:
@@ -759,8 +812,9 @@ class HandleStore:
         finally:
             os.close(dfd)
 
-    def collect(self, skipped: list[tuple[str, str]] | None = None, *,
-                dry_run: bool = False) -> list[str]:
+    def collect(
+        self, skipped: list[tuple[str, str]] | None = None, *, dry_run: bool = False
+    ) -> list[str]:
         """Unlink this user's segments whose exporter has exited (``hipipc gc``); with
         ``dry_run``, only name them (``hipipc gc --dry-run``).
 
@@ -799,15 +853,19 @@ class HandleStore:
         return removed
 
     @staticmethod
-    def _gone(name: str, dfd: int, info: SegmentInfo, st: os.stat_result,
-              mapped: list[set[tuple[int, int]]]) -> bool:
+    def _gone(
+        name: str,
+        dfd: int,
+        info: SegmentInfo,
+        st: os.stat_result,
+        mapped: list[set[tuple[int, int]]],
+    ) -> bool:
         """:func:`exporter_gone`, for a shared segment asked through a descriptor of it (the
         kernel then knows whether any process still holds it, /proc maps hidden or not)."""
         if not st.st_mode & 0o022:
             return exporter_gone(info, st, mapped)
         try:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | _O_CLOEXEC,
-                         dir_fd=dfd)
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | _O_CLOEXEC, dir_fd=dfd)
         except OSError:
             return False  # gone or replaced meanwhile: not ours to judge now
         try:

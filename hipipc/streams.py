@@ -61,20 +61,26 @@ def refuse_on_stream(call: str) -> None:
     """Synchronizing from stream work could wait for itself forever: CUDA refuses it
     (``cudaErrorNotPermitted``), and so does hipipc, with ``hipErrorNotSupported``."""
     if running_on_stream():
-        raise HipError(hipError_t.hipErrorNotSupported,
-                       f"{call} from a host function running on a stream could wait for "
-                       "itself; record an event instead and synchronize outside stream work")
+        raise HipError(
+            hipError_t.hipErrorNotSupported,
+            f"{call} from a host function running on a stream could wait for "
+            "itself; record an event instead and synchronize outside stream work",
+        )
 
 
 def destroyed_stream() -> HipError:
-    return HipError(hipError_t.hipErrorInvalidHandle,
-                    "the stream was destroyed (hipStreamDestroy); create a new one")
+    return HipError(
+        hipError_t.hipErrorInvalidHandle,
+        "the stream was destroyed (hipStreamDestroy); create a new one",
+    )
 
 
 def launch_failure(exc: BaseException, what: str) -> HipError:
     """The error a synchronize raises for work that failed; chain ``exc`` to it."""
-    err = HipError(hipError_t.hipErrorLaunchFailure,
-                   f"{what} failed on the stream: {type(exc).__name__}: {exc}")
+    err = HipError(
+        hipError_t.hipErrorLaunchFailure,
+        f"{what} failed on the stream: {type(exc).__name__}: {exc}",
+    )
     err.__cause__ = exc
     return err
 
@@ -101,15 +107,15 @@ class Stream(abc.ABC):
             "a stream belongs to the process that created it and cannot be sent: to order "
             "work across processes, send an interprocess event (hipEventCreateWithFlags("
             "hipEventInterprocess | hipEventDisableTiming)), record it here and call "
-            "hipStreamWaitEvent on the receiver's stream")
+            "hipStreamWaitEvent on the receiver's stream"
+        )
 
     @abc.abstractmethod
     def launch_host_func(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
         """Enqueue ``fn(*args)`` (``hipLaunchHostFunc``)."""
 
     @abc.abstractmethod
-    def memcpy(self, dst: int, src: int, nbytes: int, kind: int, keep: tuple[Any, ...]
-               ) -> None:
+    def memcpy(self, dst: int, src: int, nbytes: int, kind: int, keep: tuple[Any, ...]) -> None:
         """Enqueue a copy of ``nbytes`` from address ``src`` to address ``dst``."""
 
     @abc.abstractmethod
@@ -164,8 +170,9 @@ class Stream(abc.ABC):
     def synchronous(self) -> Stream:
         """The null stream only: a view whose operations wait for the null stream's work (and
         the blocking streams' earlier work), then run in the caller (``hipMemcpy``)."""
-        raise HipError(hipError_t.hipErrorNotSupported,
-                       "only the null stream has a synchronous view")
+        raise HipError(
+            hipError_t.hipErrorNotSupported, "only the null stream has a synchronous view"
+        )
 
     def __repr__(self) -> str:
         if self.is_null:

@@ -37,11 +37,16 @@ def check_timeout(timeout: Any, what: str = "timeout") -> float | None:
     """
     if timeout is None:
         return None
-    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or \
-            type(timeout).__name__ == "bool_":  # numpy.bool_ is no number of seconds either
-        raise HipError(hipError_t.hipErrorInvalidValue,
-                       f"{what} must be None or a number of seconds >= 0, not "
-                       f"{type(timeout).__name__} {timeout!r}")
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, numbers.Real)
+        or type(timeout).__name__ == "bool_"
+    ):  # numpy.bool_ is no number of seconds either
+        raise HipError(
+            hipError_t.hipErrorInvalidValue,
+            f"{what} must be None or a number of seconds >= 0, not "
+            f"{type(timeout).__name__} {timeout!r}",
+        )
     try:
         seconds = float(timeout)
     except OverflowError:  # an int too large for a float: no limit, like inf
@@ -55,9 +60,10 @@ def check_timeout(timeout: Any, what: str = "timeout") -> float | None:
 
 
 def _refuse(timeout: Any, what: str) -> float | None:
-    raise HipError(hipError_t.hipErrorInvalidValue,
-                   f"{what} must be None or a number of seconds >= 0 (inf: no limit), "
-                   f"got {timeout!r}")
+    raise HipError(
+        hipError_t.hipErrorInvalidValue,
+        f"{what} must be None or a number of seconds >= 0 (inf: no limit), got {timeout!r}",
+    )
 
 
 def deadline(timeout: Any, what: str = "timeout") -> float | None:

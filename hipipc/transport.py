@@ -94,10 +94,15 @@ def _names(base: str) -> tuple[str, str, str]:
 
 
 def _check_name(name: str) -> str:
-    if (not isinstance(name, str) or not name.startswith("/") or "/" in name[1:]
-            or not 1 < len(name) <= 200):
-        raise _invalid(f"a mailbox name is '/' followed by up to 199 characters without '/', "
-                       f"got {name!r}")
+    if (
+        not isinstance(name, str)
+        or not name.startswith("/")
+        or "/" in name[1:]
+        or not 1 < len(name) <= 200
+    ):
+        raise _invalid(
+            f"a mailbox name is '/' followed by up to 199 characters without '/', got {name!r}"
+        )
     return name
 
 
@@ -105,8 +110,10 @@ def _unlink_all(base: str, pid: int) -> None:
     """Remove a mailbox's names; a no-op in forked children (the creator owns the names)."""
     if os.getpid() != pid:
         return
-    for unlink, name in ((posix_ipc.unlink_shared_memory, base),
-                         *((posix_ipc.unlink_semaphore, n) for n in _names(base))):
+    for unlink, name in (
+        (posix_ipc.unlink_shared_memory, base),
+        *((posix_ipc.unlink_semaphore, n) for n in _names(base)),
+    ):
         try:
             unlink(name)
         except posix_ipc.ExistentialError:
@@ -147,8 +154,15 @@ class Mailbox:
         raise TypeError("use Mailbox.create(...) or Mailbox.attach(name)")
 
     @classmethod
-    def _new(cls, name: str, creator: bool, mapped: mmap.mmap,
-             sems: tuple[posix_ipc.Semaphore, ...], slots: int, parties: int) -> Mailbox:
+    def _new(
+        cls,
+        name: str,
+        creator: bool,
+        mapped: mmap.mmap,
+        sems: tuple[posix_ipc.Semaphore, ...],
+        slots: int,
+        parties: int,
+    ) -> Mailbox:
         self = object.__new__(cls)
         self.name = name
         self.is_creator = creator
@@ -158,8 +172,9 @@ class Mailbox:
         self._lock_sem, *gates = sems
         self._gates = tuple(gates)
         self._closed = False
-        self._finalizer = (weakref.finalize(self, _unlink_all, name, os.getpid())
-                           if creator else None)
+        self._finalizer = (
+            weakref.finalize(self, _unlink_all, name, os.getpid()) if creator else None
+        )
         return self
 
     # -- creation ------------------------------------------------------------------------
@@ -173,12 +188,15 @@ class Mailbox:
         ``hipErrorOperatingSystem`` when the system refuses (limits, permissions).
         """
         for what, value, low in (("slots", slots, 1), ("parties", parties, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or not \
-                    low <= value <= _MAX_SLOTS:
-                raise _invalid(f"Mailbox {what} must be an int in [{low}, {_MAX_SLOTS}], "
-                               f"got {value!r}")
-        name = _check_name(name) if name is not None else \
-            f"/hipipc-mbox-{secrets.token_hex(8)}"
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or not low <= value <= _MAX_SLOTS
+            ):
+                raise _invalid(
+                    f"Mailbox {what} must be an int in [{low}, {_MAX_SLOTS}], got {value!r}"
+                )
+        name = _check_name(name) if name is not None else f"/hipipc-mbox-{secrets.token_hex(8)}"
         size = _MB_HEADER_SIZE + slots * _SLOT_SIZE
         sems: list[posix_ipc.Semaphore] = []
         mapped = None
@@ -206,11 +224,14 @@ class Mailbox:
                 posix_ipc.unlink_semaphore(sem.name)
                 sem.close()
             if isinstance(exc, posix_ipc.ExistentialError):
-                raise _invalid(f"a mailbox (or one of its semaphores) named {name!r} exists "
-                               "already; pick another name or let hipipc choose one") from None
+                raise _invalid(
+                    f"a mailbox (or one of its semaphores) named {name!r} exists "
+                    "already; pick another name or let hipipc choose one"
+                ) from None
             if isinstance(exc, posix_ipc.Error):
-                raise HipError(hipError_t.hipErrorOperatingSystem,
-                               f"cannot create mailbox {name!r}: {exc}") from exc
+                raise HipError(
+                    hipError_t.hipErrorOperatingSystem, f"cannot create mailbox {name!r}: {exc}"
+                ) from exc
             raise
         return cls._new(name, True, mapped, tuple(sems), slots, parties)
 
@@ -234,9 +255,11 @@ class Mailbox:
                     time.sleep(delay if left is None else min(delay, left))
                     delay = min(delay * 2, 0.05)
                     continue
-                raise HipError(hipError_t.hipErrorNotFound,
-                               f"no mailbox named {name!r} ({exc}); create it first, or pass "
-                               "a timeout to wait for its creator") from None
+                raise HipError(
+                    hipError_t.hipErrorNotFound,
+                    f"no mailbox named {name!r} ({exc}); create it first, or pass "
+                    "a timeout to wait for its creator",
+                ) from None
 
     @classmethod
     def _attach_once(cls, name: str) -> Mailbox:
@@ -245,21 +268,28 @@ class Mailbox:
         except posix_ipc.ExistentialError:
             raise _NotReady("it does not exist") from None
         except posix_ipc.PermissionsError as exc:
-            raise HipError(hipError_t.hipErrorInvalidResourceHandle,
-                           f"mailbox {name!r}: {exc}") from None
+            raise HipError(
+                hipError_t.hipErrorInvalidResourceHandle, f"mailbox {name!r}: {exc}"
+            ) from None
         except (posix_ipc.Error, ValueError, OSError) as exc:
             # Anyone may plant a name in /dev/shm: a directory (ValueError), a symlink (ELOOP).
-            raise HipError(hipError_t.hipErrorInvalidResourceHandle,
-                           f"{name!r} is not a hipipc mailbox ({exc})") from None
+            raise HipError(
+                hipError_t.hipErrorInvalidResourceHandle,
+                f"{name!r} is not a hipipc mailbox ({exc})",
+            ) from None
         try:
             st = os.fstat(shm.fd)
             if st.st_uid != os.geteuid():
-                raise HipError(hipError_t.hipErrorInvalidResourceHandle,
-                               f"mailbox {name!r} belongs to uid {st.st_uid}, not to this "
-                               f"user ({os.geteuid()}); refusing to trust its handles")
+                raise HipError(
+                    hipError_t.hipErrorInvalidResourceHandle,
+                    f"mailbox {name!r} belongs to uid {st.st_uid}, not to this "
+                    f"user ({os.geteuid()}); refusing to trust its handles",
+                )
             if not stat.S_ISREG(st.st_mode):  # a FIFO someone planted under the name
-                raise HipError(hipError_t.hipErrorInvalidResourceHandle,
-                               f"{name!r} is not a hipipc mailbox (not a regular file)")
+                raise HipError(
+                    hipError_t.hipErrorInvalidResourceHandle,
+                    f"{name!r} is not a hipipc mailbox (not a regular file)",
+                )
             if st.st_size < _MB_HEADER_SIZE:
                 raise _NotReady("it is still being created")
             mapped = mmap.mmap(shm.fd, st.st_size)
@@ -271,20 +301,28 @@ class Mailbox:
             if magic != _MB_MAGIC:
                 if magic == b"\0" * 8:
                     raise _NotReady("it is still being created")
-                raise HipError(hipError_t.hipErrorInvalidResourceHandle,
-                               f"{name!r} is not a hipipc mailbox")
-            if version != _MB_VERSION or not 1 <= slots <= _MAX_SLOTS or \
-                    not 1 <= parties <= _MAX_SLOTS or \
-                    st.st_size < _MB_HEADER_SIZE + slots * _SLOT_SIZE:
-                raise HipError(hipError_t.hipErrorInvalidResourceHandle,
-                               f"mailbox {name!r} has an unsupported version or layout")
+                raise HipError(
+                    hipError_t.hipErrorInvalidResourceHandle, f"{name!r} is not a hipipc mailbox"
+                )
+            if (
+                version != _MB_VERSION
+                or not 1 <= slots <= _MAX_SLOTS
+                or not 1 <= parties <= _MAX_SLOTS
+                or st.st_size < _MB_HEADER_SIZE + slots * _SLOT_SIZE
+            ):
+                raise HipError(
+                    hipError_t.hipErrorInvalidResourceHandle,
+                    f"mailbox {name!r} has an unsupported version or layout",
+                )
             for sem_name in _names(name):
                 try:
                     sems.append(posix_ipc.Semaphore(sem_name))
                 except posix_ipc.ExistentialError:
-                    raise HipError(hipError_t.hipErrorInvalidResourceHandle,
-                                   f"mailbox {name!r} lost its semaphore {sem_name!r} "
-                                   "(unlinked by its creator?)") from None
+                    raise HipError(
+                        hipError_t.hipErrorInvalidResourceHandle,
+                        f"mailbox {name!r} lost its semaphore {sem_name!r} "
+                        "(unlinked by its creator?)",
+                    ) from None
         except BaseException:
             for sem in sems:
                 sem.close()
@@ -302,12 +340,19 @@ class Mailbox:
 
     def _locked(self, deadline: float | None) -> None:
         if not _acquire(self._lock_sem, deadline):
-            raise TimeoutError(f"mailbox {self.name}: lock not acquired in time (a process "
-                               "may have died holding it)")
+            raise TimeoutError(
+                f"mailbox {self.name}: lock not acquired in time (a process "
+                "may have died holding it)"
+            )
 
-    def put(self, slot: int, mem: IpcMemHandle | bytes | bytearray | memoryview | None = None,
-            event: IpcEventHandle | bytes | bytearray | memoryview | None = None, *,
-            timeout: float | None = _LOCK_GRACE) -> None:
+    def put(
+        self,
+        slot: int,
+        mem: IpcMemHandle | bytes | bytearray | memoryview | None = None,
+        event: IpcEventHandle | bytes | bytearray | memoryview | None = None,
+        *,
+        timeout: float | None = _LOCK_GRACE,
+    ) -> None:
         """Write ``mem`` (an :class:`IpcMemHandle` or 64 bytes) and/or ``event`` into ``slot``.
 
         A side passed as None is cleared.  Raises ``hipErrorInvalidValue`` for a bad slot or
@@ -317,19 +362,19 @@ class Mailbox:
         for side, what in ((mem, "mem"), (event, "event")):
             refuse_objects(side, f"Mailbox.put {what}")
         mem_raw = bytes(IpcMemHandle.coerce(mem)) if mem is not None else bytes(HANDLE_SIZE)
-        ev_raw = bytes(IpcEventHandle.coerce(event)) if event is not None else \
-            bytes(HANDLE_SIZE)
+        ev_raw = bytes(IpcEventHandle.coerce(event)) if event is not None else bytes(HANDLE_SIZE)
         flags = (_HAS_MEM if mem is not None else 0) | (_HAS_EVENT if event is not None else 0)
         self._locked(_deadline(timeout))
         try:
-            self._map[base:base + HANDLE_SIZE] = mem_raw
-            self._map[base + HANDLE_SIZE:base + 2 * HANDLE_SIZE] = ev_raw
+            self._map[base : base + HANDLE_SIZE] = mem_raw
+            self._map[base + HANDLE_SIZE : base + 2 * HANDLE_SIZE] = ev_raw
             _SLOT_FLAGS.pack_into(self._map, base + 2 * HANDLE_SIZE, flags)
         finally:
             self._lock_sem.release()
 
-    def get(self, slot: int, *, timeout: float | None = _LOCK_GRACE
-            ) -> tuple[IpcMemHandle | None, IpcEventHandle | None]:
+    def get(
+        self, slot: int, *, timeout: float | None = _LOCK_GRACE
+    ) -> tuple[IpcMemHandle | None, IpcEventHandle | None]:
         """The (memory, event) handles in ``slot`` now; None where a side is empty.
 
         The bytes are parsed as untrusted input: ``hipErrorInvalidValue`` if they are not a
@@ -338,7 +383,7 @@ class Mailbox:
         base = self._slot(slot)
         self._locked(_deadline(timeout))
         try:
-            raw = bytes(self._map[base:base + 2 * HANDLE_SIZE])
+            raw = bytes(self._map[base : base + 2 * HANDLE_SIZE])
             (flags,) = _SLOT_FLAGS.unpack_from(self._map, base + 2 * HANDLE_SIZE)
         finally:
             self._lock_sem.release()
@@ -346,8 +391,9 @@ class Mailbox:
         event = IpcEventHandle(raw[HANDLE_SIZE:]) if flags & _HAS_EVENT else None
         return mem, event
 
-    def poll(self, slot: int, timeout: float | None
-             ) -> tuple[IpcMemHandle | None, IpcEventHandle | None]:
+    def poll(
+        self, slot: int, timeout: float | None
+    ) -> tuple[IpcMemHandle | None, IpcEventHandle | None]:
         """Wait until ``slot`` holds a handle and return it; TimeoutError after ``timeout`` s."""
         deadline = _deadline(timeout)
         delay = 0.0005
@@ -357,8 +403,9 @@ class Mailbox:
             if got != (None, None):
                 return got
             if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"mailbox {self.name}: slot {slot} still empty after "
-                                   f"{timeout} s")
+                raise TimeoutError(
+                    f"mailbox {self.name}: slot {slot} still empty after {timeout} s"
+                )
             left = remaining(deadline)
             time.sleep(delay if left is None else min(delay, left))
             delay = min(delay * 2, 0.02)
@@ -403,7 +450,8 @@ class Mailbox:
                 _COUNTERS.pack_into(self._map, _COUNTERS_OFFSET, max(count - 1, 0), gen)
                 raise TimeoutError(
                     f"mailbox {self.name}: barrier round {gen} timed out after {timeout} s "
-                    f"with {count} of {self.parties} parties arrived")
+                    f"with {count} of {self.parties} parties arrived"
+                )
         finally:
             self._lock_sem.release()
         # The last party released our pass just now: take it.
@@ -454,8 +502,7 @@ class Mailbox:
     def __repr__(self) -> str:
         role = "creator" if self.is_creator else "attached"
         state = "closed" if self._closed else "open"
-        return (f"<Mailbox {self.name} {role} {state} slots={self.slots} "
-                f"parties={self.parties}>")
+        return f"<Mailbox {self.name} {role} {state} slots={self.slots} parties={self.parties}>"
 
 
 class _NotReady(Exception):
@@ -480,8 +527,9 @@ def parse_handle(raw: Any) -> IpcMemHandle | IpcEventHandle:
     return IpcMemHandle(data)
 
 
-def create_handle_queue(name: str | None = None, *, max_messages: int = 8
-                        ) -> posix_ipc.MessageQueue:
+def create_handle_queue(
+    name: str | None = None, *, max_messages: int = 8
+) -> posix_ipc.MessageQueue:
     """Create a POSIX message queue for handles (mode 0600, ``O_EXCL``, 64-byte messages).
 
     ``name`` defaults to ``/hipipc-mq-<random>`` (read ``.name``).  The caller owns it:
@@ -489,23 +537,27 @@ def create_handle_queue(name: str | None = None, *, max_messages: int = 8
     capped by ``/proc/sys/fs/mqueue/msg_max`` (10 by default) for unprivileged users.
     """
     name = _check_name(name) if name is not None else f"/hipipc-mq-{secrets.token_hex(8)}"
-    if isinstance(max_messages, bool) or not isinstance(max_messages, int) or \
-            not 1 <= max_messages <= _MAX_SLOTS:
-        raise _invalid(f"max_messages must be an int in [1, {_MAX_SLOTS}], got "
-                       f"{max_messages!r}")
+    if (
+        isinstance(max_messages, bool)
+        or not isinstance(max_messages, int)
+        or not 1 <= max_messages <= _MAX_SLOTS
+    ):
+        raise _invalid(f"max_messages must be an int in [1, {_MAX_SLOTS}], got {max_messages!r}")
     try:
-        return posix_ipc.MessageQueue(name, posix_ipc.O_CREX, 0o600, max_messages,
-                                      HANDLE_SIZE)
+        return posix_ipc.MessageQueue(name, posix_ipc.O_CREX, 0o600, max_messages, HANDLE_SIZE)
     except posix_ipc.ExistentialError:
         raise _invalid(f"a message queue named {name!r} exists already") from None
     except (posix_ipc.Error, ValueError, OSError) as exc:
-        raise HipError(hipError_t.hipErrorOperatingSystem,
-                       f"cannot create message queue {name!r}: {exc} (max_messages "
-                       "above /proc/sys/fs/mqueue/msg_max?)") from exc
+        raise HipError(
+            hipError_t.hipErrorOperatingSystem,
+            f"cannot create message queue {name!r}: {exc} (max_messages "
+            "above /proc/sys/fs/mqueue/msg_max?)",
+        ) from exc
 
 
-def send_handle(channel: Any, handle: IpcHandle | bytes | bytearray | memoryview,
-                timeout: float | None = None) -> None:
+def send_handle(
+    channel: Any, handle: IpcHandle | bytes | bytearray | memoryview, timeout: float | None = None
+) -> None:
     """Send one handle (64 bytes) over ``channel``.
 
     ``channel``: a ``posix_ipc.MessageQueue``, a stream ``socket.socket`` (blocking or not)
@@ -521,16 +573,20 @@ def send_handle(channel: Any, handle: IpcHandle | bytes | bytearray | memoryview
         try:
             channel.send(raw, remaining(end))
         except posix_ipc.BusyError:
-            raise TimeoutError(f"message queue {channel.name} stayed full for {timeout} s"
-                               ) from None
+            raise TimeoutError(
+                f"message queue {channel.name} stayed full for {timeout} s"
+            ) from None
         except posix_ipc.Error as exc:
-            raise _invalid(f"cannot send on message queue {channel.name}: {exc} (closed, "
-                           "or opened read-only?)") from None
+            raise _invalid(
+                f"cannot send on message queue {channel.name}: {exc} (closed, or opened read-only?)"
+            ) from None
     elif isinstance(channel, (socket.socket, Connection)):
         write_frame(channel, raw, end)
     else:
-        raise _invalid(f"cannot send a handle over a {type(channel).__name__}: use a "
-                       "posix_ipc.MessageQueue, a socket or a multiprocessing Connection")
+        raise _invalid(
+            f"cannot send a handle over a {type(channel).__name__}: use a "
+            "posix_ipc.MessageQueue, a socket or a multiprocessing Connection"
+        )
 
 
 def recv_handle(channel: Any, timeout: float | None = None) -> IpcMemHandle | IpcEventHandle:
@@ -549,18 +605,21 @@ def recv_handle(channel: Any, timeout: float | None = None) -> IpcMemHandle | Ip
         try:
             raw, _priority = channel.receive(remaining(end))
         except posix_ipc.BusyError:
-            raise TimeoutError(f"no handle arrived on {channel.name} within {timeout} s"
-                               ) from None
+            raise TimeoutError(f"no handle arrived on {channel.name} within {timeout} s") from None
         except posix_ipc.Error as exc:
-            raise _invalid(f"cannot receive on message queue {channel.name}: {exc} "
-                           "(closed, or opened write-only?)") from None
+            raise _invalid(
+                f"cannot receive on message queue {channel.name}: {exc} "
+                "(closed, or opened write-only?)"
+            ) from None
     elif isinstance(channel, socket.socket):
         raw = read_frame(channel, HANDLE_SIZE, end, framed=False)
     elif isinstance(channel, Connection):
         raw = read_frame(channel, HANDLE_SIZE, end, framed=True)
     else:
-        raise _invalid(f"cannot receive a handle from a {type(channel).__name__}: use a "
-                       "posix_ipc.MessageQueue, a socket or a multiprocessing Connection")
+        raise _invalid(
+            f"cannot receive a handle from a {type(channel).__name__}: use a "
+            "posix_ipc.MessageQueue, a socket or a multiprocessing Connection"
+        )
     if len(raw) != HANDLE_SIZE:
         raise _invalid(f"received {len(raw)} bytes, a handle is {HANDLE_SIZE}")
     return parse_handle(raw)

@@ -39,16 +39,24 @@ def child_env(**extra: str | None) -> dict[str, str]:
     return env
 
 
-def run_python(code: str, *args: str, env: dict[str, str] | None = None, timeout: float = 60,
-               input: bytes | None = None) -> subprocess.CompletedProcess:
+def run_python(
+    code: str,
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 60,
+    input: bytes | None = None,
+) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter (not a fork); killed if it outlives ``timeout``."""
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args],
-                          capture_output=True, timeout=timeout, env=env or child_env(),
-                          input=input)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        capture_output=True,
+        timeout=timeout,
+        env=env or child_env(),
+        input=input,
+    )
 
 
-def run_json(code: str, *args: str, env: dict[str, str] | None = None,
-             timeout: float = 60) -> Any:
+def run_json(code: str, *args: str, env: dict[str, str] | None = None, timeout: float = 60) -> Any:
     """Run ``code`` (which prints one JSON line last) and return it; fails on a bad exit."""
     proc = run_python(code, *args, env=env, timeout=timeout)
     out, err = proc.stdout.decode(), proc.stderr.decode()
@@ -174,14 +182,27 @@ class Exporter:
     the block raised.
     """
 
-    def __init__(self, sizes: list[int], share: str | None = None,
-                 env: dict[str, str] | None = None, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        sizes: list[int],
+        share: str | None = None,
+        env: dict[str, str] | None = None,
+        timeout: float = 30.0,
+    ) -> None:
         self.sizes = sizes
         self.timeout = timeout
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", textwrap.dedent(EXPORTER), ",".join(map(str, sizes)),
-             share or ""],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env or child_env())
+            [
+                sys.executable,
+                "-c",
+                textwrap.dedent(EXPORTER),
+                ",".join(map(str, sizes)),
+                share or "",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env or child_env(),
+        )
         try:
             self.handles = [bytes.fromhex(self._line()) for _ in sizes]
             ready, pid = self._line().split()

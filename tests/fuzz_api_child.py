@@ -33,27 +33,36 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 import hipipc as hip
 
-SEED, SECONDS, MAX_CALLS, LOG = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), \
-    sys.argv[4]
+SEED, SECONDS, MAX_CALLS, LOG = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 rng = random.Random(SEED)
 # A fuzzed size must never take the machine's memory from the other processes on it: cap
 # this process's address space (a huge request then fails with ENOMEM, as it should).
 _soft, _hard = resource.getrlimit(resource.RLIMIT_AS)
-resource.setrlimit(resource.RLIMIT_AS, (min(8 << 30, _hard) if _hard > 0 else 8 << 30,
-                                        _hard))
+resource.setrlimit(resource.RLIMIT_AS, (min(8 << 30, _hard) if _hard > 0 else 8 << 30, _hard))
 ALLOWED = (hip.HipError, TypeError, ValueError)
 DOCUMENTED = (TimeoutError, EOFError)  # for the transport helpers and Mailbox methods
-TRANSPORT = {"send_handle", "recv_handle", "Mailbox.attach", "Mailbox.put", "Mailbox.get",
-             "Mailbox.poll", "Mailbox.wait", "Mailbox.clear"}
+TRANSPORT = {
+    "send_handle",
+    "recv_handle",
+    "Mailbox.attach",
+    "Mailbox.put",
+    "Mailbox.get",
+    "Mailbox.poll",
+    "Mailbox.wait",
+    "Mailbox.clear",
+}
 
 # A peer process that exports memory: its pointer values are foreign here, its handle opens.
-EXPORTER = ("import sys, hipipc as hip\n"
-            "p = hip.hipMalloc(4096)\n"
-            "print(bytes(hip.hipIpcGetMemHandle(p)).hex(), p, flush=True)\n"
-            "sys.stdin.readline()\n"
-            "hip.hipFree(p)\n")
-peer = subprocess.Popen([sys.executable, "-c", EXPORTER], stdin=subprocess.PIPE,
-                        stdout=subprocess.PIPE)
+EXPORTER = (
+    "import sys, hipipc as hip\n"
+    "p = hip.hipMalloc(4096)\n"
+    "print(bytes(hip.hipIpcGetMemHandle(p)).hex(), p, flush=True)\n"
+    "sys.stdin.readline()\n"
+    "hip.hipFree(p)\n"
+)
+peer = subprocess.Popen(
+    [sys.executable, "-c", EXPORTER], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+)
 line = peer.stdout.readline().split()
 foreign_handle, foreign_ptr = bytes.fromhex(line[0].decode()), int(line[1])
 
@@ -61,37 +70,147 @@ log_fd = os.open(LOG, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
 
 # -- pools ---------------------------------------------------------------------------------
 
-INTS = [0, 1, 7, 63, 64, 65, 255, 256, 4096, 1 << 20, -1, -4096, -2 ** 31, 2 ** 63 - 1,
-        2 ** 63, 2 ** 64, 2 ** 64 + 1, 2 ** 100, -2 ** 63, 2 ** 40]
+INTS = [
+    0,
+    1,
+    7,
+    63,
+    64,
+    65,
+    255,
+    256,
+    4096,
+    1 << 20,
+    -1,
+    -4096,
+    -(2**31),
+    2**63 - 1,
+    2**63,
+    2**64,
+    2**64 + 1,
+    2**100,
+    -(2**63),
+    2**40,
+]
 # No value between 64 MiB and 1 TiB, where any int may become a size: such a reservation
 # would really be made and fill the shared tmpfs for every process on the machine (1 TiB is
 # more than the tmpfs holds: refused at once).  32-bit edges go to ordinals only.
-EDGES = [2 ** 31 - 1, 2 ** 31, 2 ** 32 - 1, 2 ** 32]
-FLOATS = [0.0, -0.0, 0.5, 1.0, -1.0, math.nan, math.inf, -math.inf, 1e300, -1e300, 5e-324,
-          9.3e9, 2.0 ** 63]
-NUMPY = [np.int8(-1), np.uint8(255), np.int64(-2 ** 63), np.uint64(2 ** 64 - 1),
-         np.float32("nan"), np.float64("inf"), np.float16(65504), np.bool_(True),
-         np.complex64(1j), np.int32(4096)]
-STRINGS = ["", "x", "user", "group", "all", "/", "/hipipc-fuzz", "/a/b", "\x00", "a" * 300,
-           "/" + "b" * 250, "0x10", "nan", "hipMemcpyDefault"]
+EDGES = [2**31 - 1, 2**31, 2**32 - 1, 2**32]
+FLOATS = [
+    0.0,
+    -0.0,
+    0.5,
+    1.0,
+    -1.0,
+    math.nan,
+    math.inf,
+    -math.inf,
+    1e300,
+    -1e300,
+    5e-324,
+    9.3e9,
+    2.0**63,
+]
+NUMPY = [
+    np.int8(-1),
+    np.uint8(255),
+    np.int64(-(2**63)),
+    np.uint64(2**64 - 1),
+    np.float32("nan"),
+    np.float64("inf"),
+    np.float16(65504),
+    np.bool_(True),
+    np.complex64(1j),
+    np.int32(4096),
+]
+STRINGS = [
+    "",
+    "x",
+    "user",
+    "group",
+    "all",
+    "/",
+    "/hipipc-fuzz",
+    "/a/b",
+    "\x00",
+    "a" * 300,
+    "/" + "b" * 250,
+    "0x10",
+    "nan",
+    "hipMemcpyDefault",
+]
 RELEASED = memoryview(bytes(64))
 RELEASED.release()
-OTHER = [None, True, False, RELEASED, [], [1, 2], {}, (), (1, -1), object(), 1j, slice(1), Ellipsis,
-         b"", bytes(64), bytes(range(64)), bytearray(64), b"\xff" * 64, memoryview(b"q" * 64)]
-KINDS = list(hip.hipMemcpyKind) + [5, -1, 2 ** 64]
-TIMEOUTS_WAITS = [None, 0, 0.001, 0.01, math.inf, 1e300, 10 ** 400, 9.3e9, np.float32(0.01),
-                  math.nan, -1, "1", True, b"", np.float64("nan")]
+OTHER = [
+    None,
+    True,
+    False,
+    RELEASED,
+    [],
+    [1, 2],
+    {},
+    (),
+    (1, -1),
+    object(),
+    1j,
+    slice(1),
+    Ellipsis,
+    b"",
+    bytes(64),
+    bytes(range(64)),
+    bytearray(64),
+    b"\xff" * 64,
+    memoryview(b"q" * 64),
+]
+KINDS = list(hip.hipMemcpyKind) + [5, -1, 2**64]
+TIMEOUTS_WAITS = [
+    None,
+    0,
+    0.001,
+    0.01,
+    math.inf,
+    1e300,
+    10**400,
+    9.3e9,
+    np.float32(0.01),
+    math.nan,
+    -1,
+    "1",
+    True,
+    b"",
+    np.float64("nan"),
+]
 # Calls that wait for a peer get no unbounded timeout: nobody would ever answer them.
-TIMEOUTS_TRANSPORT = [0, 0.001, 0.02, np.float32(0.01), math.nan, -1, -math.inf, "1", True,
-                      0.0, [], 1j]
+TIMEOUTS_TRANSPORT = [
+    0,
+    0.001,
+    0.02,
+    np.float32(0.01),
+    math.nan,
+    -1,
+    -math.inf,
+    "1",
+    True,
+    0.0,
+    [],
+    1j,
+]
 
 
 def host_buffers() -> list:
-    return [bytearray(4096), np.zeros(4096, np.uint8), np.zeros(512, np.float64),
-            bytes(4096), np.zeros(64, np.uint8)[::2], np.empty(16, dtype=object),
-            np.zeros(4, dtype=[("n", "i8"), ("o", "O")]), (ctypes.py_object * 8)(),
-            memoryview(bytearray(100)), np.zeros((8, 8), order="F"), (ctypes.c_char * 64)()
-            ] + hip_arrays()
+    return [
+        bytearray(4096),
+        np.zeros(4096, np.uint8),
+        np.zeros(512, np.float64),
+        bytes(4096),
+        np.zeros(64, np.uint8)[::2],
+        np.empty(16, dtype=object),
+        np.zeros(4, dtype=[("n", "i8"), ("o", "O")]),
+        (ctypes.py_object * 8)(),
+        memoryview(bytearray(100)),
+        np.zeros((8, 8), order="F"),
+        (ctypes.c_char * 64)(),
+    ] + hip_arrays()
 
 
 def hip_arrays() -> list:
@@ -101,25 +220,41 @@ def hip_arrays() -> list:
     out: list = list(state["pinned"][-3:])
     if state["pinned"]:
         pinned = rng.choice(state["pinned"])
-        out += [pinned[1:], pinned[::2], pinned[:pinned.size // 4 * 4].view(np.float32)[:3]]
+        out += [pinned[1:], pinned[::2], pinned[: pinned.size // 4 * 4].view(np.float32)[:3]]
     if state["buffers"]:
         buf = rng.choice(state["buffers"])
         try:
             n = buf.size
-            out += [buf[rng.randrange(n + 1):rng.randrange(n + 2)], buf[-1:], buf[7:7]]
+            out += [buf[rng.randrange(n + 1) : rng.randrange(n + 2)], buf[-1:], buf[7:7]]
             arr = buf.asarray(np.int32)
             if arr.size >= 64:
-                out += [arr, arr[1:9], arr[::-3], arr[5:6].reshape(()), arr[:64].reshape(-1, 4).T,
-                        sliding_window_view(arr[:64], 8, subok=True),
-                        buf.asarray(np.dtype([("x", "<i4"), ("y", "<f8")]))[1:3]]
+                out += [
+                    arr,
+                    arr[1:9],
+                    arr[::-3],
+                    arr[5:6].reshape(()),
+                    arr[:64].reshape(-1, 4).T,
+                    sliding_window_view(arr[:64], 8, subok=True),
+                    buf.asarray(np.dtype([("x", "<i4"), ("y", "<f8")]))[1:3],
+                ]
         except hip.HipError:
             pass  # closed by a fuzzed call: its arrays are gone too
     return out
 
 
-state: dict[str, list] = {"live": [], "freed": [], "streams": [], "events": [],
-                          "handles": [], "buffers": [], "boxes": [], "queues": [],
-                          "imported": [], "views": [], "pinned": []}
+state: dict[str, list] = {
+    "live": [],
+    "freed": [],
+    "streams": [],
+    "events": [],
+    "handles": [],
+    "buffers": [],
+    "boxes": [],
+    "queues": [],
+    "imported": [],
+    "views": [],
+    "pinned": [],
+}
 
 
 def new_alloc() -> int:
@@ -134,8 +269,9 @@ def refill() -> None:
     while len(state["streams"]) < 2:
         state["streams"].append(hip.hipStreamCreate())
     while len(state["events"]) < 3:
-        flags = rng.choice([0, hip.hipEventDisableTiming,
-                            hip.hipEventInterprocess | hip.hipEventDisableTiming])
+        flags = rng.choice(
+            [0, hip.hipEventDisableTiming, hip.hipEventInterprocess | hip.hipEventDisableTiming]
+        )
         state["events"].append(hip.hipEventCreateWithFlags(flags))
     if len(state["buffers"]) < 2:
         state["buffers"].append(hip.DeviceBuffer.allocate(4096))
@@ -148,8 +284,20 @@ def refill() -> None:
 def pointers() -> list:
     live = state["live"]
     p = rng.choice(live) if live else 0
-    out = [p, p + 1, p + 4095, p - 1, np.int64(p), np.uint64(p), foreign_ptr, 0, -1, 2 ** 64,
-           id(object()), np.zeros(8).ctypes.data]
+    out = [
+        p,
+        p + 1,
+        p + 4095,
+        p - 1,
+        np.int64(p),
+        np.uint64(p),
+        foreign_ptr,
+        0,
+        -1,
+        2**64,
+        id(object()),
+        np.zeros(8).ctypes.data,
+    ]
     out += state["freed"][-3:] + state["imported"][-2:]
     if state["pinned"]:  # pinned memory's addresses: base, interior, one past the end
         arr = rng.choice(state["pinned"])
@@ -168,9 +316,14 @@ def events() -> list:
 
 
 def handles() -> list:
-    out = list(state["handles"][-4:]) + [foreign_handle, bytearray(foreign_handle),
-                                         memoryview(foreign_handle), foreign_handle[:63],
-                                         foreign_handle + b"\0", bytes(64)]
+    out = list(state["handles"][-4:]) + [
+        foreign_handle,
+        bytearray(foreign_handle),
+        memoryview(foreign_handle),
+        foreign_handle[:63],
+        foreign_handle + b"\0",
+        bytes(64),
+    ]
     flipped = bytearray(foreign_handle)
     flipped[rng.randrange(64)] ^= 1 << rng.randrange(8)
     out.append(bytes(flipped))
@@ -178,32 +331,76 @@ def handles() -> list:
 
 
 def channels() -> list:
-    return [sock_a, sock_b, conn_r, conn_w, duplex_a, duplex_b, queue, *state["queues"][-2:],
-            closed_conn, closed_sock, None, "channel", 3]
+    return [
+        sock_a,
+        sock_b,
+        conn_r,
+        conn_w,
+        duplex_a,
+        duplex_b,
+        queue,
+        *state["queues"][-2:],
+        closed_conn,
+        closed_sock,
+        None,
+        "channel",
+        3,
+    ]
 
 
 def anything() -> object:
-    pool = rng.choice([INTS, FLOATS, NUMPY, STRINGS, OTHER, host_buffers(), pointers(),
-                       streams(), events(), handles(), channels(), KINDS])
+    pool = rng.choice(
+        [
+            INTS,
+            FLOATS,
+            NUMPY,
+            STRINGS,
+            OTHER,
+            host_buffers(),
+            pointers(),
+            streams(),
+            events(),
+            handles(),
+            channels(),
+            KINDS,
+        ]
+    )
     return rng.choice(pool)
 
 
 BY_NAME = {
-    "ptr": lambda: pointers() + hip_arrays(), "buf": host_buffers,
+    "ptr": lambda: pointers() + hip_arrays(),
+    "buf": host_buffers,
     "dst": lambda: pointers() + host_buffers(),
-    "src": lambda: pointers() + host_buffers(), "nbytes": lambda: INTS,
-    "value": lambda: INTS + NUMPY, "kind": lambda: KINDS, "stream": streams,
-    "event": events, "start": events, "stop": events, "handle": handles, "raw": handles,
-    "data": handles, "obj": handles, "mem": handles, "channel": channels,
-    "share": lambda: STRINGS + [None], "flags": lambda: INTS + [0, 1, 2, 4, 6],
-    "device": lambda: [0, 1, -1, None, *EDGES], "shape": lambda: [1, 8, -1, (2, 2), (), 2 ** 62,
-                                                                   "ab", (1.5,)],
+    "src": lambda: pointers() + host_buffers(),
+    "nbytes": lambda: INTS,
+    "value": lambda: INTS + NUMPY,
+    "kind": lambda: KINDS,
+    "stream": streams,
+    "event": events,
+    "start": events,
+    "stop": events,
+    "handle": handles,
+    "raw": handles,
+    "data": handles,
+    "obj": handles,
+    "mem": handles,
+    "channel": channels,
+    "share": lambda: STRINGS + [None],
+    "flags": lambda: INTS + [0, 1, 2, 4, 6],
+    "device": lambda: [0, 1, -1, None, *EDGES],
+    "shape": lambda: [1, 8, -1, (2, 2), (), 2**62, "ab", (1.5,)],
     "dtype": lambda: [np.uint8, np.float64, object, "O", "i4", None, "nonsense", "V0"],
-    "name": lambda: STRINGS + [None], "slots": lambda: INTS, "parties": lambda: INTS,
-    "slot": lambda: [0, 1, 2, -1, True, 2 ** 70, *EDGES], "code": lambda: INTS + FLOATS + NUMPY,
+    "name": lambda: STRINGS + [None],
+    "slots": lambda: INTS,
+    "parties": lambda: INTS,
+    "slot": lambda: [0, 1, 2, -1, True, 2**70, *EDGES],
+    "code": lambda: INTS + FLOATS + NUMPY,
     "fn": lambda: [lambda *a: None, lambda *a: 1 / 0, None, 3],
-    "max_messages": lambda: [1, 8, 0, -1, 2 ** 40, 10 ** 30],
-    "size": lambda: INTS, "uid": lambda: INTS + EDGES, "detail": lambda: STRINGS + [None, 1],
+    "max_messages": lambda: [1, 8, 0, -1, 2**40, 10**30],
+    "size": lambda: INTS,
+    "uid": lambda: INTS + EDGES,
+    "detail": lambda: STRINGS + [None, 1],
 }
 
 
@@ -265,8 +462,13 @@ def instance_targets() -> list[tuple[str, object]]:
     for kind, objs in (("DeviceBuffer", state["buffers"]), ("Mailbox", state["boxes"])):
         for obj in objs[-2:]:
             for attr in dir(type(obj)):
-                if attr.startswith("_") or attr in ("create", "attach", "allocate", "open",
-                                                    "from_handle"):
+                if attr.startswith("_") or attr in (
+                    "create",
+                    "attach",
+                    "allocate",
+                    "open",
+                    "from_handle",
+                ):
                     continue
                 if inspect.isfunction(inspect.getattr_static(obj, attr, None)):
                     out.append((f"{kind}.{attr}", getattr(obj, attr)))  # not properties
@@ -295,8 +497,12 @@ def adopt(result: object) -> None:
         state["boxes"].append(result)
     elif isinstance(result, posix_ipc.MessageQueue):
         state["queues"].append(result)
-    elif isinstance(result, np.ndarray) and result.dtype == np.uint8 and result.ndim == 1 \
-            and not isinstance(result, hip.SharedArray):
+    elif (
+        isinstance(result, np.ndarray)
+        and result.dtype == np.uint8
+        and result.ndim == 1
+        and not isinstance(result, hip.SharedArray)
+    ):
         state["pinned"].append(result)  # hipHostMalloc's array
 
 
@@ -387,12 +593,14 @@ try:
         except DOCUMENTED as exc:
             if name in TRANSPORT:
                 continue
-            escapes.append({"call": text.strip(), "exc": repr(exc),
-                            "tb": traceback.format_exc()[-1500:]})
+            escapes.append(
+                {"call": text.strip(), "exc": repr(exc), "tb": traceback.format_exc()[-1500:]}
+            )
             continue
         except BaseException as exc:  # noqa: BLE001 - this is what the fuzzer looks for
-            escapes.append({"call": text.strip(), "exc": repr(exc),
-                            "tb": traceback.format_exc()[-1500:]})
+            escapes.append(
+                {"call": text.strip(), "exc": repr(exc), "tb": traceback.format_exc()[-1500:]}
+            )
             continue
         adopt(result)
         trim()
@@ -417,5 +625,14 @@ finally:
     peer.wait(30)
     gc.collect()
 missed = sorted({name for name, _ in static} - names_called)
-print(json.dumps({"seed": SEED, "calls": calls, "functions": len(names_called),
-                  "missed": missed, "escapes": escapes}))
+print(
+    json.dumps(
+        {
+            "seed": SEED,
+            "calls": calls,
+            "functions": len(names_called),
+            "missed": missed,
+            "escapes": escapes,
+        }
+    )
+)

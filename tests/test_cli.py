@@ -15,10 +15,17 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def hipipc(*args: str, env: dict | None = None, cwd: Path | None = None
-           ) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hipipc", *args], capture_output=True,
-                          text=True, timeout=60, env=env, cwd=cwd)
+def hipipc(
+    *args: str, env: dict | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "hipipc", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=cwd,
+    )
 
 
 def with_path(env_extra: dict | None = None, prepend: Path | None = None) -> dict:
@@ -58,8 +65,10 @@ def test_info_reports_the_configuration():
 
 
 def test_errors_are_one_line_with_exit_code_1():
-    for args, env in ((("info",), {"HIPIPC_SHARE": "everyone"}),
-                      (("info",), {"HIPIPC_HOST_DEVICES": "zero"})):
+    for args, env in (
+        (("info",), {"HIPIPC_SHARE": "everyone"}),
+        (("info",), {"HIPIPC_HOST_DEVICES": "zero"}),
+    ):
         proc = hipipc(*args, env=with_path(env))
         assert proc.returncode == 1
         lines = proc.stderr.strip().splitlines()
@@ -78,8 +87,9 @@ EXPORTER = textwrap.dedent("""
 
 def test_ls_and_gc_after_a_sigkilled_exporter():
     env = with_path()
-    child = subprocess.Popen([sys.executable, "-c", EXPORTER], stdout=subprocess.PIPE,
-                             text=True, env=env)
+    child = subprocess.Popen(
+        [sys.executable, "-c", EXPORTER], stdout=subprocess.PIPE, text=True, env=env
+    )
     try:
         name = child.stdout.readline().strip()
         assert len(name) == 40, name
@@ -131,8 +141,7 @@ def bench_dir(tmp_path):
 
 def test_bench_writes_a_report_and_plots(bench_dir, tmp_path):
     out = tmp_path / "report"
-    proc = hipipc("bench", "--dir", str(bench_dir), "--out", str(out), "--quick",
-                  env=with_path())
+    proc = hipipc("bench", "--dir", str(bench_dir), "--out", str(out), "--quick", env=with_path())
     assert proc.returncode == 0, proc.stderr
     assert "fake: open 4096" in proc.stderr and "1/1" in proc.stderr  # the progress bar
     report = json.loads((out / "report.json").read_text())
@@ -149,8 +158,17 @@ def test_bench_writes_a_report_and_plots(bench_dir, tmp_path):
         png = out / "open_latency.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # --check turns a missed target into exit code 3.
-    proc = hipipc("bench", "--dir", str(bench_dir), "--out", str(out), "--quick", "--check",
-                  "--no-plots", env=with_path())
+    proc = hipipc(
+        "bench",
+        "--dir",
+        str(bench_dir),
+        "--out",
+        str(out),
+        "--quick",
+        "--check",
+        "--no-plots",
+        env=with_path(),
+    )
     assert proc.returncode == 3 and "target(s) not met" in proc.stderr
 
 
@@ -159,35 +177,49 @@ def test_bench_without_matplotlib_says_how_to_get_plots(bench_dir, tmp_path):
     (shadow / "matplotlib").mkdir(parents=True)
     (shadow / "matplotlib" / "__init__.py").write_text("raise ImportError('hidden by test')\n")
     out = tmp_path / "report"
-    proc = hipipc("bench", "--dir", str(bench_dir), "--out", str(out),
-                  env=with_path(prepend=shadow))
+    proc = hipipc(
+        "bench", "--dir", str(bench_dir), "--out", str(out), env=with_path(prepend=shadow)
+    )
     assert proc.returncode == 0, proc.stderr
     assert "pip install hipipc[plot]" in proc.stdout
     assert (out / "report.json").exists() and not list(out.glob("*.png"))
 
 
 def test_bench_failures_and_selection(bench_dir, tmp_path):
-    (bench_dir / "bench_broken.py").write_text("def run(quick=False, progress=None):\n"
-                                               "    raise RuntimeError('boom')\n")
+    (bench_dir / "bench_broken.py").write_text(
+        "def run(quick=False, progress=None):\n    raise RuntimeError('boom')\n"
+    )
     out = tmp_path / "report"
     listed = hipipc("bench", "--dir", str(bench_dir), "--list", env=with_path())
     assert listed.returncode == 0 and listed.stdout.split() == ["broken", "fake"]
-    proc = hipipc("bench", "--dir", str(bench_dir), "--out", str(out), "--no-plots",
-                  env=with_path())
+    proc = hipipc(
+        "bench", "--dir", str(bench_dir), "--out", str(out), "--no-plots", env=with_path()
+    )
     assert proc.returncode == 1 and "bench_broken" in proc.stderr
     report = json.loads((out / "report.json").read_text())  # the others' numbers are kept
     assert [b["error"] for b in report["benchmarks"]] == ["RuntimeError: boom", None]
-    proc = hipipc("bench", "--dir", str(bench_dir), "--out", str(out), "--only", "fake",
-                  "--no-plots", env=with_path())
+    proc = hipipc(
+        "bench",
+        "--dir",
+        str(bench_dir),
+        "--out",
+        str(out),
+        "--only",
+        "fake",
+        "--no-plots",
+        env=with_path(),
+    )
     assert proc.returncode == 0
-    assert [b["name"] for b in json.loads((out / "report.json").read_text())["benchmarks"]] \
-        == ["fake"]
+    assert [b["name"] for b in json.loads((out / "report.json").read_text())["benchmarks"]] == [
+        "fake"
+    ]
     proc = hipipc("bench", "--dir", str(bench_dir), "--only", "nope", env=with_path())
     assert proc.returncode == 1 and "available: broken, fake" in proc.stderr
     proc = hipipc("bench", "--dir", str(tmp_path / "missing"), env=with_path())
     assert proc.returncode == 1
-    assert proc.stderr.strip() == (f"hipipc bench: error: no benchmarks directory at "
-                                   f"{tmp_path / 'missing'} (pass --dir)")
+    assert proc.stderr.strip() == (
+        f"hipipc bench: error: no benchmarks directory at {tmp_path / 'missing'} (pass --dir)"
+    )
 
 
 NUMPY_BENCH = textwrap.dedent("""
@@ -208,12 +240,22 @@ NUMPY_BENCH = textwrap.dedent("""
 
 def test_bench_report_takes_numpy_values_and_the_table_keeps_whole_cells(bench_dir, tmp_path):
     (bench_dir / "bench_arrays.py").write_text(NUMPY_BENCH)
-    (bench_dir / "bench_exits.py").write_text("import sys\n\n"
-                                              "def run(quick=False, progress=None):\n"
-                                              "    sys.exit(4)\n")
+    (bench_dir / "bench_exits.py").write_text(
+        "import sys\n\ndef run(quick=False, progress=None):\n    sys.exit(4)\n"
+    )
     out = tmp_path / "report"
-    proc = hipipc("bench", "--dir", str(bench_dir), "--out", str(out), "--only", "arrays",
-                  "--only", "exits", env=with_path())
+    proc = hipipc(
+        "bench",
+        "--dir",
+        str(bench_dir),
+        "--out",
+        str(out),
+        "--only",
+        "arrays",
+        "--only",
+        "exits",
+        env=with_path(),
+    )
     assert proc.returncode == 1, proc.stderr  # bench_exits failed; the run went on
     report = json.loads((out / "report.json").read_text())
     arrays, exits = report["benchmarks"]
@@ -233,8 +275,9 @@ def test_every_json_output_has_a_schema_version_and_gc_has_a_dry_run():
     for command in ("info", "ls"):
         out = json.loads(hipipc(command, "--json", env=env).stdout)
         assert out["schema_version"] == 1 and out["command"] == command
-    child = subprocess.Popen([sys.executable, "-c", EXPORTER], stdout=subprocess.PIPE,
-                             text=True, env=env)
+    child = subprocess.Popen(
+        [sys.executable, "-c", EXPORTER], stdout=subprocess.PIPE, text=True, env=env
+    )
     try:
         name = child.stdout.readline().strip()
     finally:
@@ -249,8 +292,9 @@ def test_every_json_output_has_a_schema_version_and_gc_has_a_dry_run():
     assert name in dry["removed"]
     text = hipipc("gc", "--dry-run", env=env).stdout
     assert f"would remove {name[:12]}" in text
-    assert name in {s["name"] for s in json.loads(hipipc("ls", "--json", env=env).stdout)
-                    ["segments"]}
+    assert name in {
+        s["name"] for s in json.loads(hipipc("ls", "--json", env=env).stdout)["segments"]
+    }
     done = json.loads(hipipc("gc", "--json", env=env).stdout)
     assert done["dry_run"] is False and name in done["removed"]
     assert name not in json.loads(hipipc("gc", "--dry-run", "--json", env=env).stdout)["removed"]
@@ -259,15 +303,24 @@ def test_every_json_output_has_a_schema_version_and_gc_has_a_dry_run():
 def test_bench_report_has_a_schema_version_and_the_bar_elapsed_time_and_eta(bench_dir, tmp_path):
     (bench_dir / "bench_second.py").write_text(FAKE_BENCH.replace('"fake"', '"second"'))
     out = tmp_path / "report"
-    proc = hipipc("bench", "--dir", str(bench_dir), "--out", str(out), "--quick", "--no-plots",
-                  env=with_path())
+    proc = hipipc(
+        "bench",
+        "--dir",
+        str(bench_dir),
+        "--out",
+        str(out),
+        "--quick",
+        "--no-plots",
+        env=with_path(),
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads((out / "report.json").read_text())["schema_version"] == 1
     bar = [line for line in proc.stderr.splitlines() if line.startswith("[")]
     # Before any benchmark completed the time left is unknown; after one, it is estimated.
     assert "0/2 0:00 elapsed, ETA ? fake" in bar[0]
-    assert any("1/2" in line and "elapsed, ETA 0:0" in line and "second" in line
-               for line in bar), bar
+    assert any("1/2" in line and "elapsed, ETA 0:0" in line and "second" in line for line in bar), (
+        bar
+    )
     assert "2/2" in bar[-1] and "ETA 0:00 done" in bar[-1]
 
 
@@ -276,10 +329,13 @@ def test_bench_finds_the_package_benchmarks_and_the_checkout_scripts_from_anywhe
     assert listed.returncode == 0, listed.stderr
     assert {"events", "ipc"} <= set(listed.stdout.split())
     # The checkout's scripts run the package modules; both command lines work.
-    for cmd in ([sys.executable, str(ROOT / "benchmarks" / "bench_ipc.py"), "--help"],
-                [sys.executable, "-m", "hipipc.benchmarks.bench_events", "--help"]):
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60,
-                              env=with_path(), cwd=tmp_path)
+    for cmd in (
+        [sys.executable, str(ROOT / "benchmarks" / "bench_ipc.py"), "--help"],
+        [sys.executable, "-m", "hipipc.benchmarks.bench_events", "--help"],
+    ):
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=60, env=with_path(), cwd=tmp_path
+        )
         assert proc.returncode == 0 and "--quick" in proc.stdout, proc.stderr
 
 
@@ -288,10 +344,26 @@ def test_ctrl_c_during_bench_prints_one_line(tmp_path, name, started):
     """Ctrl-C at a terminal signals the whole process group, the benchmark's helper included:
     one line on stderr, exit code 130, no traceback from any process, and no segment left in
     the store (the session fixture checks)."""
-    proc = subprocess.Popen([sys.executable, "-m", "hipipc", "bench", "--only", name, "--quick",
-                             "--no-plots", "--out", str(tmp_path / "out")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=with_path(), cwd=tmp_path, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hipipc",
+            "bench",
+            "--only",
+            name,
+            "--quick",
+            "--no-plots",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=with_path(),
+        cwd=tmp_path,
+        start_new_session=True,
+    )
     try:
         seen = []
         while not any(started in line for line in seen):  # the helper process runs now

@@ -30,8 +30,13 @@ LIMIT = 30.0  # per answer of a peer; generous: the machine is loaded
 QUICK = 5.0  # "at once": far below LIMIT and any wait bound, with room for a loaded machine
 # What a peer's call may give on a hostile page: success or one of these codes.
 INVALID = E.hipErrorInvalidResourceHandle.name  # an alias: the enum names it InvalidHandle
-ALLOWED = {"ok", INVALID,
-           "hipErrorLaunchFailure", "hipErrorLaunchOutOfResources", "hipErrorNotReady"}
+ALLOWED = {
+    "ok",
+    INVALID,
+    "hipErrorLaunchFailure",
+    "hipErrorLaunchOutOfResources",
+    "hipErrorNotReady",
+}
 
 _PEER = r"""
 import ctypes, json, os, random, sys, threading, time
@@ -183,9 +188,12 @@ class Peer:
     """A spawned interpreter of this user that opened the event and obeys one-line commands."""
 
     def __init__(self, raw: bytes) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", _PEER, raw.hex()],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     env=child_env())
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _PEER, raw.hex()],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=child_env(),
+        )
         self.ident = tuple(self._answer("peer start"))
 
     def _answer(self, what: str):
@@ -251,8 +259,9 @@ def test_random_bytes_in_the_page_give_hiperror_or_work(ipc_event):
     assert "ok" in outcomes and INVALID in outcomes
 
 
-@pytest.mark.parametrize("field,value", [(es._RECORDED, 0x7FFFFFFF),
-                                         (es._STRAGGLER_COUNT, 0xFFFFFFFF)])
+@pytest.mark.parametrize(
+    "field,value", [(es._RECORDED, 0x7FFFFFFF), (es._STRAGGLER_COUNT, 0xFFFFFFFF)]
+)
 def test_impossible_counters_fail_waits_at_once(ipc_event, field, value):
     ev, peer = ipc_event
     writer, actor = peer(), peer()

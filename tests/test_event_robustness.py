@@ -38,8 +38,11 @@ hip.hipEventDestroy(ev)
 
 
 def _opener(raw: bytes, what: str, linger: float = 0.0) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", _OPENER, raw.hex(), what, str(linger)],
-                            stdout=subprocess.PIPE, env=child_env())
+    return subprocess.Popen(
+        [sys.executable, "-c", _OPENER, raw.hex(), what, str(linger)],
+        stdout=subprocess.PIPE,
+        env=child_env(),
+    )
 
 
 @pytest.mark.parametrize("what", ["corrupt-stragglers", "corrupt-recorded"])
@@ -106,8 +109,10 @@ def test_synchronizing_from_stream_work_is_refused_not_a_deadlock():
 
 def _use_inherited(stream, local, ipc) -> list:
     out = []
-    for call in (lambda: hip.hipLaunchHostFunc(stream, print),
-                 lambda: hip.hipEventSynchronize(local, timeout=1)):
+    for call in (
+        lambda: hip.hipLaunchHostFunc(stream, print),
+        lambda: hip.hipEventSynchronize(local, timeout=1),
+    ):
         try:
             call()
             out.append("ok")
@@ -128,8 +133,7 @@ def test_streams_and_local_events_inherited_over_fork_say_so():
         hip.hipLaunchHostFunc(stream, gate.wait, LIMIT)
         hip.hipEventRecord(local, stream)  # pending at fork: it completes in the parent only
         got = in_fork(_use_inherited, stream, local, ipc)
-        assert got == [["hipErrorInvalidContext", True], ["hipErrorInvalidContext", True],
-                       True]
+        assert got == [["hipErrorInvalidContext", True], ["hipErrorInvalidContext", True], True]
     finally:
         gate.set()
         hip.hipStreamSynchronize(stream, timeout=LIMIT)
@@ -154,8 +158,12 @@ sys.stdin.readline()  # the parent has opened the event
 def test_exit_lets_enqueued_work_finish():
     """CUDA's rule, kept at exit: destroying a stream or leaving main does not cancel work
     already enqueued, so a peer waiting on its record is released, not failed."""
-    proc = subprocess.Popen([sys.executable, "-c", _EXITS_EARLY], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, env=child_env())
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _EXITS_EARLY],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=child_env(),
+    )
     try:
         ev = hip.hipIpcOpenEventHandle(bytes.fromhex(readline(proc.stdout, LIMIT).strip()))
         proc.stdin.write(b"go\n")

@@ -137,9 +137,11 @@ def hold(g) -> None:
 # -- in one process: CUDA's rules ------------------------------------------------------
 
 
-@pytest.mark.parametrize("flags", [hip.hipEventDefault, hip.hipEventBlockingSync,
-                                   hip.hipEventDisableTiming, IPC],
-                         ids=["default", "blocking", "no-timing", "interprocess"])
+@pytest.mark.parametrize(
+    "flags",
+    [hip.hipEventDefault, hip.hipEventBlockingSync, hip.hipEventDisableTiming, IPC],
+    ids=["default", "blocking", "no-timing", "interprocess"],
+)
 def test_a_never_recorded_event_is_complete(flags, events, stream):
     ev = events(flags)
     assert hip.hipEventQuery(ev) == E.hipSuccess
@@ -154,8 +156,7 @@ def test_a_never_recorded_event_is_complete(flags, events, stream):
 
 
 @pytest.mark.parametrize("flags", [hip.hipEventDefault, IPC], ids=["local", "interprocess"])
-def test_query_and_synchronize_follow_a_record_behind_a_blocked_stream(flags, events, stream,
-                                                                      gate):
+def test_query_and_synchronize_follow_a_record_behind_a_blocked_stream(flags, events, stream, gate):
     ev, s, g = events(flags), stream(), gate()
     ran = []
     hip.hipLaunchHostFunc(s, hold, g)
@@ -182,8 +183,9 @@ def test_query_and_synchronize_follow_a_record_behind_a_blocked_stream(flags, ev
     hip.hipEventSynchronize(ev, timeout=0)
 
 
-def test_synchronize_waits_for_the_newest_record_as_of_the_call_not_later_ones(events, stream,
-                                                                             gate):
+def test_synchronize_waits_for_the_newest_record_as_of_the_call_not_later_ones(
+    events, stream, gate
+):
     ev = events(hip.hipEventDisableTiming)
     s1, s2 = stream(), stream()
     g1, g2 = gate(), gate()
@@ -346,13 +348,24 @@ def test_elapsed_time(events, stream, gate):
 
 
 def test_elapsed_time_refuses_untimed_unrecorded_and_destroyed_events(events):
-    timed, untimed, ipc, unrecorded = events(), events(hip.hipEventDisableTiming), events(IPC), \
-        events(hip.hipEventBlockingSync)
+    timed, untimed, ipc, unrecorded = (
+        events(),
+        events(hip.hipEventDisableTiming),
+        events(IPC),
+        events(hip.hipEventBlockingSync),
+    )
     for ev in (timed, untimed, ipc):
         hip.hipEventRecord(ev)
     hip.hipStreamSynchronize(None, timeout=LIMIT)  # the null stream is asynchronous
-    for a, b in ((timed, untimed), (untimed, timed), (timed, ipc), (ipc, timed),
-                 (untimed, untimed), (timed, unrecorded), (unrecorded, timed)):
+    for a, b in (
+        (timed, untimed),
+        (untimed, timed),
+        (timed, ipc),
+        (ipc, timed),
+        (untimed, untimed),
+        (timed, unrecorded),
+        (unrecorded, timed),
+    ):
         with pytest.raises(hip.HipError) as exc:
             hip.hipEventElapsedTime(a, b)
         assert code_of(exc) == E.hipErrorInvalidResourceHandle, (a, b)
@@ -374,9 +387,22 @@ def test_elapsed_time_refuses_untimed_unrecorded_and_destroyed_events(events):
 # -- flags, handles, destroy -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("flags", [0x8, 0x10, 0x100, 1 << 31, -1, hip.hipEventInterprocess,
-                                   hip.hipEventInterprocess | hip.hipEventBlockingSync,
-                                   "2", 2.0, True, None])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        0x8,
+        0x10,
+        0x100,
+        1 << 31,
+        -1,
+        hip.hipEventInterprocess,
+        hip.hipEventInterprocess | hip.hipEventBlockingSync,
+        "2",
+        2.0,
+        True,
+        None,
+    ],
+)
 def test_bad_event_flags_are_invalid_value(flags):
     with pytest.raises(hip.HipError) as exc:
         hip.hipEventCreateWithFlags(flags)
@@ -393,8 +419,9 @@ def test_good_event_flags(flags):
     assert store_entries() == [], "an unexported event must leave nothing in the store"
 
 
-@pytest.mark.parametrize("flags", [hip.hipEventDefault, hip.hipEventDisableTiming,
-                                   hip.hipEventBlockingSync])
+@pytest.mark.parametrize(
+    "flags", [hip.hipEventDefault, hip.hipEventDisableTiming, hip.hipEventBlockingSync]
+)
 def test_handle_of_a_non_ipc_event_is_invalid_configuration(flags, events):
     """HIP's runtime returns hipErrorInvalidConfiguration (issue 11 §6; it was InvalidValue)."""
     ev = events(flags)
@@ -430,19 +457,25 @@ def test_destroy_twice_and_every_use_after_destroy(events, stream):
         ev = events(flags)
         hip.hipEventDestroy(ev)
         s = stream()
-        for call in (lambda e=ev: hip.hipEventDestroy(e),
-                     lambda e=ev: hip.hipEventRecord(e),
-                     lambda e=ev, s=s: hip.hipEventRecord(e, s),
-                     lambda e=ev: hip.hipEventQuery(e),
-                     lambda e=ev: hip.hipEventSynchronize(e, timeout=0),
-                     lambda e=ev, s=s: hip.hipStreamWaitEvent(s, e, 0),
-                     lambda e=ev: hip.hipIpcGetEventHandle(e)):
+        for call in (
+            lambda e=ev: hip.hipEventDestroy(e),
+            lambda e=ev: hip.hipEventRecord(e),
+            lambda e=ev, s=s: hip.hipEventRecord(e, s),
+            lambda e=ev: hip.hipEventQuery(e),
+            lambda e=ev: hip.hipEventSynchronize(e, timeout=0),
+            lambda e=ev, s=s: hip.hipStreamWaitEvent(s, e, 0),
+            lambda e=ev: hip.hipIpcGetEventHandle(e),
+        ):
             with pytest.raises(hip.HipError) as exc:
                 call()
             assert code_of(exc) == E.hipErrorInvalidResourceHandle, flags
     for bad in (None, 0, "ev", object()):
-        for call in (hip.hipEventDestroy, hip.hipEventQuery, hip.hipEventSynchronize,
-                     hip.hipEventRecord):
+        for call in (
+            hip.hipEventDestroy,
+            hip.hipEventQuery,
+            hip.hipEventSynchronize,
+            hip.hipEventRecord,
+        ):
             with pytest.raises(hip.HipError) as exc:
                 call(bad)
             assert code_of(exc) == E.hipErrorInvalidValue
@@ -480,12 +513,30 @@ def test_garbage_and_truncated_event_handles_are_refused_cleanly(events):
     mem = hip.hipMalloc(4096)
     try:
         memh = hip.hipIpcGetMemHandle(mem)
-        garbage = [b"", b"\x00", bytes(63), bytes(64), bytes(65), b"\xff" * 64, live[:63],
-                   live + b"\x00", live[1:], b"HIPC" + bytes(60),
-                   bytes(rng.getrandbits(8) for _ in range(64)), "x" * 64, None, 7, 3.5,
-                   [0] * 64, object(), memh, bytes(memh)]
-        garbage += [b"HIPC\x01\x03" + bytes(rng.getrandbits(8) for _ in range(58))
-                    for _ in range(200)]
+        garbage = [
+            b"",
+            b"\x00",
+            bytes(63),
+            bytes(64),
+            bytes(65),
+            b"\xff" * 64,
+            live[:63],
+            live + b"\x00",
+            live[1:],
+            b"HIPC" + bytes(60),
+            bytes(rng.getrandbits(8) for _ in range(64)),
+            "x" * 64,
+            None,
+            7,
+            3.5,
+            [0] * 64,
+            object(),
+            memh,
+            bytes(memh),
+        ]
+        garbage += [
+            b"HIPC\x01\x03" + bytes(rng.getrandbits(8) for _ in range(58)) for _ in range(200)
+        ]
         for bad in garbage:
             with pytest.raises(hip.HipError) as exc:
                 hip.hipIpcOpenEventHandle(bad)
@@ -876,8 +927,9 @@ def test_exporter_death_while_an_importer_waits(spawn):
     assert name in store_entries()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-m", "hipipc", "gc"], capture_output=True,
-                          text=True, timeout=60, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "hipipc", "gc"], capture_output=True, text=True, timeout=60, env=env
+    )
     assert proc.returncode == 0, proc.stderr
     assert name not in store_entries()
 
@@ -900,8 +952,7 @@ def test_exporter_death_is_detected_before_the_parent_reaps_it(spawn):
     finally:
         hip.hipEventDestroy(ev)
         exporter.kill()
-        subprocess.run([sys.executable, "-m", "hipipc", "gc"], capture_output=True,
-                       timeout=60)
+        subprocess.run([sys.executable, "-m", "hipipc", "gc"], capture_output=True, timeout=60)
         assert hip.IpcEventHandle(raw).segment_name not in store_entries()
 
 
@@ -913,8 +964,9 @@ def _die_holding_the_lock(conn):
     os._exit(0)
 
 
-def test_a_process_that_dies_inside_the_event_lock_does_not_wedge_the_others(spawn, events,
-                                                                             stream, gate):
+def test_a_process_that_dies_inside_the_event_lock_does_not_wedge_the_others(
+    spawn, events, stream, gate
+):
     ev = events(IPC)
     peer = spawn(_die_holding_the_lock)
     peer.send(bytes(hip.hipIpcGetEventHandle(ev)))

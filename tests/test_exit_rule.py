@@ -71,9 +71,13 @@ EXIT_CODES = {"end": 0, "sys.exit": 3, "raise": 1, "kill": -9}
 
 
 def start_exiter(how: str, *extra: str) -> tuple[subprocess.Popen, bytes, bytes]:
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(EXITER), how, *extra],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=child_env())
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(EXITER), how, *extra],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=child_env(),
+    )
     try:
         mem, ev = readline(proc.stdout, 60, "exporter").split()
     except BaseException:

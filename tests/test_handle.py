@@ -30,22 +30,37 @@ SECRET = slice(8, 24)
 NODE = slice(6, 8)
 
 
-def made_handle(secret: bytes = b"S3cr3t-Bytes!!42", size: int = 4096, device: int = 0,
-                uid: int | None = None, kind: HandleKind = HandleKind.HOST_MEMORY,
-                node: int | None = None, tail: bytes = bytes(24)) -> bytes:
+def made_handle(
+    secret: bytes = b"S3cr3t-Bytes!!42",
+    size: int = 4096,
+    device: int = 0,
+    uid: int | None = None,
+    kind: HandleKind = HandleKind.HOST_MEMORY,
+    node: int | None = None,
+    tail: bytes = bytes(24),
+) -> bytes:
     """Handle bytes laid out by hand (see hipipc/handle.py), independent of the parser."""
     uid = os.geteuid() if uid is None else uid
     node = node_tag() if node is None else node
-    return struct.pack("<4sBBH16sQII24s", b"HIPC", 1, int(kind), node, secret, size, device,
-                       uid, tail)
+    return struct.pack(
+        "<4sBBH16sQII24s", b"HIPC", 1, int(kind), node, secret, size, device, uid, tail
+    )
 
 
 def encodings(secret: bytes) -> list[str]:
     """Every way a secret could leak into text: hex, base64, repr, ints, latin-1."""
-    return [secret.hex(), secret.hex().upper(), base64.b64encode(secret).decode(),
-            base64.urlsafe_b64encode(secret).decode(), base64.b32encode(secret).decode(),
-            repr(secret), str(list(secret))[1:-1], secret.decode("latin-1"),
-            secret.hex(" "), secret.hex(":")]
+    return [
+        secret.hex(),
+        secret.hex().upper(),
+        base64.b64encode(secret).decode(),
+        base64.urlsafe_b64encode(secret).decode(),
+        base64.b32encode(secret).decode(),
+        repr(secret),
+        str(list(secret))[1:-1],
+        secret.decode("latin-1"),
+        secret.hex(" "),
+        secret.hex(":"),
+    ]
 
 
 @pytest.fixture
@@ -120,8 +135,9 @@ def test_handle_fields_are_read_only(exported):
     assert handle.size == 4096 and handle.uid == os.geteuid()
 
 
-@pytest.mark.parametrize("bad", [b"", bytes(63), bytes(65), b"x" * 64, 64, None, "H" * 64,
-                                 list(range(64)), 1.5])
+@pytest.mark.parametrize(
+    "bad", [b"", bytes(63), bytes(65), b"x" * 64, 64, None, "H" * 64, list(range(64)), 1.5]
+)
 def test_malformed_input_is_invalid_value(bad):
     with pytest.raises(hip.HipError) as exc:
         hip.IpcMemHandle(bad)
@@ -162,8 +178,10 @@ def test_handles_pickle_as_their_plain_bytes(exported):
 def test_repr_and_str_never_show_the_secret():
     # A secret of printable bytes, so that repr(bytes) and latin-1 would show it plainly.
     secret = b"S3cr3t-Bytes!!42"
-    for cls, kind in ((hip.IpcMemHandle, HandleKind.HOST_MEMORY),
-                      (hip.IpcEventHandle, HandleKind.HOST_EVENT)):
+    for cls, kind in (
+        (hip.IpcMemHandle, HandleKind.HOST_MEMORY),
+        (hip.IpcEventHandle, HandleKind.HOST_EVENT),
+    ):
         h = cls(made_handle(secret, kind=kind))
         shown = [repr(h), str(h), f"{h}", f"{h!r}", repr([h]), repr({h: 1})]
         for text in shown:
@@ -180,7 +198,7 @@ def test_repr_of_a_real_handle_hides_its_secret(exported):
     for leak in encodings(secret):
         assert leak not in text
     for i in range(len(secret) - 3):  # not even 4 consecutive secret bytes, as hex
-        assert secret[i:i + 4].hex() not in text
+        assert secret[i : i + 4].hex() not in text
 
 
 # -- HipError and the error table ------------------------------------------------------
@@ -213,11 +231,19 @@ def test_hip_error_from_a_child_process_keeps_its_code():
 
 
 def test_error_codes_have_hips_values():
-    expected = {"hipSuccess": 0, "hipErrorInvalidValue": 1, "hipErrorOutOfMemory": 2,
-                "hipErrorInvalidMemcpyDirection": 21, "hipErrorInvalidDevice": 101,
-                "hipErrorInvalidContext": 201, "hipErrorMapFailed": 205,
-                "hipErrorInvalidResourceHandle": 400, "hipErrorNotReady": 600,
-                "hipErrorNotSupported": 801, "hipErrorMemoryAllocation": 2}
+    expected = {
+        "hipSuccess": 0,
+        "hipErrorInvalidValue": 1,
+        "hipErrorOutOfMemory": 2,
+        "hipErrorInvalidMemcpyDirection": 21,
+        "hipErrorInvalidDevice": 101,
+        "hipErrorInvalidContext": 201,
+        "hipErrorMapFailed": 205,
+        "hipErrorInvalidResourceHandle": 400,
+        "hipErrorNotReady": 600,
+        "hipErrorNotSupported": 801,
+        "hipErrorMemoryAllocation": 2,
+    }
     for name, value in expected.items():
         assert int(getattr(E, name)) == value
 
@@ -276,7 +302,8 @@ def check_live_handles_open(exporter: Exporter) -> None:
             assert bytes(hip.asarray(ptr, SIZES[i])) == pattern(i, SIZES[i])
         finally:
             hip.hipIpcCloseMemHandle(ptr)
-    sums = run_json("""
+    sums = run_json(
+        """
         import hashlib, json, sys
         import hipipc as hip
         out = []
@@ -286,7 +313,9 @@ def check_live_handles_open(exporter: Exporter) -> None:
             out.append(hashlib.sha256(bytes(hip.asarray(ptr, size))).hexdigest())
             hip.hipIpcCloseMemHandle(ptr)
         print(json.dumps(out))
-    """, *(h.hex() for h in exporter.handles))
+    """,
+        *(h.hex() for h in exporter.handles),
+    )
     assert sums == [hashlib.sha256(pattern(i, s)).hexdigest() for i, s in enumerate(SIZES)]
 
 
@@ -333,12 +362,12 @@ def test_arbitrary_bytes_of_any_length_are_refused(live, data):
 # Well-formed headers with arbitrary fields get past the parser into the store lookup.
 plausible = st.builds(
     lambda kind, node, secret, size, device, uid, tail: struct.pack(
-        "<4sBBH16sQII24s", b"HIPC", 1, kind, node, secret, size, device, uid, tail),
+        "<4sBBH16sQII24s", b"HIPC", 1, kind, node, secret, size, device, uid, tail
+    ),
     kind=st.sampled_from([0, 1, 2, 3, 4, 5, 255]),
     node=st.sampled_from([node_tag(), node_tag(), node_tag(), 0, node_tag() ^ 1, 0xFFFF]),
     secret=st.binary(min_size=16, max_size=16),
-    size=st.one_of(st.sampled_from([0, 1, 4096, 2**63, 2**64 - 1]),
-                   st.integers(0, 2**64 - 1)),
+    size=st.one_of(st.sampled_from([0, 1, 4096, 2**63, 2**64 - 1]), st.integers(0, 2**64 - 1)),
     device=st.one_of(st.just(0), st.integers(0, 2**32 - 1)),
     uid=st.one_of(st.just(os.geteuid()), st.integers(0, 2**32 - 1)),
     tail=st.one_of(st.just(bytes(24)), st.binary(min_size=24, max_size=24)),
@@ -356,16 +385,26 @@ def test_garbage_handles_of_the_gpu_kind_are_refused(live):
     # Kind 2 (GPU memory) is one byte value away from host memory: random bytes hit it, no
     # single-bit flip of a host handle does (1 -> 2 takes two flips).  A host-backend process
     # must still say "names nothing", not "not supported", for a handle that names nothing.
-    results = [open_must_be_refused(made_handle(secret=bytes([i]) * 16, size=4096 << i,
-                                                kind=HandleKind.GPU_MEMORY))
-               for i in range(4)]
+    results = [
+        open_must_be_refused(
+            made_handle(secret=bytes([i]) * 16, size=4096 << i, kind=HandleKind.GPU_MEMORY)
+        )
+        for i in range(4)
+    ]
     assert all(isinstance(r, hip.HipError) for r in results), results
 
 
 @settings(max_examples=100, deadline=None)
-@given(obj=st.one_of(st.none(), st.integers(), st.floats(), st.text(max_size=80),
-                     st.lists(st.integers(0, 255), min_size=64, max_size=64),
-                     st.dictionaries(st.text(max_size=3), st.integers(), max_size=3)))
+@given(
+    obj=st.one_of(
+        st.none(),
+        st.integers(),
+        st.floats(),
+        st.text(max_size=80),
+        st.lists(st.integers(0, 255), min_size=64, max_size=64),
+        st.dictionaries(st.text(max_size=3), st.integers(), max_size=3),
+    )
+)
 def test_objects_that_are_not_bytes_are_invalid_value(obj):
     with pytest.raises(hip.HipError) as exc:
         hip.hipIpcOpenMemHandle(obj)
@@ -385,11 +424,16 @@ def test_a_handle_carries_this_nodes_tag_and_re_exports_byte_identical(exported)
 
 def test_a_zero_node_tag_or_a_nonzero_tail_does_not_parse():
     # Tags are 1..65535: zero is what a pre-tag handle held, and the 24-byte tail stays zero.
-    cases = [({"node": 0}, "no node tag"), ({"tail": b"\x01" + bytes(23)}, "reserved bytes"),
-             ({"tail": bytes(23) + b"\x80"}, "reserved bytes")]
+    cases = [
+        ({"node": 0}, "no node tag"),
+        ({"tail": b"\x01" + bytes(23)}, "reserved bytes"),
+        ({"tail": bytes(23) + b"\x80"}, "reserved bytes"),
+    ]
     for fields, why in cases:
-        for cls, kind, size in ((hip.IpcMemHandle, HandleKind.HOST_MEMORY, 4096),
-                                (hip.IpcEventHandle, HandleKind.HOST_EVENT, 64)):
+        for cls, kind, size in (
+            (hip.IpcMemHandle, HandleKind.HOST_MEMORY, 4096),
+            (hip.IpcEventHandle, HandleKind.HOST_EVENT, 64),
+        ):
             with pytest.raises(hip.HipError) as exc:
                 cls(made_handle(kind=kind, size=size, **fields))
             assert exc.value.code == E.hipErrorInvalidValue and why in str(exc.value)
@@ -426,6 +470,7 @@ print(json.dumps(result))
 
 def test_hipipc_node_id_puts_a_process_on_another_node(live):
     from _proc import child_env
+
     raw = live.handles[0].hex()
     here = run_json(NODE_CHILD, raw, env=child_env(HIPIPC_NODE_ID=None))
     assert here["tag"] == node_tag() and "error" not in here
@@ -443,7 +488,9 @@ def test_hipipc_node_id_puts_a_process_on_another_node(live):
 @pytest.mark.parametrize("value", ["0", "65536", "-3", "0x10000"])
 def test_a_bad_hipipc_node_id_is_invalid_value_at_the_first_handle(value):
     from _proc import child_env
-    out = run_json("""
+
+    out = run_json(
+        """
         import json
         import hipipc as hip
         try:
@@ -451,12 +498,15 @@ def test_a_bad_hipipc_node_id_is_invalid_value_at_the_first_handle(value):
             print(json.dumps("allocated"))
         except hip.HipError as exc:
             print(json.dumps([exc.code.name, str(exc)]))
-    """, env=child_env(HIPIPC_NODE_ID=value))
+    """,
+        env=child_env(HIPIPC_NODE_ID=value),
+    )
     assert out[0] == "hipErrorInvalidValue" and "HIPIPC_NODE_ID" in out[1], out
 
 
 def test_the_node_tag_cannot_change_once_fixed(monkeypatch):
     from hipipc.handle import NODE_ENV, set_node_tag
+
     monkeypatch.setenv(NODE_ENV, str(node_tag()))  # set_node_tag exports it: undone after
     set_node_tag(node_tag())  # the same tag again is fine
     assert os.environ[NODE_ENV] == str(node_tag())

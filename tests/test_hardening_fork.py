@@ -34,8 +34,9 @@ def _hammer(stop: threading.Event, foreign: bytes, errors: list[str]) -> None:
             hip.hipFree(ptr)
             imported = hip.hipIpcOpenMemHandle(foreign)
             hip.hipIpcCloseMemHandle(imported)
-            event = hip.hipEventCreateWithFlags(hip.hipEventInterprocess
-                                                | hip.hipEventDisableTiming)
+            event = hip.hipEventCreateWithFlags(
+                hip.hipEventInterprocess | hip.hipEventDisableTiming
+            )
             hip.hipIpcGetEventHandle(event)
             hip.hipEventDestroy(event)
         except Exception as exc:  # reported by the test, which then fails

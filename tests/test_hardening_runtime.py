@@ -63,20 +63,24 @@ def test_object_buffers_are_refused_by_every_copy(index):
     try:
         hip.hipMemset(ptr, 0x41, 64)  # a peer would choose these bytes
         buf = object_buffers()[index]
-        before = bytes(memoryview(buf).cast("B")) if not isinstance(buf, np.ndarray) \
-            else buf.tobytes()
-        for call in (lambda: hip.hipMemcpy(buf, ptr, 8, hip.hipMemcpyDeviceToHost),
-                     lambda: hip.hipMemcpy(buf, ptr, 8),
-                     lambda: hip.hipMemcpy(ptr, buf, 8, hip.hipMemcpyHostToDevice),
-                     lambda: hip.hipMemcpy(buf, bytearray(64), 8, hip.hipMemcpyHostToHost),
-                     lambda: hip.hipMemcpyAsync(buf, ptr, 8, hip.hipMemcpyDeviceToHost, s),
-                     lambda: hip.hipMemcpyAsync(ptr, buf, 8, hip.hipMemcpyDefault, s)):
+        before = (
+            bytes(memoryview(buf).cast("B")) if not isinstance(buf, np.ndarray) else buf.tobytes()
+        )
+        for call in (
+            lambda: hip.hipMemcpy(buf, ptr, 8, hip.hipMemcpyDeviceToHost),
+            lambda: hip.hipMemcpy(buf, ptr, 8),
+            lambda: hip.hipMemcpy(ptr, buf, 8, hip.hipMemcpyHostToDevice),
+            lambda: hip.hipMemcpy(buf, bytearray(64), 8, hip.hipMemcpyHostToHost),
+            lambda: hip.hipMemcpyAsync(buf, ptr, 8, hip.hipMemcpyDeviceToHost, s),
+            lambda: hip.hipMemcpyAsync(ptr, buf, 8, hip.hipMemcpyDefault, s),
+        ):
             with invalid("Python objects") as exc:
                 call()
             assert exc.value.code == INVALID
         hip.hipStreamSynchronize(s, timeout=30)
-        after = bytes(memoryview(buf).cast("B")) if not isinstance(buf, np.ndarray) \
-            else buf.tobytes()
+        after = (
+            bytes(memoryview(buf).cast("B")) if not isinstance(buf, np.ndarray) else buf.tobytes()
+        )
         assert after == before  # no byte was written over the object pointers
     finally:
         hip.hipStreamDestroy(s)
@@ -209,8 +213,16 @@ def test_sync_copy_after_free_raises_and_pins_hold_the_old_pages():
 
 
 BAD_TIMEOUTS = [math.nan, -1, -0.5, -math.inf, True, np.bool_(False), "1", b"1", [1], 1j]
-HUGE_TIMEOUTS = [math.inf, 1e300, 10 ** 400, 9.3e9, threading.TIMEOUT_MAX, MAX_TIMEOUT,
-                 np.float64(1e20), np.int64(2 ** 62)]
+HUGE_TIMEOUTS = [
+    math.inf,
+    1e300,
+    10**400,
+    9.3e9,
+    threading.TIMEOUT_MAX,
+    MAX_TIMEOUT,
+    np.float64(1e20),
+    np.int64(2**62),
+]
 
 
 def test_check_timeout_rule():
@@ -232,10 +244,12 @@ def test_waits_refuse_bad_timeouts_and_take_huge_ones():
     try:
         hip.hipMemsetAsync(ptr := hip.hipMalloc(64), 1, 64, s)
         hip.hipEventRecord(ev, s)
-        waits = [lambda t: hip.hipDeviceSynchronize(timeout=t),
-                 lambda t: hip.hipStreamSynchronize(s, timeout=t),
-                 lambda t: hip.hipStreamSynchronize(None, timeout=t),
-                 lambda t: hip.hipEventSynchronize(ev, timeout=t)]
+        waits = [
+            lambda t: hip.hipDeviceSynchronize(timeout=t),
+            lambda t: hip.hipStreamSynchronize(s, timeout=t),
+            lambda t: hip.hipStreamSynchronize(None, timeout=t),
+            lambda t: hip.hipEventSynchronize(ev, timeout=t),
+        ]
         waits.append(s.synchronize)  # the Stream method itself, not only the hip* call
         for wait in waits:
             for bad in BAD_TIMEOUTS:
@@ -255,12 +269,19 @@ def test_transport_refuses_bad_timeouts_with_a_clear_message():
     c1, c2 = mp.Pipe()
     try:
         with a, b, c1, c2, hip.Mailbox.create(parties=2) as box:
-            calls = [lambda t: hip.recv_handle(mq, t), lambda t: hip.send_handle(mq, h, t),
-                     lambda t: hip.recv_handle(b, t), lambda t: hip.send_handle(a, h, t),
-                     lambda t: hip.recv_handle(c2, t), lambda t: hip.send_handle(c1, h, t),
-                     lambda t: box.wait(t), lambda t: box.poll(0, t),
-                     lambda t: box.put(0, h, timeout=t), lambda t: box.get(0, timeout=t),
-                     lambda t: hip.Mailbox.attach(box.name, timeout=t)]
+            calls = [
+                lambda t: hip.recv_handle(mq, t),
+                lambda t: hip.send_handle(mq, h, t),
+                lambda t: hip.recv_handle(b, t),
+                lambda t: hip.send_handle(a, h, t),
+                lambda t: hip.recv_handle(c2, t),
+                lambda t: hip.send_handle(c1, h, t),
+                lambda t: box.wait(t),
+                lambda t: box.poll(0, t),
+                lambda t: box.put(0, h, timeout=t),
+                lambda t: box.get(0, timeout=t),
+                lambda t: hip.Mailbox.attach(box.name, timeout=t),
+            ]
             h = fake_mem_handle()
             for call in calls:
                 for bad in (math.nan, -1, "5", True):
@@ -268,7 +289,7 @@ def test_transport_refuses_bad_timeouts_with_a_clear_message():
                         call(bad)
                     assert repr(bad) in str(exc.value)  # names the value, not "no queue"
             # Huge timeouts are no limit, and the calls complete when there is something.
-            for huge in (math.inf, 1e300, 10 ** 400):
+            for huge in (math.inf, 1e300, 10**400):
                 hip.send_handle(mq, h, huge)
                 assert hip.recv_handle(mq, huge) == h
                 hip.send_handle(a, h, huge)
@@ -430,7 +451,7 @@ def test_socket_peer_reset_is_eof():
 def test_error_names_of_any_number():
     # HIP's rule: an integer HIP does not define is hipErrorUnknown, however large; what is
     # no integer (inf, nan, a string) is refused with hipErrorInvalidValue, never OverflowError.
-    for code in (10 ** 100, -10 ** 100, 2 ** 64, -1, np.int64(-5), 12345):
+    for code in (10**100, -(10**100), 2**64, -1, np.int64(-5), 12345):
         assert hip.hipGetErrorName(code) == "hipErrorUnknown"
         assert hip.hipGetErrorString(code) == "unknown error"
     for code in (math.inf, -math.inf, math.nan, np.float64("nan"), 1.5, "1", None, b"\x01"):
@@ -439,7 +460,7 @@ def test_error_names_of_any_number():
                 fn(code)
             assert exc.value.code == INVALID
     # A HipError made from any number has a code (it is raised from error paths).
-    for code in (math.inf, math.nan, 10 ** 100, -1, 1.5):
+    for code in (math.inf, math.nan, 10**100, -1, 1.5):
         assert hip.HipError(code).code == hip.hipError_t.hipErrorUnknown
     assert hip.HipError(2.0).code == hip.hipError_t.hipErrorOutOfMemory
     assert hip.hipGetErrorName(np.int32(600)) == "hipErrorNotReady"
@@ -448,7 +469,7 @@ def test_error_names_of_any_number():
 def test_mmap_lengths_past_64_bits_are_refused_not_truncated():
     # ctypes keeps the low 64 bits of a size_t: 2**64 + 8192 used to map two pages while the
     # mapping claimed the whole length (found by the fuzzer).
-    for n in (2 ** 64 + 8192, 2 ** 64 + 1, 2 ** 70):
+    for n in (2**64 + 8192, 2**64 + 1, 2**70):
         with pytest.raises(hip.HipError) as exc:
             hip.hipHostMalloc(n)
         assert exc.value.code == hip.hipError_t.hipErrorOutOfMemory

@@ -33,8 +33,9 @@ PIDNS_AT = PID_AT + 4
 START_AT = PID_AT + 8
 CREATED_AT = PID_AT + 16
 assert _EXPORTER.format == "<IIQd"
-needs_root = pytest.mark.skipif(os.geteuid() != 0,
-                                reason="switching a child to another uid needs root")
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="switching a child to another uid needs root"
+)
 
 
 def become(uid: int, gid: int) -> None:
@@ -44,8 +45,9 @@ def become(uid: int, gid: int) -> None:
 
 
 def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hipipc", *args], capture_output=True,
-                          text=True, timeout=60, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "hipipc", *args], capture_output=True, text=True, timeout=60, env=env
+    )
 
 
 @pytest.fixture
@@ -97,7 +99,8 @@ print(json.dumps([[r.returncode, r.stdout, r.stderr] for r in runs]))
 
 @pytest.mark.parametrize("field,offset,value,reason", HOSTILE, ids=[h[0] for h in HOSTILE])
 def test_a_hostile_header_is_skipped_with_a_warning_never_raised_or_unlinked(
-        temp_store, field, offset, value, reason):
+    temp_store, field, offset, value, reason
+):
     name, fd = publish(temp_store, 0o666)  # HIPIPC_SHARE=all: a grantee may write it
     try:
         os.pwrite(fd, value, offset)
@@ -135,12 +138,15 @@ def test_a_grantee_cannot_get_a_live_shared_export_swept_by_forging_a_dead_pid()
             os.close(fd)
         assert HandleStore().collect() == []
         assert handle.segment_name in os.listdir(store_path())
-        assert run_json(f"""
+        assert (
+            run_json(f"""
 import json, hipipc as hip
 p = hip.hipIpcOpenMemHandle(bytes.fromhex("{bytes(handle).hex()}"))
 hip.hipIpcCloseMemHandle(p)
 print(json.dumps("opened"))
-""") == "opened"  # still exported: its importers are not cut off
+""")
+            == "opened"
+        )  # still exported: its importers are not cut off
     finally:
         hip.hipFree(ptr)
 
@@ -313,18 +319,42 @@ print(json.dumps(out))
 def _in_small_tmpfs(options: str, code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     mnt = tempfile.mkdtemp(prefix="hipipc-inodes-")
     try:
-        probe = subprocess.run(["unshare", "-m", "sh", "-c",
-                                f'mount -t tmpfs -o {options} tmpfs "$1" && umount "$1"',
-                                "sh", mnt], capture_output=True, text=True, timeout=30)
+        probe = subprocess.run(
+            [
+                "unshare",
+                "-m",
+                "sh",
+                "-c",
+                f'mount -t tmpfs -o {options} tmpfs "$1" && umount "$1"',
+                "sh",
+                mnt,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         if probe.returncode != 0:
-            pytest.skip(f"cannot mount a private tmpfs here (unshare -m + mount): "
-                        f"{probe.stderr.strip()}")
+            pytest.skip(
+                f"cannot mount a private tmpfs here (unshare -m + mount): {probe.stderr.strip()}"
+            )
         env = dict(env, HIPIPC_STORE=os.path.join(mnt, "store-{uid}"))
         return subprocess.run(
-            ["unshare", "-m", "sh", "-c",
-             f'mount -t tmpfs -o {options} tmpfs "$1" && exec "$2" -c "$3" "$1"', "sh", mnt,
-             sys.executable, textwrap.dedent(code)],
-            capture_output=True, text=True, timeout=120, env=env)
+            [
+                "unshare",
+                "-m",
+                "sh",
+                "-c",
+                f'mount -t tmpfs -o {options} tmpfs "$1" && exec "$2" -c "$3" "$1"',
+                "sh",
+                mnt,
+                sys.executable,
+                textwrap.dedent(code),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
     finally:
         os.rmdir(mnt)
 
@@ -364,8 +394,7 @@ def _bad_store_symlink(tmp: str) -> tuple[str, str]:
     return os.path.join(tmp, "link"), "a symbolic link"
 
 
-BAD_STORES = [_bad_store_file, _bad_store_under_file, _bad_store_missing_parent,
-              _bad_store_symlink]
+BAD_STORES = [_bad_store_file, _bad_store_under_file, _bad_store_missing_parent, _bad_store_symlink]
 
 
 @pytest.mark.parametrize("make", BAD_STORES, ids=lambda f: f.__name__.removeprefix("_bad_"))

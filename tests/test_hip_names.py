@@ -214,10 +214,12 @@ def test_no_message_shows_more_than_80_characters_of_an_argument():
                 lambda b=bad: hip.hipGetErrorName(b),
             ]
         # Out-of-range integers are shown too, and are short by nature; huge ones are cut.
-        calls += [lambda: hip.hipMemcpy(bytearray(8), ptr, 8, 10**200),
-                  lambda: hip.hipStreamCreateWithFlags(10**200),
-                  lambda: hip.hipIpcOpenMemHandle(b"\0" * 64, 10**200),
-                  lambda: hip.hipStreamWaitEvent(s, ev, 10**200)]
+        calls += [
+            lambda: hip.hipMemcpy(bytearray(8), ptr, 8, 10**200),
+            lambda: hip.hipStreamCreateWithFlags(10**200),
+            lambda: hip.hipIpcOpenMemHandle(b"\0" * 64, 10**200),
+            lambda: hip.hipStreamWaitEvent(s, ev, 10**200),
+        ]
         for i, call in enumerate(calls):
             with pytest.raises(hip.HipError) as exc:
                 call()
@@ -319,10 +321,12 @@ def test_bool_is_refused_for_every_integer_argument():
                     call()
                 assert exc.value.code == code, (b, i, exc.value)
         # Floats are no integers either, even when whole.
-        for call in (lambda: hip.hipMemcpy(out, ptr, 8, 2.0),
-                     lambda: hip.hipStreamCreateWithFlags(1.0),
-                     lambda: hip.hipStreamWaitEvent(s, ev, 0.0),
-                     lambda: hip.hipMalloc(8.0)):
+        for call in (
+            lambda: hip.hipMemcpy(out, ptr, 8, 2.0),
+            lambda: hip.hipStreamCreateWithFlags(1.0),
+            lambda: hip.hipStreamWaitEvent(s, ev, 0.0),
+            lambda: hip.hipMalloc(8.0),
+        ):
             with pytest.raises(hip.HipError):
                 call()
         assert re.search(r"\bbool\b", _detail(lambda: hip.hipMalloc(True)))
@@ -334,27 +338,26 @@ def test_bool_is_refused_for_every_integer_argument():
 
 def _bool_cases(b, ptr, s, ev, out) -> list:
     return [
-            (lambda: hip.hipMalloc(b), E.hipErrorInvalidValue),
-            (lambda: hip.hipFree(b), E.hipErrorInvalidValue),
-            (lambda: hip.hipSetDevice(b), E.hipErrorInvalidDevice),
-            (lambda: hip.hipMemset(ptr, b, 8), E.hipErrorInvalidValue),
-            (lambda: hip.hipMemset(ptr, 0, b), E.hipErrorInvalidValue),
-            (lambda: hip.hipMemset(b, 0, 8), E.hipErrorInvalidValue),
-            (lambda: hip.hipMemsetAsync(ptr, b, 8, s), E.hipErrorInvalidValue),
-            (lambda: hip.hipMemcpy(out, ptr, 8, b), E.hipErrorInvalidMemcpyDirection),
-            (lambda: hip.hipMemcpy(out, ptr, b, 2), E.hipErrorInvalidValue),
-            (lambda: hip.hipMemcpyAsync(out, ptr, 8, b, s),
-             E.hipErrorInvalidMemcpyDirection),
-            (lambda: hip.hipMemGetAddressRange(b), E.hipErrorInvalidValue),
-            (lambda: hip.hipIpcGetMemHandle(b), E.hipErrorInvalidValue),
-            (lambda: hip.hipIpcCloseMemHandle(b), E.hipErrorInvalidValue),
-            (lambda: hip.hipStreamCreateWithFlags(b), E.hipErrorInvalidValue),
-            (lambda: hip.hipStreamWaitEvent(s, ev, b), E.hipErrorInvalidValue),
-            (lambda: hip.hipEventCreateWithFlags(b), E.hipErrorInvalidValue),
-            (lambda: hip.asarray(ptr, b), E.hipErrorInvalidValue),
-            (lambda: hip.asarray(ptr, (2, b)), E.hipErrorInvalidValue),
-            (lambda: hip.asarray(b, 8), E.hipErrorInvalidValue),
-            (lambda: hip.hipGetErrorName(b), E.hipErrorInvalidValue),
+        (lambda: hip.hipMalloc(b), E.hipErrorInvalidValue),
+        (lambda: hip.hipFree(b), E.hipErrorInvalidValue),
+        (lambda: hip.hipSetDevice(b), E.hipErrorInvalidDevice),
+        (lambda: hip.hipMemset(ptr, b, 8), E.hipErrorInvalidValue),
+        (lambda: hip.hipMemset(ptr, 0, b), E.hipErrorInvalidValue),
+        (lambda: hip.hipMemset(b, 0, 8), E.hipErrorInvalidValue),
+        (lambda: hip.hipMemsetAsync(ptr, b, 8, s), E.hipErrorInvalidValue),
+        (lambda: hip.hipMemcpy(out, ptr, 8, b), E.hipErrorInvalidMemcpyDirection),
+        (lambda: hip.hipMemcpy(out, ptr, b, 2), E.hipErrorInvalidValue),
+        (lambda: hip.hipMemcpyAsync(out, ptr, 8, b, s), E.hipErrorInvalidMemcpyDirection),
+        (lambda: hip.hipMemGetAddressRange(b), E.hipErrorInvalidValue),
+        (lambda: hip.hipIpcGetMemHandle(b), E.hipErrorInvalidValue),
+        (lambda: hip.hipIpcCloseMemHandle(b), E.hipErrorInvalidValue),
+        (lambda: hip.hipStreamCreateWithFlags(b), E.hipErrorInvalidValue),
+        (lambda: hip.hipStreamWaitEvent(s, ev, b), E.hipErrorInvalidValue),
+        (lambda: hip.hipEventCreateWithFlags(b), E.hipErrorInvalidValue),
+        (lambda: hip.asarray(ptr, b), E.hipErrorInvalidValue),
+        (lambda: hip.asarray(ptr, (2, b)), E.hipErrorInvalidValue),
+        (lambda: hip.asarray(b, 8), E.hipErrorInvalidValue),
+        (lambda: hip.hipGetErrorName(b), E.hipErrorInvalidValue),
     ]
 
 

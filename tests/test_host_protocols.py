@@ -31,6 +31,7 @@ def test_array_interface_is_a_zero_copy_writable_view(buf):
     arr = np.asarray(buf)
     arr[:] = 7
     assert buf.asarray()[123] == 7 and arr.flags.writeable
+
     # Through the interface alone (what other array libraries use), without __array__.
     class Iface:
         __array_interface__ = buf.__array_interface__
@@ -53,8 +54,12 @@ def test_array_interface_view_outlives_close():
 
 def test_closed_buffer_refuses_every_protocol(buf):
     buf.close()
-    for export in (lambda: np.asarray(buf), lambda: buf.__array_interface__,
-                   lambda: np.from_dlpack(buf), lambda: buf.__buffer__(0)):
+    for export in (
+        lambda: np.asarray(buf),
+        lambda: buf.__array_interface__,
+        lambda: np.from_dlpack(buf),
+        lambda: buf.__buffer__(0),
+    ):
         with pytest.raises(hip.HipError) as err:
             export()
         assert err.value.code == hip.hipError_t.hipErrorInvalidValue

@@ -44,8 +44,13 @@ def name_of(raw: bytes) -> str:
 
 
 def hipipc_gc() -> str:
-    proc = subprocess.run([sys.executable, "-m", "hipipc", "gc"], capture_output=True,
-                          text=True, timeout=60, env=child_env())
+    proc = subprocess.run(
+        [sys.executable, "-m", "hipipc", "gc"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=child_env(),
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
@@ -81,7 +86,9 @@ def test_gc_removes_a_killed_exporters_segments_and_keeps_a_live_ones():
             assert f"removed {name[:12]}" in out
         assert not dead_names & store_names() and live_name in store_names()
         assert run_json(OPENS, live.handles[0].hex(), doomed.handles[0].hex()) == [
-            "ok", "hipErrorInvalidHandle"]
+            "ok",
+            "hipErrorInvalidHandle",
+        ]
         doomed.kill()  # closes its pipes; it is long dead
 
 
@@ -103,7 +110,7 @@ def test_gc_removes_a_killed_exporter_its_parent_has_not_reaped_yet():
 def _is_zombie(pid: int) -> bool:
     with open(f"/proc/{pid}/stat", "rb") as f:
         data = f.read()
-    fields = data[data.rindex(b")") + 2:].split()
+    fields = data[data.rindex(b")") + 2 :].split()
     # A leader shows "Z" while its other threads still exit (field 20, num_threads > 1).
     return fields[0] == b"Z" and fields[17] == b"1"
 
@@ -290,19 +297,42 @@ print(json.dumps(out))
 def test_a_full_tmpfs_is_out_of_memory_never_sigbus():
     mnt = tempfile.mkdtemp(prefix="hipipc-tmpfs-")
     try:
-        probe = subprocess.run(["unshare", "-m", "sh", "-c",
-                                'mount -t tmpfs -o size=4m tmpfs "$1" && umount "$1"', "sh",
-                                mnt], capture_output=True, text=True, timeout=30)
+        probe = subprocess.run(
+            [
+                "unshare",
+                "-m",
+                "sh",
+                "-c",
+                'mount -t tmpfs -o size=4m tmpfs "$1" && umount "$1"',
+                "sh",
+                mnt,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         if probe.returncode != 0:
-            pytest.skip(f"cannot mount a private tmpfs here (unshare -m + mount): "
-                        f"{probe.stderr.strip()}")
+            pytest.skip(
+                f"cannot mount a private tmpfs here (unshare -m + mount): {probe.stderr.strip()}"
+            )
         # The whole scenario runs inside the private mount namespace, store on the tmpfs.
         proc = subprocess.run(
-            ["unshare", "-m", "sh", "-c",
-             'mount -t tmpfs -o size=4m tmpfs "$1" && exec "$2" -c "$3" "$1"', "sh", mnt,
-             sys.executable, textwrap.dedent(SMALL_TMPFS)],
-            capture_output=True, text=True, timeout=120,
-            env=child_env(HIPIPC_STORE=os.path.join(mnt, "store-{uid}")))
+            [
+                "unshare",
+                "-m",
+                "sh",
+                "-c",
+                'mount -t tmpfs -o size=4m tmpfs "$1" && exec "$2" -c "$3" "$1"',
+                "sh",
+                mnt,
+                sys.executable,
+                textwrap.dedent(SMALL_TMPFS),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=child_env(HIPIPC_STORE=os.path.join(mnt, "store-{uid}")),
+        )
         assert proc.returncode != -signal.SIGBUS, "SIGBUS"
         assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr)
         got = json.loads(proc.stdout.splitlines()[-1])
@@ -375,8 +405,9 @@ def test_six_processes_open_close_and_write_the_same_handles_concurrently():
             hip.hipMemset(ptr, 0, size)
         raws = [bytes(hip.hipIpcGetMemHandle(ptr)) for ptr in ptrs]
         start, results = SPAWN.Barrier(WORKERS + 1), SPAWN.Queue()
-        procs = [SPAWN.Process(target=_hammer, args=(raws, r, start, results))
-                 for r in range(WORKERS)]
+        procs = [
+            SPAWN.Process(target=_hammer, args=(raws, r, start, results)) for r in range(WORKERS)
+        ]
         for p in procs:
             p.start()
         start.wait(60)
@@ -614,9 +645,12 @@ print(json.dumps(out))
 def test_thousands_of_allocations_and_imports_fit_a_soft_fd_limit_of_1024(tmp_path):
     n = 2000
     handles = tmp_path / "handles.bin"
-    exporter = subprocess.Popen([sys.executable, "-c", textwrap.dedent(FD_EXPORTER),
-                                 str(handles), str(n)], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, env=child_env())
+    exporter = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(FD_EXPORTER), str(handles), str(n)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=child_env(),
+    )
     try:
         assert readline(exporter.stdout, 60, "exporter").strip() == "ready"
         imported = run_json(FD_IMPORTER, str(handles), timeout=120)
@@ -633,8 +667,15 @@ def test_thousands_of_allocations_and_imports_fit_a_soft_fd_limit_of_1024(tmp_pa
     # Exported allocations and imports hold no descriptor: the soft limit never mattered.
     assert exported["exported"] == 0 and exported["soft_after_export"] == 1024
     assert exported["after_free"] == 0
-    assert imported == {"count": n, "imported": 2, "data": True, "same": True,
-                        "opened_twice": 2, "after_close": 2, "soft": 1024}
+    assert imported == {
+        "count": n,
+        "imported": 2,
+        "data": True,
+        "same": True,
+        "opened_twice": 2,
+        "after_close": 2,
+        "soft": 1024,
+    }
     # Unexported allocations need their descriptor; the library raised the soft limit.
     if exported["hard"] >= n + 64:
         assert exported["unexported"] == n
@@ -699,13 +740,18 @@ def test_an_exporter_removes_its_empty_store_at_exit_and_keeps_a_used_one(tmp_pa
     env = child_env(HIPIPC_STORE=template)
     try:
         for how, stays in (("free", False), ("keep", False), ("kill", True)):
-            proc = subprocess.run([sys.executable, "-c", _EXPORT_AND_EXIT, how], env=env,
-                                  capture_output=True, timeout=60)
+            proc = subprocess.run(
+                [sys.executable, "-c", _EXPORT_AND_EXIT, how],
+                env=env,
+                capture_output=True,
+                timeout=60,
+            )
             assert proc.returncode == (-9 if how == "kill" else 0), proc.stderr
             assert os.path.isdir(path) == stays, how
         assert len(os.listdir(path)) == 1
-        run_json("import json, hipipc.store as s; print(json.dumps(s.HandleStore().collect()))",
-                 env=env)
+        run_json(
+            "import json, hipipc.store as s; print(json.dumps(s.HandleStore().collect()))", env=env
+        )
     finally:
         shutil.rmtree(path, ignore_errors=True)
 
@@ -717,8 +763,12 @@ def test_a_store_removed_by_another_process_is_recreated_by_exporters():
     hip.hipIpcGetMemHandle(ptr)
     hip.hipFree(ptr)  # the store is empty again
     # A process that did not create the store never removes it (issue 10, item 8) ...
-    proc = subprocess.run([sys.executable, "-c", _EXPORT_AND_EXIT, "free"], env=child_env(),
-                          capture_output=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", _EXPORT_AND_EXIT, "free"],
+        env=child_env(),
+        capture_output=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     path = HandleStore().own_path()
     assert os.path.isdir(path)

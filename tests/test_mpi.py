@@ -34,8 +34,10 @@ def _mpiexec() -> str | None:
 
 MPIEXEC = _mpiexec()
 pytestmark = [
-    pytest.mark.skipif(importlib.util.find_spec("mpi4py") is None,
-                       reason="mpi4py is not installed (pip install -e '.[test]' or '.[mpi]')"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("mpi4py") is None,
+        reason="mpi4py is not installed (pip install -e '.[test]' or '.[mpi]')",
+    ),
     pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec on PATH (pip install mpich)"),
 ]
 
@@ -43,8 +45,9 @@ pytestmark = [
 def _launcher_flags() -> list[str]:
     """Open MPI refuses root and more ranks than cores unless told; MPICH needs nothing."""
     try:
-        version = subprocess.run([MPIEXEC, "--version"], capture_output=True, text=True,
-                                 timeout=30).stdout
+        version = subprocess.run(
+            [MPIEXEC, "--version"], capture_output=True, text=True, timeout=30
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return []
     if "Open MPI" in version or "OpenRTE" in version:
@@ -57,8 +60,13 @@ def store_names() -> set[str]:
     return set(os.listdir(store)) if store.is_dir() else set()
 
 
-def mpirun(n: int, *args: str, nodes: int | None = None, timeout: float = TIMEOUT,
-           env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def mpirun(
+    n: int,
+    *args: str,
+    nodes: int | None = None,
+    timeout: float = TIMEOUT,
+    env_extra: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
     """``mpiexec -n N python ARGS`` with ``HIPIPC_MPI_NODES=nodes``; killed past ``timeout``."""
     env = dict(os.environ)  # HIPIPC_STORE: the suite's private store (conftest.py)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
@@ -68,15 +76,23 @@ def mpirun(n: int, *args: str, nodes: int | None = None, timeout: float = TIMEOU
         env["HIPIPC_MPI_NODES"] = str(nodes)
     env.update(env_extra or {})
     cmd = [MPIEXEC, *_launcher_flags(), "-n", str(n), sys.executable, *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate(timeout=30)
-        pytest.fail(f"mpiexec -n {n} {' '.join(args)} (nodes={nodes}) did not finish in "
-                    f"{timeout} s: a deadlock?\n--- stdout\n{out}--- stderr\n{err}")
+        pytest.fail(
+            f"mpiexec -n {n} {' '.join(args)} (nodes={nodes}) did not finish in "
+            f"{timeout} s: a deadlock?\n--- stdout\n{out}--- stderr\n{err}"
+        )
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
@@ -95,17 +111,27 @@ def clean_store():
 
 # -- the example: equal to the pure-MPI reference, one open per on-node neighbour --------
 
-REPORT = re.compile(r"rank (\d+): node (\d+), on-node neighbours \[([\d, ]*)\] "
-                    r"\(hipipc opens: (\d+)\), off-node neighbours \[([\d, ]*)\]")
+REPORT = re.compile(
+    r"rank (\d+): node (\d+), on-node neighbours \[([\d, ]*)\] "
+    r"\(hipipc opens: (\d+)\), off-node neighbours \[([\d, ]*)\]"
+)
 
 
 def ranks_of(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
-@pytest.mark.parametrize("n, nodes", [(4, 1), (4, 2), (4, 4), (2, 2), (3, None)],
-                         ids=["4-ranks-1-node", "4-ranks-2-nodes", "4-ranks-4-nodes",
-                              "2-ranks-2-nodes", "3-ranks-shared-memory-split"])
+@pytest.mark.parametrize(
+    "n, nodes",
+    [(4, 1), (4, 2), (4, 4), (2, 2), (3, None)],
+    ids=[
+        "4-ranks-1-node",
+        "4-ranks-2-nodes",
+        "4-ranks-4-nodes",
+        "2-ranks-2-nodes",
+        "3-ranks-shared-memory-split",
+    ],
+)
 def test_halo_example_equals_the_reference(clean_store, n, nodes):
     # nodes == n: every neighbour is off-node (a blocking ring would deadlock); n == 2: the
     # left and right neighbour are the same rank; None: the real split by shared memory.
@@ -118,8 +144,13 @@ def test_halo_example_equals_the_reference(clean_store, n, nodes):
     reports = [REPORT.fullmatch(line) for line in out[1:-1]]
     assert all(reports) and len(reports) == n, output(proc)
     for m in reports:
-        rank, node, on, opens, off = (int(m[1]), int(m[2]), ranks_of(m[3]), int(m[4]),
-                                      ranks_of(m[5]))
+        rank, node, on, opens, off = (
+            int(m[1]),
+            int(m[2]),
+            ranks_of(m[3]),
+            int(m[4]),
+            ranks_of(m[5]),
+        )
         node_of = [r * k // n for r in range(n)]  # contiguous blocks of ranks
         neighbours = {(rank - 1) % n, (rank + 1) % n}
         assert node == node_of[rank], output(proc)
@@ -333,8 +364,13 @@ def test_node_comm_setup_errors_raise_on_every_rank(clean_store, tmp_path):
 def test_hipipc_mpi_is_opt_in():
     # The base package never imports mpi4py: it works where mpi4py is absent.
     code = "import sys, hipipc; assert 'mpi4py' not in sys.modules; print('ok')"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
 
@@ -357,8 +393,13 @@ nc.node.Barrier()  # never completes: the launcher ends the job
 
 
 def gc() -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hipipc", "gc"], capture_output=True,
-                          text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return subprocess.run(
+        [sys.executable, "-m", "hipipc", "gc"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
 
 
 def test_a_rank_killed_with_sigkill_leaves_only_what_gc_cleans(tmp_path):
@@ -392,13 +433,13 @@ def _zombie(pid: int) -> bool:
             data = f.read()
     except OSError:
         return True
-    fields = data[data.rindex(b")") + 2:].split()
+    fields = data[data.rindex(b")") + 2 :].split()
     # A leader shows "Z" while its other threads still exit (field 20, num_threads > 1).
     return fields[0] in (b"Z", b"X") and fields[17] == b"1"
 
 
 def test_mpi_launch_flags_are_documented():
     readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Beyond one node"):]
+    section = readme[readme.index("## Beyond one node") :]
     assert "--allow-run-as-root" in section and "--oversubscribe" in section
-    assert "pip install \"hipipc[mpi]\"" in section
+    assert 'pip install "hipipc[mpi]"' in section

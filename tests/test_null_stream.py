@@ -101,8 +101,9 @@ def test_one_thread_mixing_null_and_blocking_streams_keeps_the_legacy_order(stre
         assert mine == sorted(mine)
 
 
-def test_null_stream_work_waits_for_earlier_blocking_work_not_for_non_blocking(stream, gate,
-                                                                              nonblocking):
+def test_null_stream_work_waits_for_earlier_blocking_work_not_for_non_blocking(
+    stream, gate, nonblocking
+):
     s, nb = stream(), nonblocking()
     g_s, g_nb = gate(), gate()
     ran: list[str] = []
@@ -119,7 +120,8 @@ def test_null_stream_work_waits_for_earlier_blocking_work_not_for_non_blocking(s
 
 
 def test_blocking_work_enqueued_after_null_work_waits_for_it_non_blocking_does_not(
-        stream, gate, nonblocking):
+    stream, gate, nonblocking
+):
     s, nb = stream(), nonblocking()
     g = gate()
     ran: list[str] = []
@@ -236,9 +238,9 @@ def test_host_functions_that_call_null_stream_apis_do_not_deadlock(stream):
         assert done.wait(LIMIT), "a host function calling null-stream APIs deadlocked"
         hip.hipDeviceSynchronize(timeout=LIMIT)
         assert seen[0] == 5 and seen[1] == E.hipErrorNotSupported, seen
-        assert sorted(map(str, seen[2:])) == sorted([
-            "null from blocking", "blocking from blocking", "blocking from null",
-            "null from null"])
+        assert sorted(map(str, seen[2:])) == sorted(
+            ["null from blocking", "blocking from blocking", "blocking from null", "null from null"]
+        )
     finally:
         hip.hipFree(dev)
 
@@ -348,8 +350,12 @@ hip.hipEventDestroy(ev)
 def test_an_ipc_event_recorded_on_the_null_stream_completes_in_another_process():
     ev = hip.hipEventCreateWithFlags(IPC)
     raw = bytes(hip.hipIpcGetEventHandle(ev)).hex()
-    proc = subprocess.Popen([sys.executable, "-c", WAITER, raw], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, env=child_env())
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WAITER, raw],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=child_env(),
+    )
     try:
         assert readline(proc.stdout, LIMIT, "waiter") == "opened\n"
         g = threading.Event()
@@ -390,7 +396,8 @@ def test_null_stream_work_keeps_its_buffers_alive_and_free_waits_for_it(gate):
 
 
 def test_threads_enqueueing_on_null_and_blocking_streams_at_once_neither_deadlock_nor_reorder(
-        stream, nonblocking):
+    stream, nonblocking
+):
     """Four threads mix the null stream, two blocking streams and a non-blocking one, with
     host functions that enqueue more null-stream work; each thread's legacy order holds."""
     s1, s2, nb = stream(), stream(), nonblocking()

@@ -35,6 +35,7 @@ def code_of(fn, *args, **kwargs) -> E:
 def devices(monkeypatch):
     """``devices(n)``: run with ``HIPIPC_HOST_DEVICES=n``; current device and peer access
     are restored at teardown."""
+
     def use(n: int) -> None:
         monkeypatch.setenv("HIPIPC_HOST_DEVICES", str(n))
 
@@ -49,8 +50,7 @@ def test_new_error_codes_have_hips_values():
     assert E.hipErrorPeerAccessNotEnabled == 705
     assert E.hipErrorHostMemoryAlreadyRegistered == 712
     assert E.hipErrorHostMemoryNotRegistered == 713
-    assert hip.hipGetErrorString(713) == \
-        "pointer does not correspond to a registered memory region"
+    assert hip.hipGetErrorString(713) == "pointer does not correspond to a registered memory region"
 
 
 # -- runtime ---------------------------------------------------------------------------
@@ -102,18 +102,21 @@ def test_device_properties_per_device(devices):
     assert code_of(hip.hipGetDeviceProperties, 3) == E.hipErrorInvalidDevice
 
 
-@pytest.mark.parametrize("attr, field", [
-    (A.hipDeviceAttributeMultiprocessorCount, "multiProcessorCount"),
-    (A.hipDeviceAttributeUnifiedAddressing, "unifiedAddressing"),
-    (A.hipDeviceAttributeComputeMode, "computeMode"),
-    (A.hipDeviceAttributeMemoryPoolsSupported, "memoryPoolsSupported"),
-    (A.hipDeviceAttributeCanMapHostMemory, "canMapHostMemory"),
-    (A.hipDeviceAttributeComputeCapabilityMajor, "major"),
-    (A.hipDeviceAttributeComputeCapabilityMinor, "minor"),
-    (A.hipDeviceAttributeWarpSize, "warpSize"),
-    (A.hipDeviceAttributeMaxThreadsPerBlock, "maxThreadsPerBlock"),
-    (A.hipDeviceAttributePciBusId, "pciBusID"),
-])
+@pytest.mark.parametrize(
+    "attr, field",
+    [
+        (A.hipDeviceAttributeMultiprocessorCount, "multiProcessorCount"),
+        (A.hipDeviceAttributeUnifiedAddressing, "unifiedAddressing"),
+        (A.hipDeviceAttributeComputeMode, "computeMode"),
+        (A.hipDeviceAttributeMemoryPoolsSupported, "memoryPoolsSupported"),
+        (A.hipDeviceAttributeCanMapHostMemory, "canMapHostMemory"),
+        (A.hipDeviceAttributeComputeCapabilityMajor, "major"),
+        (A.hipDeviceAttributeComputeCapabilityMinor, "minor"),
+        (A.hipDeviceAttributeWarpSize, "warpSize"),
+        (A.hipDeviceAttributeMaxThreadsPerBlock, "maxThreadsPerBlock"),
+        (A.hipDeviceAttributePciBusId, "pciBusID"),
+    ],
+)
 def test_device_attribute_matches_the_property(attr, field):
     assert hip.hipDeviceGetAttribute(attr, 0) == getattr(hip.hipGetDeviceProperties(0), field)
     assert hip.hipDeviceGetAttribute(int(attr), 0) == hip.hipDeviceGetAttribute(attr, 0)
@@ -124,8 +127,9 @@ def test_device_attribute_values():
     assert hip.hipDeviceGetAttribute(A.hipDeviceAttributeMaxTexture1DWidth, 0) == 0
     assert hip.hipDeviceGetAttribute(A.hipDeviceAttributeMemoryPoolSupportedHandleTypes, 0) == 0
     total = hip.hipGetDeviceProperties(0).totalGlobalMem
-    assert hip.hipDeviceGetAttribute(A.hipDeviceAttributeTotalGlobalMem, 0) == \
-        min(total, 2**31 - 1)  # clamped to INT_MAX, as HIP does
+    assert hip.hipDeviceGetAttribute(A.hipDeviceAttributeTotalGlobalMem, 0) == min(
+        total, 2**31 - 1
+    )  # clamped to INT_MAX, as HIP does
     assert A.hipDeviceAttributeMultiprocessorCount == 63
     assert A.hipDeviceAttributeMemoryPoolsSupported == 88
 
@@ -136,10 +140,14 @@ def test_device_attribute_invalid(attr):
 
 
 def test_device_attribute_invalid_device():
-    assert code_of(hip.hipDeviceGetAttribute, A.hipDeviceAttributeWarpSize, -1) == \
-        E.hipErrorInvalidDevice
-    assert code_of(hip.hipDeviceGetAttribute, A.hipDeviceAttributeWarpSize, 1) == \
-        E.hipErrorInvalidDevice
+    assert (
+        code_of(hip.hipDeviceGetAttribute, A.hipDeviceAttributeWarpSize, -1)
+        == E.hipErrorInvalidDevice
+    )
+    assert (
+        code_of(hip.hipDeviceGetAttribute, A.hipDeviceAttributeWarpSize, 1)
+        == E.hipErrorInvalidDevice
+    )
 
 
 def test_total_mem_capability_name():
@@ -193,8 +201,7 @@ def test_peer_access_is_per_thread_device_but_per_process(devices):
     devices(2)
     hip.hipDeviceEnablePeerAccess(1, 0)
     seen = []
-    t = threading.Thread(target=lambda: seen.append(
-        code_of(hip.hipDeviceEnablePeerAccess, 1, 0)))
+    t = threading.Thread(target=lambda: seen.append(code_of(hip.hipDeviceEnablePeerAccess, 1, 0)))
     t.start()
     t.join(30)
     assert seen == [E.hipErrorPeerAccessAlreadyEnabled]
@@ -273,8 +280,12 @@ def test_pointer_attributes_of_an_import(devices):
         a = hip.hipPointerGetAttributes(ptr + 7)
         assert a.type == hip.hipMemoryTypeDevice
         assert a.device == 0  # the exporter's device, not this thread's current one
-        assert (a.devicePointer, a.hostPointer, a.allocationBase, a.allocationSize) == \
-            (ptr + 7, 0, ptr, 5000)
+        assert (a.devicePointer, a.hostPointer, a.allocationBase, a.allocationSize) == (
+            ptr + 7,
+            0,
+            ptr,
+            5000,
+        )
         hip.hipIpcCloseMemHandle(ptr)
         assert code_of(hip.hipPointerGetAttributes, ptr) == E.hipErrorInvalidValue
 
@@ -332,8 +343,11 @@ def test_host_malloc_is_a_host_buffer():
         a = hip.hipPointerGetAttributes(buf)
         assert a.type == hip.hipMemoryTypeHost == 1
         assert (a.hostPointer, a.devicePointer, a.device) == (addr, addr, 0)
-        assert (a.allocationFlags, a.allocationBase, a.allocationSize) == \
-            (hip.hipHostMallocMapped, addr, nbytes)
+        assert (a.allocationFlags, a.allocationBase, a.allocationSize) == (
+            hip.hipHostMallocMapped,
+            addr,
+            nbytes,
+        )
         assert hip.hipPointerGetAttributes(addr + 10).hostPointer == addr + 10
         assert hip.hipHostGetDevicePointer(buf, 0) == addr
         assert hip.hipHostGetDevicePointer(addr + 7) == addr + 7
@@ -410,8 +424,12 @@ def test_host_register():
     try:
         addr = np.frombuffer(ba, np.uint8).ctypes.data
         a = hip.hipPointerGetAttributes(ba)
-        assert (a.type, a.hostPointer, a.allocationFlags, a.allocationSize) == \
-            (hip.hipMemoryTypeHost, addr, hip.hipHostRegisterMapped, len(ba))
+        assert (a.type, a.hostPointer, a.allocationFlags, a.allocationSize) == (
+            hip.hipMemoryTypeHost,
+            addr,
+            hip.hipHostRegisterMapped,
+            len(ba),
+        )
         assert hip.hipHostGetDevicePointer(addr + 5) == addr + 5
         # Registered memory is used as any host buffer; it cannot be resized meanwhile.
         ptr = hip.hipMalloc(100)
@@ -422,8 +440,10 @@ def test_host_register():
         with pytest.raises(BufferError):
             ba.extend(b"x")
         assert code_of(hip.hipHostRegister, ba, 10) == E.hipErrorHostMemoryAlreadyRegistered
-        assert code_of(hip.hipHostRegister, memoryview(ba)[100:], 10) == \
-            E.hipErrorHostMemoryAlreadyRegistered
+        assert (
+            code_of(hip.hipHostRegister, memoryview(ba)[100:], 10)
+            == E.hipErrorHostMemoryAlreadyRegistered
+        )
         assert code_of(hip.hipHostFree, ba) == E.hipErrorInvalidValue
         assert code_of(hip.hipHostUnregister, addr + 1) == E.hipErrorHostMemoryNotRegistered
     finally:
@@ -436,8 +456,17 @@ def test_host_register():
 
 def test_host_register_negative():
     ba = bytearray(100)
-    for args in ((None, 10), (12345, 10), (ba, 0), (ba, 101), (ba, -1), (b"readonly", 4),
-                 (ba, 10, 0x10), (ba, 10, -1), (np.zeros((4, 4))[:, 0], 8)):
+    for args in (
+        (None, 10),
+        (12345, 10),
+        (ba, 0),
+        (ba, 101),
+        (ba, -1),
+        (b"readonly", 4),
+        (ba, 10, 0x10),
+        (ba, 10, -1),
+        (np.zeros((4, 4))[:, 0], 8),
+    ):
         assert code_of(hip.hipHostRegister, *args) == E.hipErrorInvalidValue, args
     data = b"read-only but registered"
     hip.hipHostRegister(data, len(data), hip.hipHostRegisterReadOnly)
@@ -446,8 +475,7 @@ def test_host_register_negative():
     assert code_of(hip.hipHostUnregister, bytearray(8)) == E.hipErrorHostMemoryNotRegistered
     pinned = hip.hipHostMalloc(64)
     try:
-        assert code_of(hip.hipHostRegister, pinned, 64) == \
-            E.hipErrorHostMemoryAlreadyRegistered
+        assert code_of(hip.hipHostRegister, pinned, 64) == E.hipErrorHostMemoryAlreadyRegistered
         assert code_of(hip.hipHostUnregister, pinned) == E.hipErrorHostMemoryNotRegistered
     finally:
         hip.hipHostFree(pinned)
@@ -456,8 +484,10 @@ def test_host_register_negative():
 def test_host_memory_in_a_forked_child_is_unknown_there():
     pinned = hip.hipHostMalloc(64)
     try:
-        assert in_fork(lambda: code_of(hip.hipPointerGetAttributes, pinned).name) == \
-            "hipErrorInvalidValue"
+        assert (
+            in_fork(lambda: code_of(hip.hipPointerGetAttributes, pinned).name)
+            == "hipErrorInvalidValue"
+        )
     finally:
         hip.hipHostFree(pinned)
 
@@ -511,8 +541,7 @@ def test_wrapped_functions_are_the_modules_and_pickle_by_name():
     assert hip.hipMalloc is hip.runtime.hipMalloc
     assert hip.hipHostMalloc is hip.hostmem.hipHostMalloc
     assert hip.hipMalloc.__name__ == "hipMalloc" and "hipMalloc(0)" in hip.hipMalloc.__doc__
-    assert pickle.loads(pickle.dumps(hip.hipGetDeviceProperties)) is \
-        hip.hipGetDeviceProperties
+    assert pickle.loads(pickle.dumps(hip.hipGetDeviceProperties)) is hip.hipGetDeviceProperties
 
 
 def test_the_device_pointer_of_host_memory_is_a_device_pointer(devices):
@@ -524,8 +553,9 @@ def test_the_device_pointer_of_host_memory_is_a_device_pointer(devices):
     try:
         for host, n in ((pinned, 4096), (res, 8)):
             d_ptr = hip.hipHostGetDevicePointer(host, 0)
-            hip.hipLaunchHostFunc(None, lambda p, n=n: hip.asarray(p, n).__setitem__(
-                slice(None), 10), d_ptr)
+            hip.hipLaunchHostFunc(
+                None, lambda p, n=n: hip.asarray(p, n).__setitem__(slice(None), 10), d_ptr
+            )
             hip.hipDeviceSynchronize(timeout=30)
             assert bytes(memoryview(host)[:n]) == b"\x0a" * n
             dev = hip.hipMalloc(n)

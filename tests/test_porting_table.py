@@ -36,6 +36,7 @@ def row(*names: str):
         for name in names:
             ROWS[name] = fn
         return fn
+
     return register
 
 
@@ -144,8 +145,7 @@ def _row_ipc_memory(monkeypatch):
         expect(E.hipErrorInvalidResourceHandle, hip.hipIpcOpenMemHandle, exporter.handles[0])
 
 
-@row("hipStreamCreateWithFlags", "hipStreamDestroy", "hipStreamSynchronize",
-     "hipStreamQuery")
+@row("hipStreamCreateWithFlags", "hipStreamDestroy", "hipStreamSynchronize", "hipStreamQuery")
 def _row_streams(monkeypatch):
     expect(E.hipErrorInvalidValue, hip.hipStreamCreateWithFlags, 0xFF)
     s = hip.hipStreamCreateWithFlags(hip.hipStreamNonBlocking)
@@ -157,13 +157,19 @@ def _row_streams(monkeypatch):
     expect(E.hipErrorInvalidResourceHandle, hip.hipStreamQuery, s)
 
 
-@row("hipStreamWaitEvent", "hipEventCreate", "hipEventRecord", "hipEventQuery",
-     "hipEventSynchronize", "hipEventElapsedTime", "hipEventDestroy")
+@row(
+    "hipStreamWaitEvent",
+    "hipEventCreate",
+    "hipEventRecord",
+    "hipEventQuery",
+    "hipEventSynchronize",
+    "hipEventElapsedTime",
+    "hipEventDestroy",
+)
 def _row_events(monkeypatch):
     ev = hip.hipEventCreate()
     expect(E.hipErrorInvalidValue, hip.hipStreamWaitEvent, None, ev, 1)
-    for fn in (hip.hipEventRecord, hip.hipEventQuery, hip.hipEventSynchronize,
-               hip.hipEventDestroy):
+    for fn in (hip.hipEventRecord, hip.hipEventQuery, hip.hipEventSynchronize, hip.hipEventDestroy):
         expect(E.hipErrorInvalidValue, fn, None)
     expect(E.hipErrorInvalidValue, hip.hipStreamWaitEvent, None, None)
     untimed = hip.hipEventCreateWithFlags(hip.hipEventDisableTiming)
@@ -198,21 +204,35 @@ def _row_versions(monkeypatch):
     assert hip.hipDriverGetVersion() == hip.hipRuntimeGetVersion() == hip.HIP_VERSION
 
 
-@row("hipGetDeviceProperties", "hipDeviceGetAttribute", "hipDeviceTotalMem",
-     "hipDeviceComputeCapability", "hipDeviceGetName")
+@row(
+    "hipGetDeviceProperties",
+    "hipDeviceGetAttribute",
+    "hipDeviceTotalMem",
+    "hipDeviceComputeCapability",
+    "hipDeviceGetName",
+)
 def _row_device_queries(monkeypatch):
     assert hip.hipGetDeviceProperties(0).unifiedAddressing == 1
-    for fn in (hip.hipGetDeviceProperties, hip.hipDeviceTotalMem,
-               hip.hipDeviceComputeCapability, hip.hipDeviceGetName):
+    for fn in (
+        hip.hipGetDeviceProperties,
+        hip.hipDeviceTotalMem,
+        hip.hipDeviceComputeCapability,
+        hip.hipDeviceGetName,
+    ):
         expect(E.hipErrorInvalidDevice, fn, -1)
         expect(E.hipErrorInvalidDevice, fn, 1)
     expect(E.hipErrorInvalidValue, hip.hipDeviceGetAttribute, -1, 0)
-    expect(E.hipErrorInvalidDevice, hip.hipDeviceGetAttribute,
-           A.hipDeviceAttributeWarpSize, 1)
+    expect(E.hipErrorInvalidDevice, hip.hipDeviceGetAttribute, A.hipDeviceAttributeWarpSize, 1)
 
 
-@row("hipDeviceCanAccessPeer", "hipDeviceEnablePeerAccess", "hipDeviceDisablePeerAccess",
-     "hipDeviceReset", "hipMemcpyPeer", "hipMemcpyPeerAsync")
+@row(
+    "hipDeviceCanAccessPeer",
+    "hipDeviceEnablePeerAccess",
+    "hipDeviceDisablePeerAccess",
+    "hipDeviceReset",
+    "hipMemcpyPeer",
+    "hipMemcpyPeerAsync",
+)
 def _row_peers(monkeypatch):
     monkeypatch.setenv("HIPIPC_HOST_DEVICES", "2")
     try:
@@ -268,8 +288,11 @@ def _row_host_register(monkeypatch):
     expect(E.hipErrorInvalidValue, hip.hipHostRegister, data, 64, 0x10)
     hip.hipHostRegister(data, 64, 0)
     expect(E.hipErrorHostMemoryAlreadyRegistered, hip.hipHostRegister, data, 64, 0)
-    expect(E.hipErrorHostMemoryNotRegistered, hip.hipHostUnregister,
-           np.frombuffer(data, np.uint8).ctypes.data + 4)
+    expect(
+        E.hipErrorHostMemoryNotRegistered,
+        hip.hipHostUnregister,
+        np.frombuffer(data, np.uint8).ctypes.data + 4,
+    )
     hip.hipHostUnregister(data)
     expect(E.hipErrorHostMemoryNotRegistered, hip.hipHostUnregister, data)
     expect(E.hipErrorInvalidValue, hip.hipHostUnregister, None)
@@ -293,13 +316,18 @@ def test_call_row(call, monkeypatch):
 def readme_rows() -> dict[str, str]:
     text = (ROOT / "README.md").read_text()
     section = text.split("### Every hip* call", 1)[1].split("\n## ", 1)[0]
-    return {m.group(1): m.group(2) for m in
-            re.finditer(r"^\| `(hip\w+)` \|(.*)\|$", section, re.MULTILINE)}
+    return {
+        m.group(1): m.group(2)
+        for m in re.finditer(r"^\| `(hip\w+)` \|(.*)\|$", section, re.MULTILINE)
+    }
 
 
 def test_readme_table_lists_every_call_and_each_has_a_test():
-    calls = {n for n in hip.__all__
-             if n.startswith("hip") and isinstance(getattr(hip, n), types.FunctionType)}
+    calls = {
+        n
+        for n in hip.__all__
+        if n.startswith("hip") and isinstance(getattr(hip, n), types.FunctionType)
+    }
     rows = readme_rows()
     assert set(rows) == calls, (sorted(calls - set(rows)), sorted(set(rows) - calls))
     assert set(ROWS) == calls, (sorted(calls - set(ROWS)), sorted(set(ROWS) - calls))

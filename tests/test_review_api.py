@@ -35,8 +35,9 @@ def test_host_register_of_device_memory_is_refused_and_keeps_the_allocation():
     try:
         view = hip.asarray(ptr, (4096,), np.uint8)
         assert code_of(hip.hipHostRegister, view, 16) == E.hipErrorHostMemoryAlreadyRegistered
-        assert code_of(hip.hipHostRegister, view[100:], 16) == \
-            E.hipErrorHostMemoryAlreadyRegistered  # interior too
+        assert (
+            code_of(hip.hipHostRegister, view[100:], 16) == E.hipErrorHostMemoryAlreadyRegistered
+        )  # interior too
         assert hip.hipPointerGetAttributes(ptr).type == hip.hipMemoryTypeDevice
         assert code_of(hip.hipHostUnregister, view) == E.hipErrorHostMemoryNotRegistered
         del view
@@ -50,8 +51,7 @@ def test_host_register_of_imported_memory_is_refused():
         ptr = hip.hipIpcOpenMemHandle(exporter.handles[0], hip.hipIpcMemLazyEnablePeerAccess)
         try:
             view = hip.asarray(ptr, (4096,), np.uint8)
-            assert code_of(hip.hipHostRegister, view, 4096) == \
-                E.hipErrorHostMemoryAlreadyRegistered
+            assert code_of(hip.hipHostRegister, view, 4096) == E.hipErrorHostMemoryAlreadyRegistered
             del view
         finally:
             hip.hipIpcCloseMemHandle(ptr)
@@ -88,8 +88,7 @@ def test_a_buffer_released_by_device_reset_never_frees_the_next_allocation_there
         pytest.skip("the kernel did not reuse the address; nothing to check")
     try:
         assert buf.closed is False  # it does not know yet: every use checks
-        for use in (buf.asarray, lambda b=buf: b[0:8], lambda b=buf: pickle.dumps(b),
-                    buf.close):
+        for use in (buf.asarray, lambda b=buf: b[0:8], lambda b=buf: pickle.dumps(b), buf.close):
             assert code_of(use) == E.hipErrorInvalidValue
         del buf
         gc.collect()
@@ -157,8 +156,10 @@ def test_as_strided_views_are_checked_against_their_allocation():
         a[0] = -5
         assert back[0, 0] == -5  # the same bytes, not a copy
         del back
-        for bad in (as_strided(a, shape=(2000,), strides=(4,), subok=True),
-                    as_strided(a[1000:], shape=(10,), strides=(-4000,), subok=True)):
+        for bad in (
+            as_strided(a, shape=(2000,), strides=(4,), subok=True),
+            as_strided(a[1000:], shape=(10,), strides=(-4000,), subok=True),
+        ):
             assert not hip.is_shared(bad)
             assert code_of(pickle.dumps, bad) == E.hipErrorInvalidValue
         del a, windows, bad
@@ -174,8 +175,13 @@ def test_a_forged_array_pickle_reaching_past_the_allocation_is_refused():
     buf = hip.DeviceBuffer.allocate(4096)
     raw, ticket, offset, shape, strides, dtype = _shared_spec(buf.asarray(np.int32))
     try:
-        for o, sh, st in ((4080, (10,), (4,)), (0, (10,), (-4,)), (0, (2000,), (4,)),
-                          (4092, (2,), (8,)), (-4, (1,), (4,))):
+        for o, sh, st in (
+            (4080, (10,), (4,)),
+            (0, (10,), (-4,)),
+            (0, (2000,), (4,)),
+            (4092, (2,), (8,)),
+            (-4, (1,), (4,)),
+        ):
             with pytest.raises(hip.HipError) as info:
                 _rebuild_array(raw, None, o, sh, st, dtype)
             assert info.value.code == E.hipErrorInvalidValue
@@ -272,8 +278,7 @@ def test_zero_flags_take_any_integer_type_and_refuse_bool():
     try:
         assert hip.hipHostGetDevicePointer(pinned, np.uint8(0)) == pinned.ctypes.data
         assert code_of(hip.hipHostGetDevicePointer, pinned, False) == E.hipErrorInvalidValue
-        assert code_of(hip.hipHostGetDevicePointer, pinned, np.int32(1)) == \
-            E.hipErrorInvalidValue
+        assert code_of(hip.hipHostGetDevicePointer, pinned, np.int32(1)) == E.hipErrorInvalidValue
     finally:
         hip.hipHostFree(pinned)
     assert code_of(hip.hipInit, True) == E.hipErrorInvalidValue

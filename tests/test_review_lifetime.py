@@ -157,7 +157,6 @@ def test_the_exit_revocation_survives_other_threads_creating_events():
     assert run_json(REVOKE_WHILE_EVENTS_CHURN, timeout=120) == []
 
 
-
 def _fork_while_held(lock, in_child) -> int:
     """Fork while another thread holds ``lock`` (as if it were inside the call that takes it)
     and run ``in_child`` in the child; the child's exit code (AssertionError if it hangs)."""
@@ -229,9 +228,12 @@ def test_ctrl_c_during_the_exit_drain_still_revokes_everything():
     rule still revokes the process's exports and removes its store (it never fails halfway),
     without a traceback."""
     path = f"/dev/shm/hipipc-review-{uuid.uuid4().hex[:8]}"
-    proc = subprocess.Popen([sys.executable, "-c", CTRL_C_DURING_THE_EXIT_DRAIN],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=child_env(HIPIPC_STORE=path))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CTRL_C_DURING_THE_EXIT_DRAIN],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=child_env(HIPIPC_STORE=path),
+    )
     try:
         assert readline(proc.stdout, 60).strip() == "exiting"
         time.sleep(1.0)  # inside the drain now

@@ -51,13 +51,16 @@ def test_a_pickled_array_of_python_objects_is_refused(buf, dtype):
     assert store_names() == before
 
 
-@pytest.mark.parametrize("offset, shape, strides", [
-    (2**70, (1,), (1,)),  # before: OverflowError
-    (0, (1,), (2**70,)),
-    (-1, (1,), (1,)),
-    (60, (8,), (1,)),
-    (0, (2,), (-1,)),
-])
+@pytest.mark.parametrize(
+    "offset, shape, strides",
+    [
+        (2**70, (1,), (1,)),  # before: OverflowError
+        (0, (1,), (2**70,)),
+        (-1, (1,), (1,)),
+        (60, (8,), (1,)),
+        (0, (2,), (-1,)),
+    ],
+)
 def test_a_pickled_array_outside_its_allocation_is_refused(buf, offset, shape, strides):
     with pytest.raises(hip.HipError) as info:
         _rebuild_array(bytes(buf.export()), None, offset, shape, strides, "|u1")
@@ -82,6 +85,7 @@ def test_a_malformed_ticket_is_refused(buf, ticket):
     ev = hip.hipEventCreateWithFlags(hip.hipEventInterprocess | hip.hipEventDisableTiming)
     try:
         from hipipc.events import _rebuild_event
+
         with pytest.raises(hip.HipError) as info:
             _rebuild_event(bytes(hip.hipIpcGetEventHandle(ev)), ticket)
         assert info.value.code == E.hipErrorInvalidValue
@@ -117,8 +121,9 @@ def test_a_name_planted_in_dev_shm_is_not_a_mailbox(plant):
     # (FIFO); anyone can plant these under a name they know (/dev/shm is world-writable).
     name = f"/hipipc-review-{uuid.uuid4().hex[:8]}"
     path = "/dev/shm" + name
-    {"directory": os.mkdir, "fifo": os.mkfifo,
-     "symlink": lambda p: os.symlink("/etc/passwd", p)}[plant](path)
+    {"directory": os.mkdir, "fifo": os.mkfifo, "symlink": lambda p: os.symlink("/etc/passwd", p)}[
+        plant
+    ](path)
     try:
         with pytest.raises(hip.HipError) as info:
             Mailbox.attach(name, timeout=5)
@@ -141,6 +146,7 @@ def test_a_mailbox_header_with_impossible_parties_is_refused(parties):
 def test_a_barrier_withdrawal_after_the_count_was_zeroed_times_out_cleanly():
     # Before: struct.error ("argument out of range") packing a count of -1.
     with Mailbox.create(slots=1, parties=2) as box:
+
         def zero() -> None:
             time.sleep(0.2)
             struct.pack_into("<I", box._map, 20, 0)
@@ -176,8 +182,12 @@ ctypes.CDLL(None).pthread_exit(None)  # the main thread only; the leader now sho
 def test_an_exporter_whose_main_thread_exited_is_alive():
     # Before: /proc/<pid>/stat says "Z" for a leader whose threads still run, so the first open
     # declared the exporter dead, refused the handle and unlinked a live export (gc too).
-    proc = subprocess.Popen([sys.executable, "-c", MAIN_THREAD_EXITS], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, env=child_env())
+    proc = subprocess.Popen(
+        [sys.executable, "-c", MAIN_THREAD_EXITS],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=child_env(),
+    )
     try:
         raw = bytes.fromhex(readline(proc.stdout, 60, "exporter"))
         deadline = time.monotonic() + 30
@@ -204,8 +214,9 @@ def test_an_exporter_whose_main_thread_exited_is_alive():
 
 
 NOBODY = 65534
-needs_root = pytest.mark.skipif(os.geteuid() != 0,
-                                reason="switching a child to another uid needs root")
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="switching a child to another uid needs root"
+)
 
 
 def _forged_export_of_an_undumpable_exporter() -> list[str]:

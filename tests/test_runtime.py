@@ -68,7 +68,8 @@ def test_interior_pointer_exports_the_base_handle_and_address_range_gives_the_of
         hip.hipMemGetAddressRange(base + 10000)  # one past the end is not inside
     assert code(exc) == E.hipErrorNotFound  # HIP's code (hip-tests: hipMemGetAddressRange)
     # The importer applies the offset itself, as a CUDA program does.
-    got = run_json("""
+    got = run_json(
+        """
         import json, sys
         import hipipc as hip
         ptr = hip.hipIpcOpenMemHandle(bytes.fromhex(sys.argv[1]))
@@ -77,7 +78,10 @@ def test_interior_pointer_exports_the_base_handle_and_address_range_gives_the_of
         hip.hipMemcpy(ptr + offset, b"interior", 8, hip.hipMemcpyHostToDevice)
         hip.hipIpcCloseMemHandle(ptr)
         print(json.dumps([base == ptr, size]))
-    """, bytes(inner).hex(), "1234")
+    """,
+        bytes(inner).hex(),
+        "1234",
+    )
     assert got == [True, 10000]
     assert read(base + 1234, 8) == b"interior" and read(base + 1226, 8) == bytes(8)
 
@@ -85,13 +89,16 @@ def test_interior_pointer_exports_the_base_handle_and_address_range_gives_the_of
 def test_exporting_twice_gives_the_same_bytes(alloc):
     ptr = alloc(4096)
     first = bytes(hip.hipIpcGetMemHandle(ptr))
-    opened = run_json("""
+    opened = run_json(
+        """
         import json, sys
         import hipipc as hip
         ptr = hip.hipIpcOpenMemHandle(bytes.fromhex(sys.argv[1]))
         hip.hipIpcCloseMemHandle(ptr)
         print(json.dumps(True))
-    """, first.hex())
+    """,
+        first.hex(),
+    )
     assert opened
     assert bytes(hip.hipIpcGetMemHandle(ptr)) == first  # also after an import happened
     assert bytes(hip.hipIpcGetMemHandle(ptr, share="all")) == first  # share: first export
@@ -107,7 +114,8 @@ def test_free_then_new_allocation_at_the_same_address_gets_a_new_handle():
         new = hip.hipIpcGetMemHandle(new_ptr)
         assert new != old and bytes(new)[8:24] != bytes(old)[8:24]
         hip.hipMemset(new_ptr, 0x5A, 8192)
-        got = run_json("""
+        got = run_json(
+            """
             import json, sys
             import hipipc as hip
             out = []
@@ -120,7 +128,10 @@ def test_free_then_new_allocation_at_the_same_address_gets_a_new_handle():
                     out.append(bytes(hip.asarray(ptr, 4)).hex())
                     hip.hipIpcCloseMemHandle(ptr)
             print(json.dumps(out))
-        """, bytes(old).hex(), bytes(new).hex())
+        """,
+            bytes(old).hex(),
+            bytes(new).hex(),
+        )
         assert got == ["hipErrorInvalidHandle", "5a5a5a5a"]  # 400: InvalidResourceHandle
     finally:
         hip.hipFree(new_ptr)
@@ -322,7 +333,8 @@ def test_no_usable_host_device_is_no_device(monkeypatch, value):
 
 
 def test_host_devices_env_reaches_a_spawned_interpreter():
-    got = run_json("""
+    got = run_json(
+        """
         import json
         import hipipc as hip
         hip.hipSetDevice(1)
@@ -330,7 +342,9 @@ def test_host_devices_env_reaches_a_spawned_interpreter():
         out = [hip.hipGetDeviceCount(), hip.hipGetDevice(), hip.hipIpcGetMemHandle(ptr).device]
         hip.hipFree(ptr)
         print(json.dumps(out))
-    """, env=child_env(HIPIPC_HOST_DEVICES="2"))
+    """,
+        env=child_env(HIPIPC_HOST_DEVICES="2"),
+    )
     assert got == [2, 1, 1]
 
 
@@ -355,8 +369,9 @@ def test_memcpy_every_kind_moves_the_bytes(alloc):
     assert bytes(host) == b"\x01" * 256
 
 
-@pytest.mark.parametrize("dst_dev,src_dev", [(True, True), (True, False), (False, True),
-                                             (False, False)])
+@pytest.mark.parametrize(
+    "dst_dev,src_dev", [(True, True), (True, False), (False, True), (False, False)]
+)
 def test_memcpy_default_infers_each_side_from_its_type(alloc, dst_dev, src_dev):
     payload = os.urandom(100)
     if src_dev:
@@ -385,16 +400,16 @@ def test_memcpy_out_of_bounds_is_invalid_value_and_writes_nothing(alloc):
     hip.hipMemset(a, 0xAA, 100)
     hip.hipMemset(b, 0xBB, 100)
     cases = [
-        (a + 50, bytes(51), 51, K.hipMemcpyHostToDevice),       # past the end of dst
+        (a + 50, bytes(51), 51, K.hipMemcpyHostToDevice),  # past the end of dst
         (bytearray(100), a + 1, 100, K.hipMemcpyDeviceToHost),  # past the end of src
         (a, b, 101, K.hipMemcpyDeviceToDevice),
-        (a + 100, b, 1, K.hipMemcpyDeviceToDevice),             # one past the end
-        (a, b + 4000, 1, K.hipMemcpyDeviceToDevice),            # in the page's tail
-        (a, bytes(10), 11, K.hipMemcpyHostToDevice),            # host source too small
-        (bytearray(10), a, 11, K.hipMemcpyDeviceToHost),        # host dest too small
+        (a + 100, b, 1, K.hipMemcpyDeviceToDevice),  # one past the end
+        (a, b + 4000, 1, K.hipMemcpyDeviceToDevice),  # in the page's tail
+        (a, bytes(10), 11, K.hipMemcpyHostToDevice),  # host source too small
+        (bytearray(10), a, 11, K.hipMemcpyDeviceToHost),  # host dest too small
         (a, b, -1, K.hipMemcpyDeviceToDevice),
         (a, b, 1.0, K.hipMemcpyDeviceToDevice),
-        (12345, b, 1, K.hipMemcpyDeviceToDevice),               # not an allocation
+        (12345, b, 1, K.hipMemcpyDeviceToDevice),  # not an allocation
     ]
     for dst, src, n, kind in cases:
         with pytest.raises(hip.HipError) as exc:
@@ -407,13 +422,13 @@ def test_memcpy_sides_of_the_wrong_type_are_invalid_value(alloc):
     a = alloc(64)
     host = bytearray(64)
     cases = [
-        (host, b"x" * 64, K.hipMemcpyHostToDevice),   # device dst given as a buffer
-        (a, a, K.hipMemcpyHostToDevice),              # host src given as a pointer
-        (host, host, K.hipMemcpyDeviceToHost),        # device src given as a buffer
-        (a, a, K.hipMemcpyDeviceToHost),              # host dst given as a pointer
+        (host, b"x" * 64, K.hipMemcpyHostToDevice),  # device dst given as a buffer
+        (a, a, K.hipMemcpyHostToDevice),  # host src given as a pointer
+        (host, host, K.hipMemcpyDeviceToHost),  # device src given as a buffer
+        (a, a, K.hipMemcpyDeviceToHost),  # host dst given as a pointer
         (a, host, K.hipMemcpyDeviceToDevice),
         (host, a, K.hipMemcpyHostToHost),
-        (True, a, K.hipMemcpyDeviceToDevice),         # a bool is not a pointer
+        (True, a, K.hipMemcpyDeviceToDevice),  # a bool is not a pointer
         (a, None, K.hipMemcpyDefault),
         (a, "text", K.hipMemcpyDefault),
         (np.zeros(128, np.uint8)[::2], a, K.hipMemcpyDefault),  # not contiguous
@@ -429,8 +444,11 @@ def test_memcpy_into_read_only_memory_is_invalid_value(alloc):
     frozen = np.zeros(16, dtype=np.uint8)
     frozen.flags.writeable = False
     for dst in (bytes(16), memoryview(bytes(16)), frozen):
-        for src, kind in ((a, K.hipMemcpyDeviceToHost), (bytearray(16), K.hipMemcpyHostToHost),
-                          (a, K.hipMemcpyDefault)):
+        for src, kind in (
+            (a, K.hipMemcpyDeviceToHost),
+            (bytearray(16), K.hipMemcpyHostToHost),
+            (a, K.hipMemcpyDefault),
+        ):
             with pytest.raises(hip.HipError) as exc:
                 hip.hipMemcpy(dst, src, 16, kind)
             assert code(exc) == E.hipErrorInvalidValue
@@ -484,15 +502,23 @@ def test_asarray_is_a_zero_copy_bounds_checked_view(alloc):
     assert view.__array_interface__["data"][0] == a + 8 and view.shape == (2, 3)
     view[:] = 5
     assert np.frombuffer(read(a + 8, 48), np.int64).tolist() == [5] * 6
-    for args in ((a, 65), (a + 8, (8,), np.int64), (a, (-1,)), (a, 8, "no-such-dtype"),
-                 (None, 8), (12345, 8)):
+    for args in (
+        (a, 65),
+        (a + 8, (8,), np.int64),
+        (a, (-1,)),
+        (a, 8, "no-such-dtype"),
+        (None, 8),
+        (12345, 8),
+    ):
         with pytest.raises(hip.HipError) as exc:
             hip.asarray(*args)
         assert code(exc) == E.hipErrorInvalidValue
 
 
-@pytest.mark.parametrize("shape,dtype", [((2**32, 2**32), np.uint8), ((2**62 + 1, 4), np.uint8),
-                                         (3.0, np.uint8), ((4,), object)])
+@pytest.mark.parametrize(
+    "shape,dtype",
+    [((2**32, 2**32), np.uint8), ((2**62 + 1, 4), np.uint8), (3.0, np.uint8), ((4,), object)],
+)
 def test_asarray_of_an_impossible_shape_or_dtype_is_invalid_value(alloc, shape, dtype):
     # Huge shapes must not wrap around in a fixed-width product; numpy's own errors for float
     # shapes and object dtypes must not escape as anything but HipError.
@@ -550,9 +576,14 @@ def test_views_keep_memory_alive_after_free_and_close(alloc):
     proc = run_python(VIEWS_OUTLIVE, bytes(hip.hipIpcGetMemHandle(ptr)).hex())
     assert proc.returncode == 0, (proc.returncode, proc.stderr.decode())
     got = json.loads(proc.stdout.decode().splitlines()[-1])
-    assert got == {"own_read": True, "own_write": True, "mapped_while_part_lives": True,
-                   "unmapped_after_last_view": True, "import_read": True,
-                   "import_unmapped": True}
+    assert got == {
+        "own_read": True,
+        "own_write": True,
+        "mapped_while_part_lives": True,
+        "unmapped_after_last_view": True,
+        "import_read": True,
+        "import_unmapped": True,
+    }
     assert read(ptr, 17) == b"\x43" * 16 + b"\x42"  # the importer's late write landed here
 
 
@@ -586,9 +617,12 @@ def test_handles_through_a_pipe_to_a_spawned_interpreter(alloc):
         hip.hipMemcpy(ptr, np.arange(1024, dtype=np.int32), 4096)
     from_parent, to_child = os.pipe()
     from_child, to_parent = os.pipe()
-    proc = subprocess.Popen([sys.executable, "-c", PIPE_CONSUMER, str(from_parent),
-                             str(to_parent)], pass_fds=(from_parent, to_parent),
-                            env=child_env(), stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PIPE_CONSUMER, str(from_parent), str(to_parent)],
+        pass_fds=(from_parent, to_parent),
+        env=child_env(),
+        stderr=subprocess.PIPE,
+    )
     os.close(from_parent)
     os.close(to_parent)
     try:
@@ -622,8 +656,12 @@ def readline_byte(stream, timeout: float = 30) -> bytes:
 class SharedStruct(ctypes.Structure):
     """simpleIPC's shared struct, as a ported program lays it out: handles in byte slots."""
 
-    _fields_ = [("ready", ctypes.c_int32), ("nprocs", ctypes.c_int32),
-                ("handles", (ctypes.c_ubyte * 64) * 2), ("done", ctypes.c_int32 * 4)]
+    _fields_ = [
+        ("ready", ctypes.c_int32),
+        ("nprocs", ctypes.c_int32),
+        ("handles", (ctypes.c_ubyte * 64) * 2),
+        ("done", ctypes.c_int32 * 4),
+    ]
 
 
 def _struct_consumer(name: str, rank: int) -> None:

@@ -25,8 +25,9 @@ from hipipc.store import PAGE_SIZE, HandleStore
 
 E = hip.hipError_t
 NOBODY = 65534
-needs_root = pytest.mark.skipif(os.geteuid() != 0,
-                                reason="switching a child to another uid needs root")
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="switching a child to another uid needs root"
+)
 
 
 @pytest.fixture
@@ -76,8 +77,13 @@ def test_segment_names_maps_and_listings_never_show_handle_bytes(exported):
     names = os.listdir(store_path())
     with open("/proc/self/maps") as f:
         maps = f.read()
-    listing = subprocess.run([sys.executable, "-m", "hipipc", "ls", "--json"],
-                             capture_output=True, text=True, timeout=60, env=child_env())
+    listing = subprocess.run(
+        [sys.executable, "-m", "hipipc", "ls", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=child_env(),
+    )
     assert listing.returncode == 0, listing.stderr
     texts = names + [maps, listing.stdout]
     for handle in handles:
@@ -89,7 +95,7 @@ def test_segment_names_maps_and_listings_never_show_handle_bytes(exported):
             # Not even 6 consecutive secret bytes (shorter windows would match the hex
             # addresses in /proc/self/maps by chance now and then).
             for i in range(len(secret) - 5):
-                assert secret[i:i + 6].hex() not in text
+                assert secret[i : i + 6].hex() not in text
 
 
 def test_share_env_sets_the_segment_mode(exported, monkeypatch):
@@ -231,12 +237,14 @@ def _mode(mode: int):
     def tamper(s: TempStore) -> str:
         os.chmod(s.path, mode)
         return f"mode {mode:04o}"
+
     tamper.__name__ = f"mode_{mode:04o}"
     return tamper
 
 
 STORE_TAMPERING = [_symlink, _not_a_directory, pytest.param(_owner, marks=needs_root)] + [
-    _mode(m) for m in (0o751, 0o715, 0o731, 0o713, 0o755, 0o777, 0o1777)]
+    _mode(m) for m in (0o751, 0o715, 0o731, 0o713, 0o755, 0o777, 0o1777)
+]
 
 
 @pytest.mark.parametrize("tamper", STORE_TAMPERING, ids=lambda f: getattr(f, "__name__", f))
@@ -355,9 +363,14 @@ def _segment_owner(s: TempStore) -> str:
     return f"uid {NOBODY}"
 
 
-SEGMENT_TAMPERING = [_segment_symlink, _segment_exec_bit, _segment_setuid_bit,
-                     _segment_truncated, _segment_header_rewritten,
-                     pytest.param(_segment_owner, marks=needs_root)]
+SEGMENT_TAMPERING = [
+    _segment_symlink,
+    _segment_exec_bit,
+    _segment_setuid_bit,
+    _segment_truncated,
+    _segment_header_rewritten,
+    pytest.param(_segment_owner, marks=needs_root),
+]
 
 
 @pytest.mark.parametrize("tamper", SEGMENT_TAMPERING, ids=lambda f: getattr(f, "__name__", f))

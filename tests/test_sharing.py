@@ -118,9 +118,12 @@ conn.recv()  # the receiver's last word, then a normal exit
 def test_a_loop_sending_and_dropping_ten_thousand_buffers_stays_bounded():
     n = 10_000
     parent, child = mp.Pipe()
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(SENDER_LOOP),
-                             str(child.fileno()), str(n)], env=child_env(),
-                            pass_fds=(child.fileno(),), stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(SENDER_LOOP), str(child.fileno()), str(n)],
+        env=child_env(),
+        pass_fds=(child.fileno(),),
+        stderr=subprocess.PIPE,
+    )
     child.close()
     peak = 0
     try:
@@ -163,8 +166,12 @@ if sys.stdin.readline().strip() == "kill":
 
 
 def start_sender() -> tuple[subprocess.Popen, bytes]:
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(SENDER)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=child_env())
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(SENDER)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=child_env(),
+    )
     try:
         data = bytes.fromhex(readline(proc.stdout, 60, "sender").strip())
     except BaseException:
@@ -193,8 +200,13 @@ def test_sender_alive_receiver_opens_after_the_sender_dropped():
     proc, data = start_sender()
     try:
         assert len(store_names()) == 1  # the ticket: the main name was revoked at the drop
-        out = subprocess.run([sys.executable, "-c", textwrap.dedent(RECEIVER), data.hex()],
-                             input=b"\n", capture_output=True, timeout=60, env=child_env())
+        out = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(RECEIVER), data.hex()],
+            input=b"\n",
+            capture_output=True,
+            timeout=60,
+            env=child_env(),
+        )
         assert out.stdout.decode().strip() == "ok", out.stderr.decode()
         assert store_names() == set()  # consumed; the receiver's exit unmapped the rest
     finally:
@@ -222,8 +234,11 @@ def test_sender_exits_normally_before_the_receiver_opens():
 def test_receiver_killed_before_it_opens(sender_end):
     proc, data = start_sender()
     try:
-        receiver = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
-                                    stdin=subprocess.PIPE, env=child_env())
+        receiver = subprocess.Popen(
+            [sys.executable, "-c", "import sys; sys.stdin.read()"],
+            stdin=subprocess.PIPE,
+            env=child_env(),
+        )
         receiver.kill()  # it got the pickle (argv would do) and died before opening it
         receiver.wait(30)
         receiver.stdin.close()
@@ -240,8 +255,12 @@ def test_receiver_killed_before_it_opens(sender_end):
 def test_receiver_killed_after_it_opened():
     proc, data = start_sender()
     try:
-        rec = subprocess.Popen([sys.executable, "-c", textwrap.dedent(RECEIVER), data.hex()],
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=child_env())
+        rec = subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(RECEIVER), data.hex()],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=child_env(),
+        )
         assert readline(rec.stdout, 60, "receiver").strip() == "ok"
         assert store_names() == set()  # consumed: only the receiver's mapping holds it
         rec.kill()
@@ -257,7 +276,11 @@ def test_close_keeps_immediate_revocation_for_raw_handles():
     raw = bytes(buf.handle)
     data = pickle.dumps(buf)
     buf.close()
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent("""
         import pickle, sys
         import hipipc as hip
         try:
@@ -266,7 +289,14 @@ def test_close_keeps_immediate_revocation_for_raw_handles():
             print(exc.code.value)
         b = pickle.loads(bytes.fromhex(sys.argv[2]))
         print(b.size)
-        """), raw.hex(), data.hex()], capture_output=True, timeout=60, env=child_env())
+        """),
+            raw.hex(),
+            data.hex(),
+        ],
+        capture_output=True,
+        timeout=60,
+        env=child_env(),
+    )
     assert out.stdout.decode().split() == ["400", "64"], out.stderr.decode()
 
 
@@ -307,8 +337,12 @@ def _check_views(items) -> list:
     SharedArray of the same layout; it is negated in place for the parent to see."""
     out = []
     for arr, expect, strides in items:
-        out.append(isinstance(arr, SharedArray) and arr.strides == strides
-                   and arr.dtype == expect.dtype and np.array_equal(arr, expect))
+        out.append(
+            isinstance(arr, SharedArray)
+            and arr.strides == strides
+            and arr.dtype == expect.dtype
+            and np.array_equal(arr, expect)
+        )
         arr[...] = -arr
     return out
 
@@ -337,8 +371,9 @@ def test_strided_views_travel_with_offset_shape_strides_and_dtype(method):
         for make in VIEWS:
             view = make(x)
             assert is_shared(view)
-            got += pool.apply_async(_check_views, ([(view, view.copy(), view.strides)],)
-                                    ).get(TIMEOUT)
+            got += pool.apply_async(_check_views, ([(view, view.copy(), view.strides)],)).get(
+                TIMEOUT
+            )
             r = make(ref)
             r[...] = -r  # what the child did to the shared bytes
     assert got == [True] * len(VIEWS)
@@ -350,13 +385,22 @@ def test_a_slice_arrives_with_its_offset_not_the_base():
     """The naive port of numba's slice test read [0..6] instead of [3..9]."""
     buf = hip.DeviceBuffer.allocate(16)
     buf.asarray()[:] = np.arange(16)
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent("""
         import pickle, sys
         b, a = pickle.loads(bytes.fromhex(sys.argv[1]))
         print(b.asarray().tolist(), a.tolist(), a.strides)
         a[0] = 99
-        """), pickle.dumps((buf[3:9], buf.asarray(np.uint8)[3:9:2])).hex()],
-        capture_output=True, timeout=60, env=child_env())
+        """),
+            pickle.dumps((buf[3:9], buf.asarray(np.uint8)[3:9:2])).hex(),
+        ],
+        capture_output=True,
+        timeout=60,
+        env=child_env(),
+    )
     assert out.stdout.decode().strip() == "[3, 4, 5, 6, 7, 8] [3, 5, 7] (2,)", out.stderr
     assert buf.asarray()[3] == 99
     buf.close()
@@ -385,12 +429,21 @@ def test_arrays_not_backed_by_hipipc_memory_pickle_as_numpy_does():
 def test_empty_buffers_and_arrays_can_be_sent():
     empty = hip.DeviceBuffer.allocate(0)
     buf = hip.DeviceBuffer.allocate(8)
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent("""
         import pickle, sys
         e, v, a = pickle.loads(bytes.fromhex(sys.argv[1]))
         print(e.size, v.size, a.shape, a.dtype, len(e.asarray()))
-        """), pickle.dumps((empty, buf[4:4], buf.asarray(np.float64)[1:1])).hex()],
-        capture_output=True, timeout=60, env=child_env())
+        """),
+            pickle.dumps((empty, buf[4:4], buf.asarray(np.float64)[1:1])).hex(),
+        ],
+        capture_output=True,
+        timeout=60,
+        env=child_env(),
+    )
     assert out.stdout.decode().split() == ["0", "0", "(0,)", "float64", "0"], out.stderr
     assert empty.ptr == 0 and not empty.closed
     empty.close()
@@ -453,11 +506,21 @@ def test_a_sent_event_survives_its_creator_dropping_it():
     data = pickle.dumps(ev)
     del ev
     gc.collect()
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent("""
         import pickle, sys
         import hipipc as hip
         ev = pickle.loads(bytes.fromhex(sys.argv[1]))
         print(hip.hipEventQuery(ev).name)
-        """), data.hex()], capture_output=True, timeout=60, env=child_env())
+        """),
+            data.hex(),
+        ],
+        capture_output=True,
+        timeout=60,
+        env=child_env(),
+    )
     assert out.stdout.decode().strip() == "hipSuccess", out.stderr.decode()
     # The ticket was consumed and both sides dropped the event: the fixture finds nothing.

@@ -291,8 +291,7 @@ def test_null_stream_is_asynchronous_to_the_host(null, device_mem):
     assert code_of(exc) == E.hipErrorInvalidHandle
 
 
-def test_null_stream_waits_for_blocking_streams_but_not_non_blocking_ones(stream, gate,
-                                                                        device_mem):
+def test_null_stream_waits_for_blocking_streams_but_not_non_blocking_ones(stream, gate, device_mem):
     """CUDA's legacy default stream: null-stream work first waits for the blocking streams."""
     dev = device_mem(4096)
     blocking, g_b, g_nb = stream(), gate(), gate()
@@ -330,8 +329,7 @@ def test_null_stream_waits_for_blocking_streams_but_not_non_blocking_ones(stream
 # -- async copies and memsets ----------------------------------------------------------
 
 
-def test_async_copies_and_memsets_run_in_stream_order_with_every_kind(stream, gate,
-                                                                     device_mem):
+def test_async_copies_and_memsets_run_in_stream_order_with_every_kind(stream, gate, device_mem):
     n = 64 << 10
     s = stream()
     g = gate()
@@ -386,25 +384,43 @@ def test_bounds_and_argument_errors_are_raised_at_enqueue_time(stream, gate, dev
     host = np.zeros(8192, np.uint8)
     hip.hipLaunchHostFunc(s, hold, g)  # the checks must not wait for the stream
     cases = [
-        (lambda: hip.hipMemcpyAsync(host, dev, 4097, hip.hipMemcpyDeviceToHost, s),
-         E.hipErrorInvalidValue),
-        (lambda: hip.hipMemcpyAsync(host, dev + 4000, 97, hip.hipMemcpyDeviceToHost, s),
-         E.hipErrorInvalidValue),
-        (lambda: hip.hipMemcpyAsync(dev, host, 4097, hip.hipMemcpyHostToDevice, s),
-         E.hipErrorInvalidValue),
-        (lambda: hip.hipMemcpyAsync(dev, dev + 1, 4096, hip.hipMemcpyDeviceToDevice, s),
-         E.hipErrorInvalidValue),
-        (lambda: hip.hipMemcpyAsync(host[:10], dev, 11, hip.hipMemcpyDeviceToHost, s),
-         E.hipErrorInvalidValue),
-        (lambda: hip.hipMemcpyAsync(bytes(16), dev, 16, hip.hipMemcpyDeviceToHost, s),
-         E.hipErrorInvalidValue),  # read-only destination
-        (lambda: hip.hipMemcpyAsync(host, dev + 8192, 1, hip.hipMemcpyDeviceToHost, s),
-         E.hipErrorInvalidValue),  # not a pointer of this process
+        (
+            lambda: hip.hipMemcpyAsync(host, dev, 4097, hip.hipMemcpyDeviceToHost, s),
+            E.hipErrorInvalidValue,
+        ),
+        (
+            lambda: hip.hipMemcpyAsync(host, dev + 4000, 97, hip.hipMemcpyDeviceToHost, s),
+            E.hipErrorInvalidValue,
+        ),
+        (
+            lambda: hip.hipMemcpyAsync(dev, host, 4097, hip.hipMemcpyHostToDevice, s),
+            E.hipErrorInvalidValue,
+        ),
+        (
+            lambda: hip.hipMemcpyAsync(dev, dev + 1, 4096, hip.hipMemcpyDeviceToDevice, s),
+            E.hipErrorInvalidValue,
+        ),
+        (
+            lambda: hip.hipMemcpyAsync(host[:10], dev, 11, hip.hipMemcpyDeviceToHost, s),
+            E.hipErrorInvalidValue,
+        ),
+        (
+            lambda: hip.hipMemcpyAsync(bytes(16), dev, 16, hip.hipMemcpyDeviceToHost, s),
+            E.hipErrorInvalidValue,
+        ),  # read-only destination
+        (
+            lambda: hip.hipMemcpyAsync(host, dev + 8192, 1, hip.hipMemcpyDeviceToHost, s),
+            E.hipErrorInvalidValue,
+        ),  # not a pointer of this process
         (lambda: hip.hipMemcpyAsync(host, dev, 16, 9, s), E.hipErrorInvalidMemcpyDirection),
-        (lambda: hip.hipMemcpyAsync(dev, dev, 16, hip.hipMemcpyHostToDevice, s),
-         E.hipErrorInvalidValue),  # int where a host buffer belongs
-        (lambda: hip.hipMemcpyAsync(host, host, -1, hip.hipMemcpyHostToHost, s),
-         E.hipErrorInvalidValue),
+        (
+            lambda: hip.hipMemcpyAsync(dev, dev, 16, hip.hipMemcpyHostToDevice, s),
+            E.hipErrorInvalidValue,
+        ),  # int where a host buffer belongs
+        (
+            lambda: hip.hipMemcpyAsync(host, host, -1, hip.hipMemcpyHostToHost, s),
+            E.hipErrorInvalidValue,
+        ),
         (lambda: hip.hipMemsetAsync(dev, 1, 4097, s), E.hipErrorInvalidValue),
         (lambda: hip.hipMemsetAsync(dev + 4095, 1, 2, s), E.hipErrorInvalidValue),
         (lambda: hip.hipMemsetAsync(host, 1, 16, s), E.hipErrorInvalidValue),
@@ -712,8 +728,13 @@ FREED_WHILE_PENDING = textwrap.dedent(r"""
 def test_async_operations_on_memory_freed_or_closed_before_they_run_do_not_crash():
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-c", FREED_WHILE_PENDING], capture_output=True,
-                          text=True, timeout=60, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", FREED_WHILE_PENDING],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
     assert proc.stdout.strip() == "ok"
 
@@ -796,8 +817,10 @@ def test_wrong_argument_types_are_invalid_value(stream, device_mem):
                     call()
                 assert code_of(exc) == E.hipErrorInvalidValue, (bad, i)
         for bad in ("e", None, 0, s, object()):
-            for call in (lambda b=bad: hip.hipStreamWaitEvent(s, b, 0),
-                         lambda b=bad: hip.hipEventRecord(b, s)):
+            for call in (
+                lambda b=bad: hip.hipStreamWaitEvent(s, b, 0),
+                lambda b=bad: hip.hipEventRecord(b, s),
+            ):
                 with pytest.raises(hip.HipError) as exc:
                     call()
                 assert code_of(exc) == E.hipErrorInvalidValue, bad

@@ -42,7 +42,8 @@ def test_mailbox_slots_roundtrip_and_names_are_unlinked():
         assert box.is_creator and box.slots == 3 and box.parties == 2
         # One segment and three semaphores, all of them named after the mailbox.
         assert sorted(shm_names_with(token)) == sorted(
-            [token] + [f"sem.{token}-{s}" for s in ("lock", "gate0", "gate1")])
+            [token] + [f"sem.{token}-{s}" for s in ("lock", "gate0", "gate1")]
+        )
         assert box.get(0) == (None, None)
         box.put(0, mem=mem)
         box.put(2, mem=bytes(mem), event=event)
@@ -71,8 +72,13 @@ def test_mailbox_rejects_bad_slots_handles_and_sizes():
             box.put(0, mem=fake_event_handle())  # an event handle in the memory side
         with pytest.raises(hip.HipError):
             box.put(0, event=b"short")
-    for kwargs in ({"slots": 0}, {"parties": 0}, {"slots": 1.5}, {"name": "no-slash"},
-                   {"name": "/a/b"}):
+    for kwargs in (
+        {"slots": 0},
+        {"parties": 0},
+        {"slots": 1.5},
+        {"name": "no-slash"},
+        {"name": "/a/b"},
+    ):
         with pytest.raises(hip.HipError) as exc:
             hip.Mailbox.create(**kwargs)
         assert exc.value.code == hip.hipError_t.hipErrorInvalidValue
@@ -205,8 +211,10 @@ def test_barrier_stays_consistent_when_parties_keep_timing_out():
         with pytest.raises(TimeoutError):
             box.wait(timeout=0.05)
         results: list = []
-        clean = [threading.Thread(target=lambda: results.append(box.wait(timeout=10)))
-                 for _ in range(parties)]
+        clean = [
+            threading.Thread(target=lambda: results.append(box.wait(timeout=10)))
+            for _ in range(parties)
+        ]
         for t in clean:
             t.start()
         for t in clean:
@@ -245,8 +253,7 @@ def _mailbox_peer(name: str, rank: int, parties: int) -> None:
 def test_mailbox_across_processes_exchanges_handles_with_barriers():
     parties = 3
     with hip.Mailbox.create(slots=parties, parties=parties) as box:
-        procs = [SPAWN.Process(target=_mailbox_peer, args=(box.name, r, parties))
-                 for r in (1, 2)]
+        procs = [SPAWN.Process(target=_mailbox_peer, args=(box.name, r, parties)) for r in (1, 2)]
         for p in procs:
             p.start()
         try:
@@ -361,8 +368,11 @@ def test_socket_framing_partial_timeout_eof_and_truncation():
         hip.send_handle(a, mem, timeout=5)
         assert hip.recv_handle(b, timeout=5) == mem
         # A handle split over several writes is reassembled.
-        sender = threading.Thread(target=lambda: [a.sendall(raw[i:i + 10]) or time.sleep(0.01)
-                                                  for i in range(0, 64, 10)])
+        sender = threading.Thread(
+            target=lambda: [
+                a.sendall(raw[i : i + 10]) or time.sleep(0.01) for i in range(0, 64, 10)
+            ]
+        )
         sender.start()
         assert hip.recv_handle(b, timeout=10) == mem
         sender.join(10)

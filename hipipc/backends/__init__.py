@@ -28,8 +28,12 @@ def create_backend(store: HandleStore, name: str | None = None) -> Backend:
     if choice in ("host", "auto"):
         return HostBackend(store)
     if choice == "cupy":
-        raise HipError(hipError_t.hipErrorNotSupported,
-                       "the cupy (GPU) backend is not part of this release; "
-                       f"unset ${BACKEND_ENV} or set it to host")
-    raise HipError(hipError_t.hipErrorInvalidValue,
-                   f"${BACKEND_ENV}={short_repr(choice)}: expected host, cupy or auto")
+        raise HipError(
+            hipError_t.hipErrorNotSupported,
+            "the cupy (GPU) backend is not part of this release; "
+            f"unset ${BACKEND_ENV} or set it to host",
+        )
+    raise HipError(
+        hipError_t.hipErrorInvalidValue,
+        f"${BACKEND_ENV}={short_repr(choice)}: expected host, cupy or auto",
+    )

@@ -88,8 +88,9 @@ class Backend(abc.ABC):
         """Unmap an import whose last reference was closed."""
 
     @abc.abstractmethod
-    def asarray(self, region: Region, offset: int, shape: tuple[int, ...], dtype: Any
-                ) -> NDArray[Any]:
+    def asarray(
+        self, region: Region, offset: int, shape: tuple[int, ...], dtype: Any
+    ) -> NDArray[Any]:
         """A zero-copy array over ``region`` from ``offset`` that keeps the memory alive."""
 
     @abc.abstractmethod

@@ -114,8 +114,15 @@ from typing import Any
 from ..errors import HipError, hipError_t
 from ..store import own_process, process_alive
 
-__all__ = ["EventState", "STATE_SIZE", "WINDOW", "STRAGGLERS", "LIVENESS_INTERVAL",
-           "LOCK_TIMEOUT", "Target"]
+__all__ = [
+    "EventState",
+    "STATE_SIZE",
+    "WINDOW",
+    "STRAGGLERS",
+    "LIVENESS_INTERVAL",
+    "LOCK_TIMEOUT",
+    "Target",
+]
 
 WINDOW = 4096  # numbers above the floor with a done slot: 16 KiB of u32
 _LOCKLESS_SPAN = 256  # a completion this close to the newest record takes no lock
@@ -133,8 +140,9 @@ _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
 
 # Where the futex syscall number is unknown, waiters poll every 0.5 ms instead of sleeping.
-_SYS_FUTEX = {"x86_64": 202, "aarch64": 98, "ppc64le": 221, "s390x": 238,
-              "riscv64": 98}.get(platform.machine())
+_SYS_FUTEX = {"x86_64": 202, "aarch64": 98, "ppc64le": 221, "s390x": 238, "riscv64": 98}.get(
+    platform.machine()
+)
 # No FUTEX_PRIVATE_FLAG: the word lives in a shared file mapping, waited on by other processes.
 _FUTEX_WAIT, _FUTEX_WAKE = 0, 1
 _INT_MAX = 0x7FFFFFFF
@@ -156,8 +164,9 @@ def _futex_wait(addr: ctypes.c_void_p, expected: int, seconds: float) -> int:
         time.sleep(min(seconds, 0.0005))
         return errno.ETIMEDOUT
     ts = _Timespec(int(seconds), int((seconds % 1.0) * 1e9))
-    rc = _syscall(_NR_FUTEX, addr, _OP_WAIT, ctypes.c_long(expected), ctypes.byref(ts), _NULL,
-                  _ZERO)
+    rc = _syscall(
+        _NR_FUTEX, addr, _OP_WAIT, ctypes.c_long(expected), ctypes.byref(ts), _NULL, _ZERO
+    )
     return 0 if rc == 0 else ctypes.get_errno()
 
 
@@ -172,9 +181,13 @@ _F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)  # Linux's value; Python >= 3.9
 
 
 class _Flock(ctypes.Structure):  # struct flock, laid out by the C compiler's rules
-    _fields_ = [("l_type", ctypes.c_short), ("l_whence", ctypes.c_short),
-                ("l_start", ctypes.c_int64), ("l_len", ctypes.c_int64),
-                ("l_pid", ctypes.c_int)]  # 0: required for OFD locks
+    _fields_ = [
+        ("l_type", ctypes.c_short),
+        ("l_whence", ctypes.c_short),
+        ("l_start", ctypes.c_int64),
+        ("l_len", ctypes.c_int64),
+        ("l_pid", ctypes.c_int),
+    ]  # 0: required for OFD locks
 
 
 _WRLCK = bytes(_Flock(fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0))
@@ -203,8 +216,9 @@ def _pending_for(fd: int) -> _Pending:
     try:
         st = os.fstat(fd)
     except OSError as exc:
-        raise HipError(hipError_t.hipErrorOperatingSystem,
-                       f"cannot stat the event's segment: {exc.strerror}") from exc
+        raise HipError(
+            hipError_t.hipErrorOperatingSystem, f"cannot stat the event's segment: {exc.strerror}"
+        ) from exc
     with _pending_lock:
         pending = _pending_by_segment.get((st.st_dev, st.st_ino))
         if pending is None:
@@ -224,9 +238,11 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _lock_timeout(holder: str) -> HipError:
-    return HipError(hipError_t.hipErrorLaunchTimeOut,
-                    f"the event's lock stayed taken for {LOCK_TIMEOUT} s by {holder} (stopped "
-                    "or in a debugger?); nothing was recorded, try again")
+    return HipError(
+        hipError_t.hipErrorLaunchTimeOut,
+        f"the event's lock stayed taken for {LOCK_TIMEOUT} s by {holder} (stopped "
+        "or in a debugger?); nothing was recorded, try again",
+    )
 
 
 # -- validation ------------------------------------------------------------------------------
@@ -261,9 +277,10 @@ Target = tuple[int, int, int, int]
 
 
 def _corrupt(what: str) -> HipError:
-    return HipError(hipError_t.hipErrorInvalidResourceHandle,
-                    f"the event's shared state is corrupt ({what}); destroy it and create "
-                    "another")
+    return HipError(
+        hipError_t.hipErrorInvalidResourceHandle,
+        f"the event's shared state is corrupt ({what}); destroy it and create another",
+    )
 
 
 def _check_counters(floor: int, recorded: int, count: int) -> None:
@@ -282,9 +299,28 @@ class EventState:
     waiter can outlive ``hipEventDestroy`` safely.
     """
 
-    __slots__ = ("addr", "shared", "_keepalive", "_fd", "_tlock", "_epoch", "_mine", "_lost",
-                 "_generation", "_futex", "_recorded", "_pid", "_floor", "_start", "_pidns",
-                 "_version", "_completed_ns", "_nstragglers", "_stragglers", "_done")
+    __slots__ = (
+        "addr",
+        "shared",
+        "_keepalive",
+        "_fd",
+        "_tlock",
+        "_epoch",
+        "_mine",
+        "_lost",
+        "_generation",
+        "_futex",
+        "_recorded",
+        "_pid",
+        "_floor",
+        "_start",
+        "_pidns",
+        "_version",
+        "_completed_ns",
+        "_nstragglers",
+        "_stragglers",
+        "_done",
+    )
 
     def __init__(self, addr: int, keepalive: Any, fd: int = -1) -> None:
         # Records of this process not yet completed.  First: on failure the caller keeps fd.
@@ -348,8 +384,10 @@ class EventState:
         delay = 0.00002
         while True:
             if exc.errno not in _BUSY:
-                raise HipError(hipError_t.hipErrorOperatingSystem,
-                               f"cannot lock the event's segment: {exc.strerror}")
+                raise HipError(
+                    hipError_t.hipErrorOperatingSystem,
+                    f"cannot lock the event's segment: {exc.strerror}",
+                )
             if time.monotonic() >= deadline:
                 raise _lock_timeout("another process")
             time.sleep(delay)
@@ -378,9 +416,10 @@ class EventState:
                 try:
                     new = os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
                 except OSError as exc:
-                    raise HipError(hipError_t.hipErrorOperatingSystem,
-                                   "cannot reopen the event's segment after fork: "
-                                   f"{exc.strerror}") from exc
+                    raise HipError(
+                        hipError_t.hipErrorOperatingSystem,
+                        f"cannot reopen the event's segment after fork: {exc.strerror}",
+                    ) from exc
                 self._fd = new
                 os.close(fd)  # the parent's descriptor keeps its lock (if any) its own
             self._tlock = threading.Lock()  # another thread may have held it at fork time
@@ -399,8 +438,11 @@ class EventState:
         """
         self._lock()
         try:
-            floor, recorded, count = (self._floor.value, self._recorded.value,
-                                      self._nstragglers.value)
+            floor, recorded, count = (
+                self._floor.value,
+                self._recorded.value,
+                self._nstragglers.value,
+            )
             _check_counters(floor, recorded, count)
             seq = (recorded + 1) & _MASK
             oldest = (seq - WINDOW) & _MASK  # the number whose slot seq takes over
@@ -434,7 +476,8 @@ class EventState:
                         hipError_t.hipErrorLaunchOutOfResources,
                         f"too many records of this event are pending ({WINDOW} within one "
                         f"window and {STRAGGLERS} behind it; a recorder may have exited with "
-                        "work enqueued): wait for them, or record another event")
+                        "work enqueued): wait for them, or record another event",
+                    )
         for number in pending:
             self._stragglers[count] = number
             count += 1
@@ -520,8 +563,12 @@ class EventState:
         for attempt in range(1000):
             before = version.value
             if not before & 1:
-                snapshot = (self._recorded.value, self._pid.value, self._start.value,
-                            self._pidns.value)
+                snapshot = (
+                    self._recorded.value,
+                    self._pid.value,
+                    self._start.value,
+                    self._pidns.value,
+                )
                 if version.value == before:
                     break
             if attempt > 10:
@@ -529,8 +576,7 @@ class EventState:
         else:
             # A writer stuck mid-update (stopped, or killed mid-record): the number is still
             # right; at worst the recorder is misattributed.
-            snapshot = (self._recorded.value, self._pid.value, self._start.value,
-                        self._pidns.value)
+            snapshot = (self._recorded.value, self._pid.value, self._start.value, self._pidns.value)
         if self.shared:  # private memory has no other writer
             self._check_page(snapshot[0])
         return snapshot
@@ -539,8 +585,7 @@ class EventState:
         """Raise unless the page's counters are consistent with a wait for ``seq``, read
         after ``seq`` was: the floor and the newest number only move up, and the floor never
         falls more than WINDOW behind the newest number."""
-        floor, recorded, count = (self._floor.value, self._recorded.value,
-                                  self._nstragglers.value)
+        floor, recorded, count = (self._floor.value, self._recorded.value, self._nstragglers.value)
         if count > STRAGGLERS:
             raise _corrupt(f"{count} stragglers")
         if (recorded - seq) & _MASK >= _HALF:
@@ -585,10 +630,12 @@ class EventState:
                 # Every record we reserved has completed (or failed): this one never will.
                 raise self._lost or _corrupt(f"record {seq} is not pending in this process")
         elif pidns and own[2] and pidns != own[2] and not bounded:
-            raise HipError(hipError_t.hipErrorInvalidResourceHandle,
-                           f"the event's pending record was made by process {pid} of another "
-                           "pid namespace, whose exit cannot be detected from here: wait with "
-                           "a timeout")
+            raise HipError(
+                hipError_t.hipErrorInvalidResourceHandle,
+                f"the event's pending record was made by process {pid} of another "
+                "pid namespace, whose exit cannot be detected from here: wait with "
+                "a timeout",
+            )
 
     def check_recorder(self, target: Target, *, bounded: bool = True) -> None:
         """:meth:`check_target`, then raise ``hipErrorLaunchFailure`` if ``target`` is
@@ -601,9 +648,11 @@ class EventState:
             return
         if self.is_done(seq):  # it completed just before exiting
             return
-        raise HipError(hipError_t.hipErrorLaunchFailure,
-                       f"process {pid}, which recorded this event, exited before the recorded "
-                       "work completed; the event will never complete")
+        raise HipError(
+            hipError_t.hipErrorLaunchFailure,
+            f"process {pid}, which recorded this event, exited before the recorded "
+            "work completed; the event will never complete",
+        )
 
     def wait(self, target: Target, deadline: float | None) -> None:
         """Block until the work of ``target`` is done; GIL released while asleep.
@@ -628,10 +677,13 @@ class EventState:
                 self.check_recorder(target, bounded=deadline is not None)
                 next_check = now + LIVENESS_INTERVAL
             if deadline is not None and now >= deadline:
-                raise HipError(hipError_t.hipErrorNotReady,
-                               "the event's recorded work did not complete before the timeout")
+                raise HipError(
+                    hipError_t.hipErrorNotReady,
+                    "the event's recorded work did not complete before the timeout",
+                )
             limit = next_check if deadline is None else min(next_check, deadline)
             err = _futex_wait(self._futex, current, max(limit - now, 0.0))
             if err not in (0, errno.EAGAIN, errno.ETIMEDOUT, errno.EINTR):
-                raise HipError(hipError_t.hipErrorOperatingSystem,
-                               f"futex wait failed: {os.strerror(err)}")
+                raise HipError(
+                    hipError_t.hipErrorOperatingSystem, f"futex wait failed: {os.strerror(err)}"
+                )

@@ -61,8 +61,10 @@ class HostBackend(HostDeviceMixin, Backend):
         except ValueError:
             count = 0
         if count < 1:
-            raise HipError(hipError_t.hipErrorNoDevice,
-                           f"${DEVICES_ENV}={short_repr(raw)} must be a positive integer")
+            raise HipError(
+                hipError_t.hipErrorNoDevice,
+                f"${DEVICES_ENV}={short_repr(raw)} must be a positive integer",
+            )
         return count
 
     def _new_segment(self, handle: IpcHandle) -> tuple[int, Mapping]:
@@ -80,16 +82,17 @@ class HostBackend(HostDeviceMixin, Backend):
         os.close(fd)
         return mapping
 
-    def _open_and_map(self, handle: IpcHandle, ticket: bytes | None = None
-                      ) -> tuple[int, Mapping]:
+    def _open_and_map(self, handle: IpcHandle, ticket: bytes | None = None) -> tuple[int, Mapping]:
         """Open and map the segment ``handle`` names (through ``ticket``): (its descriptor,
         the mapping)."""
         fd = self.store.open(handle, ticket)  # first: a handle that names nothing says so
         try:
             if handle.kind not in _HOST_KINDS:
-                raise HipError(hipError_t.hipErrorNotSupported,
-                               f"the handle names {handle.kind.name} but this process runs "
-                               "the host backend (set HIPIPC_BACKEND to match the exporter)")
+                raise HipError(
+                    hipError_t.hipErrorNotSupported,
+                    f"the handle names {handle.kind.name} but this process runs "
+                    "the host backend (set HIPIPC_BACKEND to match the exporter)",
+                )
             return fd, map_file(fd, _mapped_length(handle.size), PAGE_SIZE)
         except BaseException:
             os.close(fd)
@@ -140,15 +143,17 @@ class HostBackend(HostDeviceMixin, Backend):
     def close(self, mem: ImportedMemory) -> None:
         mem.state.release()
 
-    def asarray(self, region: Region, offset: int, shape: tuple[int, ...], dtype: Any
-                ) -> NDArray[Any]:
+    def asarray(
+        self, region: Region, offset: int, shape: tuple[int, ...], dtype: Any
+    ) -> NDArray[Any]:
         dtype = np.dtype(dtype)
         count = int(np.prod(shape, dtype=np.int64))
         buf = _mapping_of(region).buffer(offset, count * dtype.itemsize)
         # ignore: a ctypes array has the buffer protocol; numpy's stubs for Python < 3.12
         # list only some buffer types.
         arr: NDArray[Any] = np.frombuffer(  # type: ignore[call-overload]
-            buf, dtype=dtype, count=count)
+            buf, dtype=dtype, count=count
+        )
         return arr.reshape(shape)
 
     def pin(self, region: Region, offset: int, nbytes: int) -> Any:
@@ -180,8 +185,10 @@ class HostBackend(HostDeviceMixin, Backend):
                 raise
             except OSError as exc:
                 mapping.release()
-                raise HipError(hipError_t.hipErrorOperatingSystem,
-                               f"cannot keep the event's segment open: {exc.strerror}") from exc
+                raise HipError(
+                    hipError_t.hipErrorOperatingSystem,
+                    f"cannot keep the event's segment open: {exc.strerror}",
+                ) from exc
             state = _mapped_state(mapping, lock_fd)
         except BaseException:
             os.close(fd)
@@ -190,14 +197,15 @@ class HostBackend(HostDeviceMixin, Backend):
 
     def open_event(self, handle: IpcEventHandle, ticket: bytes | None = None) -> HostEvent:
         if handle.size != STATE_SIZE:
-            raise HipError(hipError_t.hipErrorInvalidResourceHandle,
-                           f"the event handle names {handle.size} bytes of state, this hipipc "
-                           f"uses {STATE_SIZE}: exporter and importer run different versions")
+            raise HipError(
+                hipError_t.hipErrorInvalidResourceHandle,
+                f"the event handle names {handle.size} bytes of state, this hipipc "
+                f"uses {STATE_SIZE}: exporter and importer run different versions",
+            )
         fd, mapping = self._open_and_map(handle, ticket)
         state = _mapped_state(mapping, fd)  # keeps the descriptor: the event's lock
         # An opened IPC event has the flags its creator had to use.
-        return HostEvent(hipEventInterprocess | hipEventDisableTiming, handle.device, state,
-                         handle)
+        return HostEvent(hipEventInterprocess | hipEventDisableTiming, handle.device, state, handle)
 
 
 def _mapping_of(region: Region) -> Mapping:

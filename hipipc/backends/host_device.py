@@ -89,8 +89,10 @@ def _statvfs_nearest(path: str) -> os.statvfs_result:
 def _pin_policy() -> str:
     policy = os.environ.get(PIN_ENV, "try").strip().lower() or "try"
     if policy not in _PIN_POLICIES:
-        raise HipError(hipError_t.hipErrorInvalidValue,
-                       f"${PIN_ENV}={policy!r}: expected one of {', '.join(_PIN_POLICIES)}")
+        raise HipError(
+            hipError_t.hipErrorInvalidValue,
+            f"${PIN_ENV}={policy!r}: expected one of {', '.join(_PIN_POLICIES)}",
+        )
     return policy
 
 
@@ -105,30 +107,55 @@ class HostDeviceMixin:
         _, total = self.mem_info(device)
         cpus = len(os.sched_getaffinity(0))
         return hipDeviceProp_t(
-            name=name, totalGlobalMem=total, multiProcessorCount=cpus,
-            clockRate=khz, clockInstructionRate=khz, l2CacheSize=_l2_cache_size(),
+            name=name,
+            totalGlobalMem=total,
+            multiProcessorCount=cpus,
+            clockRate=khz,
+            clockInstructionRate=khz,
+            l2CacheSize=_l2_cache_size(),
             # Compute capability: HIP reports the GPU generation (gfx9 -> 9.0).  The host
             # backend runs no device code; 9.0 passes the minimum-capability checks of
             # cuda-samples and hip-tests (IPC needs >= 2.0) and claims no instruction set.
-            major=9, minor=0,
+            major=9,
+            minor=0,
             # One CPU thread runs a host-backend kernel: no lanes run in lockstep.
             warpSize=1,
             # Kernel-launch limits: HIP's usual values, not enforced (no grid on the host).
-            maxThreadsPerBlock=1024, maxThreadsDim=(1024, 1024, 1024),
-            maxGridSize=(2**31 - 1, 65536, 65536), maxThreadsPerMultiProcessor=2048,
-            maxBlocksPerMultiProcessor=32, sharedMemPerBlock=65536,
-            sharedMemPerMultiprocessor=65536, maxSharedMemoryPerMultiProcessor=65536,
-            sharedMemPerBlockOptin=65536, regsPerBlock=65536, regsPerMultiprocessor=65536,
-            memPitch=2**31 - 1, textureAlignment=256, texturePitchAlignment=256,
+            maxThreadsPerBlock=1024,
+            maxThreadsDim=(1024, 1024, 1024),
+            maxGridSize=(2**31 - 1, 65536, 65536),
+            maxThreadsPerMultiProcessor=2048,
+            maxBlocksPerMultiProcessor=32,
+            sharedMemPerBlock=65536,
+            sharedMemPerMultiprocessor=65536,
+            maxSharedMemoryPerMultiProcessor=65536,
+            sharedMemPerBlockOptin=65536,
+            regsPerBlock=65536,
+            regsPerMultiprocessor=65536,
+            memPitch=2**31 - 1,
+            textureAlignment=256,
+            texturePitchAlignment=256,
             # The device is the host: its memory is host memory, reachable by pointer.
-            integrated=1, unifiedAddressing=1, canMapHostMemory=1,
-            canUseHostPointerForRegisteredMem=1, pageableMemoryAccess=1,
-            pageableMemoryAccessUsesHostPageTables=1, hostNativeAtomicSupported=1,
+            integrated=1,
+            unifiedAddressing=1,
+            canMapHostMemory=1,
+            canUseHostPointerForRegisteredMem=1,
+            pageableMemoryAccess=1,
+            pageableMemoryAccessUsesHostPageTables=1,
+            hostNativeAtomicSupported=1,
             hostRegisterSupported=1,
-            computeMode=hipComputeModeDefault, concurrentKernels=1, asyncEngineCount=1,
-            deviceOverlap=1, isMultiGpuBoard=0, pciBusID=0, pciDeviceID=0, pciDomainID=0,
+            computeMode=hipComputeModeDefault,
+            concurrentKernels=1,
+            asyncEngineCount=1,
+            deviceOverlap=1,
+            isMultiGpuBoard=0,
+            pciBusID=0,
+            pciDeviceID=0,
+            pciDomainID=0,
             # No managed memory and no stream-ordered pools (hipMallocAsync) yet.
-            managedMemory=0, concurrentManagedAccess=0, memoryPoolsSupported=0,
+            managedMemory=0,
+            concurrentManagedAccess=0,
+            memoryPoolsSupported=0,
             memoryPoolSupportedHandleTypes=0,
             gcnArchName="host",
         )
@@ -146,8 +173,10 @@ class HostDeviceMixin:
         addr = _mmap(None, length, _PROT_RW, _MAP_PRIVATE | _MAP_ANONYMOUS, -1, 0)
         if addr is None or addr == _MAP_FAILED:
             err = ctypes.get_errno()
-            raise HipError(hipError_t.hipErrorOutOfMemory,
-                           f"hipHostMalloc: mmap of {length} bytes failed: {os.strerror(err)}")
+            raise HipError(
+                hipError_t.hipErrorOutOfMemory,
+                f"hipHostMalloc: mmap of {length} bytes failed: {os.strerror(err)}",
+            )
         mapping = Mapping(addr, length)
         try:
             locked = policy != "off" and self._lock(addr, length, policy)
@@ -169,9 +198,12 @@ class HostDeviceMixin:
             return True
         err = ctypes.get_errno()
         if policy == "require":
-            hint = " (raise RLIMIT_MEMLOCK: ulimit -l)" if err in (errno.ENOMEM, errno.EPERM) \
-                else ""
-            raise HipError(hipError_t.hipErrorOutOfMemory,
-                           f"mlock of {nbytes} bytes failed: {os.strerror(err)}{hint}; "
-                           f"${PIN_ENV}=try keeps such memory pageable instead")
+            hint = (
+                " (raise RLIMIT_MEMLOCK: ulimit -l)" if err in (errno.ENOMEM, errno.EPERM) else ""
+            )
+            raise HipError(
+                hipError_t.hipErrorOutOfMemory,
+                f"mlock of {nbytes} bytes failed: {os.strerror(err)}{hint}; "
+                f"${PIN_ENV}=try keeps such memory pageable instead",
+            )
         return False

@@ -71,8 +71,7 @@ class _HostStreamBase(Stream):
             name = short_repr(fn)
         self._enqueue(fn, args, f"host function {name}")
 
-    def memcpy(self, dst: int, src: int, nbytes: int, kind: int, keep: tuple[Any, ...]
-               ) -> None:
+    def memcpy(self, dst: int, src: int, nbytes: int, kind: int, keep: tuple[Any, ...]) -> None:
         self._enqueue(_memmove, (dst, src, nbytes, keep), "hipMemcpyAsync")
 
     def memset(self, ptr: int, value: int, nbytes: int, keep: tuple[Any, ...]) -> None:
@@ -90,8 +89,7 @@ class _HostStreamBase(Stream):
 class HostStream(_HostStreamBase):
     """A stream worked by its own daemon thread."""
 
-    def __init__(self, device: int, blocking: bool = True, null: NullStream | None = None
-                 ) -> None:
+    def __init__(self, device: int, blocking: bool = True, null: NullStream | None = None) -> None:
         self.device = device
         self.blocking = blocking
         # A blocking stream follows the null stream (legacy default stream), both ways.
@@ -137,9 +135,11 @@ class HostStream(_HostStreamBase):
 
     def _closed_error(self) -> HipError:
         if self._forked_from:
-            return HipError(hipError_t.hipErrorInvalidContext,
-                            f"the stream was created in process {self._forked_from} before "
-                            "fork and has no worker here; create streams in the child")
+            return HipError(
+                hipError_t.hipErrorInvalidContext,
+                f"the stream was created in process {self._forked_from} before "
+                "fork and has no worker here; create streams in the child",
+            )
         return destroyed_stream()
 
     def _follow_null(self) -> None:
@@ -187,6 +187,7 @@ class HostStream(_HostStreamBase):
                 def join(timeout: float | None = None) -> bool:
                     worker.join(timeout)
                     return not worker.is_alive()
+
                 return join
             marker = threading.Event()
             self._submitted += 1
@@ -200,8 +201,9 @@ class HostStream(_HostStreamBase):
         timeout = check_timeout(timeout)  # threading overflows past ~9.2e9 s, nan loops
         wait = self._marker()  # not behind a later null-stream operation: no wait for it
         if wait is not None and not wait(timeout):
-            raise HipError(hipError_t.hipErrorNotReady,
-                           f"the stream's work did not finish within {timeout} s")
+            raise HipError(
+                hipError_t.hipErrorNotReady, f"the stream's work did not finish within {timeout} s"
+            )
 
     def report_failure(self) -> None:
         with self._lock:
@@ -321,8 +323,10 @@ class NullStream(_HostStreamBase):
 
     def _start_locked(self) -> None:
         if self._forgotten:
-            raise HipError(hipError_t.hipErrorInvalidContext,
-                           "this null stream belongs to the parent process; use None or 0")
+            raise HipError(
+                hipError_t.hipErrorInvalidContext,
+                "this null stream belongs to the parent process; use None or 0",
+            )
         if self._worker is None:  # lazily: most processes never use the null stream
             worker = threading.Thread(target=self._run, name="hipipc-null-stream", daemon=True)
             worker.start()
@@ -364,8 +368,10 @@ class NullStream(_HostStreamBase):
                 self._submit_locked(_nothing, (), "synchronize")  # collects their markers
             newest = self._submitted
         if not self.wait_for(newest, timeout):
-            raise HipError(hipError_t.hipErrorNotReady,
-                           f"the null stream's work did not finish within {timeout} s")
+            raise HipError(
+                hipError_t.hipErrorNotReady,
+                f"the null stream's work did not finish within {timeout} s",
+            )
 
     def report_failure(self) -> None:
         with self._lock:
@@ -374,8 +380,7 @@ class NullStream(_HostStreamBase):
             raise launch_failure(*failure)
 
     def destroy(self) -> None:
-        raise HipError(hipError_t.hipErrorInvalidHandle,
-                       "the null stream cannot be destroyed")
+        raise HipError(hipError_t.hipErrorInvalidHandle, "the null stream cannot be destroyed")
 
     def forget(self) -> None:
         """In a forked child: no worker survives fork; the child's registry makes a fresh
@@ -429,15 +434,19 @@ class _CallerStream(_HostStreamBase):
 
 def _state_of(event: Event) -> EventState:
     if not isinstance(event, HostEvent):
-        raise HipError(hipError_t.hipErrorInvalidHandle,
-                       f"{short_repr(event)} is not an event of the host backend")
+        raise HipError(
+            hipError_t.hipErrorInvalidHandle,
+            f"{short_repr(event)} is not an event of the host backend",
+        )
     state = event._state
     if state is None:
         if event._forked_from:
-            raise HipError(hipError_t.hipErrorInvalidContext,
-                           f"the event was created in process {event._forked_from} before "
-                           "fork; its records complete there, not here: create events in the "
-                           "child (interprocess events can be opened by handle)")
+            raise HipError(
+                hipError_t.hipErrorInvalidContext,
+                f"the event was created in process {event._forked_from} before "
+                "fork; its records complete there, not here: create events in the "
+                "child (interprocess events can be opened by handle)",
+            )
         raise destroyed_event()
     return state
 
@@ -450,9 +459,16 @@ class HostEvent(Event):
     (as for memory), openers map the page the handle names.
     """
 
-    def __init__(self, flags: int, device: int, state: EventState,
-                 handle: IpcEventHandle | None = None, *, store: HandleStore | None = None,
-                 fd: int = -1) -> None:
+    def __init__(
+        self,
+        flags: int,
+        device: int,
+        state: EventState,
+        handle: IpcEventHandle | None = None,
+        *,
+        store: HandleStore | None = None,
+        fd: int = -1,
+    ) -> None:
         self.flags = flags
         self.device = device
         self._state: EventState | None = state
@@ -480,8 +496,10 @@ class HostEvent(Event):
     def record(self, stream: Stream) -> None:
         state = _state_of(self)
         if not isinstance(stream, _HostStreamBase):
-            raise HipError(hipError_t.hipErrorInvalidHandle,
-                           f"{short_repr(stream)} is not a stream of the host backend")
+            raise HipError(
+                hipError_t.hipErrorInvalidHandle,
+                f"{short_repr(stream)} is not a stream of the host backend",
+            )
         stream._record(state, self.timing)
 
     def query(self) -> bool:
@@ -502,15 +520,19 @@ class HostEvent(Event):
         start_state, end_state = _state_of(self), _state_of(end)
         for ev, state in ((self, start_state), (end, end_state)):
             if not ev.timing:
-                raise HipError(hipError_t.hipErrorInvalidHandle,
-                               "hipEventElapsedTime needs events created without "
-                               "hipEventDisableTiming")
+                raise HipError(
+                    hipError_t.hipErrorInvalidHandle,
+                    "hipEventElapsedTime needs events created without hipEventDisableTiming",
+                )
             if state.target()[0] == 0:
-                raise HipError(hipError_t.hipErrorInvalidHandle,
-                               "hipEventElapsedTime needs events that were recorded")
+                raise HipError(
+                    hipError_t.hipErrorInvalidHandle,
+                    "hipEventElapsedTime needs events that were recorded",
+                )
             if not state.is_complete():
-                raise HipError(hipError_t.hipErrorNotReady,
-                               "an event's recorded work has not completed yet")
+                raise HipError(
+                    hipError_t.hipErrorNotReady, "an event's recorded work has not completed yet"
+                )
         return (end_state.completed_ns - start_state.completed_ns) / 1e6
 
     def export(self, mode: int) -> IpcEventHandle:
@@ -518,9 +540,11 @@ class HostEvent(Event):
         if self._handle is None:
             # HIP's runtime returns hipErrorInvalidConfiguration here (hip-tests accept it or
             # hipErrorInvalidHandle); CUDA says cudaErrorInvalidResourceHandle.
-            raise HipError(hipError_t.hipErrorInvalidConfiguration,
-                           "hipIpcGetEventHandle needs an event created with "
-                           "hipEventInterprocess | hipEventDisableTiming")
+            raise HipError(
+                hipError_t.hipErrorInvalidConfiguration,
+                "hipIpcGetEventHandle needs an event created with "
+                "hipEventInterprocess | hipEventDisableTiming",
+            )
         with self._lock:
             _state_of(self)  # again under the lock: a concurrent destroy closed the descriptor
             if self._store is not None and not self._exported:

@@ -54,8 +54,9 @@ def _pin(cpu: int | None) -> None:
         os.sched_setaffinity(0, {cpu})
 
 
-def _receiver(conn: Connection, event_handle: bytes, sem_name: str, data_conn: Connection,
-              cpu: int | None) -> None:
+def _receiver(
+    conn: Connection, event_handle: bytes, sem_name: str, data_conn: Connection, cpu: int | None
+) -> None:
     """Answers "event"/"pipe"/"sem"/"cpu" requests with the time it woke (or CPU seconds)."""
     _pin(cpu)
     event = hip.hipIpcOpenEventHandle(event_handle)
@@ -97,9 +98,17 @@ class _Wakeups:
         self.sem = posix_ipc.Semaphore(None, posix_ipc.O_CREX, 0o600, 0)
         self.conn, child_conn = ctx.Pipe()
         self.data, child_data = ctx.Pipe()
-        self.proc = ctx.Process(target=_receiver, daemon=True, args=(
-            child_conn, bytes(hip.hipIpcGetEventHandle(self.event)), self.sem.name,
-            child_data, cpus[1] if cpus else None))
+        self.proc = ctx.Process(
+            target=_receiver,
+            daemon=True,
+            args=(
+                child_conn,
+                bytes(hip.hipIpcGetEventHandle(self.event)),
+                self.sem.name,
+                child_data,
+                cpus[1] if cpus else None,
+            ),
+        )
         start_child(self.proc)
         # Gates of work enqueued on the stream: close() opens them all, so that a run cut
         # short (Ctrl-C) leaves no host function blocked on the stream until exit.
@@ -179,8 +188,13 @@ def _noop() -> None:
     pass
 
 
-def _per_op_ns(enqueue: Callable[[], object], drain: Callable[[], object], batch: int,
-               rounds: int, prepare: Callable[[], object] = lambda: None) -> float:
+def _per_op_ns(
+    enqueue: Callable[[], object],
+    drain: Callable[[], object],
+    batch: int,
+    rounds: int,
+    prepare: Callable[[], object] = lambda: None,
+) -> float:
     """Median over ``rounds`` of (time for ``batch`` enqueues) / ``batch``, in ns."""
     samples = []
     for _ in range(rounds):
@@ -203,6 +217,7 @@ def _enqueue_costs(batch: int, rounds: int) -> dict[str, float]:
     host = np.zeros(4096, np.uint8)
     pool = ThreadPoolExecutor(max_workers=1)
     try:
+
         def sync() -> None:
             hip.hipStreamSynchronize(stream, timeout=_TIMEOUT)
 
@@ -220,18 +235,28 @@ def _enqueue_costs(batch: int, rounds: int) -> dict[str, float]:
             sync()
 
         return {
-            "hipLaunchHostFunc": _per_op_ns(lambda: hip.hipLaunchHostFunc(stream, _noop),
-                                            sync, batch, rounds),
+            "hipLaunchHostFunc": _per_op_ns(
+                lambda: hip.hipLaunchHostFunc(stream, _noop), sync, batch, rounds
+            ),
             "hipMemcpyAsync 4 KiB": _per_op_ns(
                 lambda: hip.hipMemcpyAsync(ptr, host, 4096, hip.hipMemcpyHostToDevice, stream),
-                sync, batch, rounds),
-            "hipEventRecord": _per_op_ns(lambda: hip.hipEventRecord(local, stream), sync,
-                                         batch, rounds),
+                sync,
+                batch,
+                rounds,
+            ),
+            "hipEventRecord": _per_op_ns(
+                lambda: hip.hipEventRecord(local, stream), sync, batch, rounds
+            ),
             "hipStreamWaitEvent": _per_op_ns(
-                lambda: hip.hipStreamWaitEvent(stream, pending, 0), release_and_sync, batch,
-                rounds, prepare=hold_pending),
-            "ThreadPoolExecutor.submit": _per_op_ns(lambda: pool.submit(_noop), pool_drain,
-                                                    batch, rounds),
+                lambda: hip.hipStreamWaitEvent(stream, pending, 0),
+                release_and_sync,
+                batch,
+                rounds,
+                prepare=hold_pending,
+            ),
+            "ThreadPoolExecutor.submit": _per_op_ns(
+                lambda: pool.submit(_noop), pool_drain, batch, rounds
+            ),
         }
     finally:
         pool.shutdown()
@@ -247,16 +272,27 @@ def _enqueue_costs(batch: int, rounds: int) -> dict[str, float]:
 # -- the report -------------------------------------------------------------------------
 
 
-def _row(case: str, median_us: float, baseline: str | None = None,
-         baseline_us: float | None = None, target: str | None = None,
-         met: bool | None = None) -> dict[str, Any]:
+def _row(
+    case: str,
+    median_us: float,
+    baseline: str | None = None,
+    baseline_us: float | None = None,
+    target: str | None = None,
+    met: bool | None = None,
+) -> dict[str, Any]:
     ratio = median_us / baseline_us if baseline_us else None
-    return {"case": case, "median_us": median_us, "baseline": baseline,
-            "baseline_us": baseline_us, "ratio": ratio, "target": target, "met": met}
+    return {
+        "case": case,
+        "median_us": median_us,
+        "baseline": baseline,
+        "baseline_us": baseline_us,
+        "ratio": ratio,
+        "target": target,
+        "met": met,
+    }
 
 
-def run(quick: bool = False, progress: Callable[[str], None] | None = None
-        ) -> dict[str, Any]:
+def run(quick: bool = False, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run every case; returns ``{"name", "rows", "series"}`` (see hipipc/bench.py)."""
     say = progress or (lambda _msg: None)
     trials = 300 if quick else 1500
@@ -274,24 +310,49 @@ def run(quick: bool = False, progress: Callable[[str], None] | None = None
             samples["pipe"].append(wake.pipe_once())
             samples["sem"].append(wake.sem_once())
         med = {k: statistics.median(v) / 1e3 for k, v in samples.items()}
-        rows.append(_row("wake-up: hipEventSynchronize (IPC event)", med["event"],
-                         "multiprocessing.Pipe one-way", med["pipe"], "<= 1x",
-                         met=med["event"] <= med["pipe"]))
-        rows.append(_row("wake-up: hipEventSynchronize (IPC event)", med["event"],
-                         "posix_ipc.Semaphore release", med["sem"]))
+        rows.append(
+            _row(
+                "wake-up: hipEventSynchronize (IPC event)",
+                med["event"],
+                "multiprocessing.Pipe one-way",
+                med["pipe"],
+                "<= 1x",
+                met=med["event"] <= med["pipe"],
+            )
+        )
+        rows.append(
+            _row(
+                "wake-up: hipEventSynchronize (IPC event)",
+                med["event"],
+                "posix_ipc.Semaphore release",
+                med["sem"],
+            )
+        )
         pcts = [50, 90, 99]
         series["wakeup_latency"] = {
-            "x_label": "percentile", "y_label": "wake-up latency (us)", "x": pcts,
-            "lines": {name: [float(np.percentile(samples[key], p)) / 1e3 for p in pcts]
-                      for key, name in (("event", "hipEventSynchronize (IPC event)"),
-                                        ("pipe", "multiprocessing.Pipe"),
-                                        ("sem", "posix_ipc.Semaphore"))},
+            "x_label": "percentile",
+            "y_label": "wake-up latency (us)",
+            "x": pcts,
+            "lines": {
+                name: [float(np.percentile(samples[key], p)) / 1e3 for p in pcts]
+                for key, name in (
+                    ("event", "hipEventSynchronize (IPC event)"),
+                    ("pipe", "multiprocessing.Pipe"),
+                    ("sem", "posix_ipc.Semaphore"),
+                )
+            },
         }
 
         say("CPU time of a waiter blocked for 1 s")
         cpu = wake.cpu_while_waiting(1.0)
-        rows.append(_row("CPU spent waiting 1 s in hipEventSynchronize (one sample)", cpu * 1e6,
-                         target="well under 0.3 s", met=cpu < 0.3))
+        rows.append(
+            _row(
+                "CPU spent waiting 1 s in hipEventSynchronize (one sample)",
+                cpu * 1e6,
+                target="well under 0.3 s",
+                met=cpu < 0.3,
+            )
+        )
     finally:
         wake.close()
         os.sched_setaffinity(0, allowed)

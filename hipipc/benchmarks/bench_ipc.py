@@ -137,20 +137,34 @@ def _median_us(samples_ns: list[int]) -> float:
     return statistics.median(samples_ns) / 1e3
 
 
-def _row(case: str, median_us: float, baseline: str | None = None,
-         baseline_us: float | None = None, target: str | None = None,
-         ratio: float | None = None, met: bool | None = None) -> dict[str, Any]:
+def _row(
+    case: str,
+    median_us: float,
+    baseline: str | None = None,
+    baseline_us: float | None = None,
+    target: str | None = None,
+    ratio: float | None = None,
+    met: bool | None = None,
+) -> dict[str, Any]:
     if ratio is None and baseline_us:
         ratio = median_us / baseline_us
-    return {"case": case, "median_us": median_us, "baseline": baseline,
-            "baseline_us": baseline_us, "ratio": ratio, "target": target, "met": met}
+    return {
+        "case": case,
+        "median_us": median_us,
+        "baseline": baseline,
+        "baseline_us": baseline_us,
+        "ratio": ratio,
+        "target": target,
+        "met": met,
+    }
 
 
 # -- cases ------------------------------------------------------------------------------
 
 
-def _open_latencies(peer: _Peer, sizes: list[int], reps: int, tmpdir: str
-                    ) -> dict[int, tuple[float, float, float]]:
+def _open_latencies(
+    peer: _Peer, sizes: list[int], reps: int, tmpdir: str
+) -> dict[int, tuple[float, float, float]]:
     """(hipipc, floor, SharedMemory) median open+close in microseconds, per size."""
     out = {}
     for size in sizes:
@@ -248,8 +262,7 @@ def _copy_bandwidth(size: int, reps: int) -> tuple[float, float, float]:
         hip.hipFree(b)
 
 
-def run(quick: bool = False, progress: Callable[[str], None] | None = None
-        ) -> dict[str, Any]:
+def run(quick: bool = False, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run every case; returns ``{"name", "rows", "series"}`` (see benchmarks/README)."""
     say = progress or (lambda _msg: None)
     reps = 500 if quick else 5000
@@ -259,58 +272,121 @@ def run(quick: bool = False, progress: Callable[[str], None] | None = None
     tmpdir = tempfile.mkdtemp(prefix="bench-floor-", dir="/dev/shm")
     try:
         say("open latency against size")
-        sizes = [4 * KiB, MiB, 64 * MiB, GiB] if quick else \
-            [4 * KiB, 64 * KiB, MiB, 16 * MiB, 256 * MiB, GiB]
+        sizes = (
+            [4 * KiB, MiB, 64 * MiB, GiB]
+            if quick
+            else [4 * KiB, 64 * KiB, MiB, 16 * MiB, 256 * MiB, GiB]
+        )
         lat = _open_latencies(peer, sizes, reps, tmpdir)
         series["open_latency"] = {
-            "x_label": "allocation size (bytes)", "y_label": "open+close latency (us)",
+            "x_label": "allocation size (bytes)",
+            "y_label": "open+close latency (us)",
             "x": sizes,
-            "lines": {"hipipc": [lat[s][0] for s in sizes],
-                      "os.open+fstat+mmap (floor)": [lat[s][1] for s in sizes],
-                      "SharedMemory(name)": [lat[s][2] for s in sizes]},
+            "lines": {
+                "hipipc": [lat[s][0] for s in sizes],
+                "os.open+fstat+mmap (floor)": [lat[s][1] for s in sizes],
+                "SharedMemory(name)": [lat[s][2] for s in sizes],
+            },
         }
         hip_1m, floor_1m, shm_1m = lat[MiB]
-        rows.append(_row("(a) open+close 1 MiB in another process", hip_1m,
-                         "os.open+fstat+mmap+close", floor_1m, "<= 2x",
-                         met=hip_1m <= 2 * floor_1m))
-        rows.append(_row("(a) open+close 1 MiB in another process", hip_1m,
-                         "SharedMemory(name)+close", shm_1m, "<= 1x",
-                         met=hip_1m <= shm_1m))
+        rows.append(
+            _row(
+                "(a) open+close 1 MiB in another process",
+                hip_1m,
+                "os.open+fstat+mmap+close",
+                floor_1m,
+                "<= 2x",
+                met=hip_1m <= 2 * floor_1m,
+            )
+        )
+        rows.append(
+            _row(
+                "(a) open+close 1 MiB in another process",
+                hip_1m,
+                "SharedMemory(name)+close",
+                shm_1m,
+                "<= 1x",
+                met=hip_1m <= shm_1m,
+            )
+        )
         ratio_b = lat[GiB][0] / lat[4 * KiB][0]
-        rows.append(_row("(b) open+close 1 GiB", lat[GiB][0], "same for 4 KiB",
-                         lat[4 * KiB][0], "<= 1.3x", met=ratio_b <= 1.3))
+        rows.append(
+            _row(
+                "(b) open+close 1 GiB",
+                lat[GiB][0],
+                "same for 4 KiB",
+                lat[4 * KiB][0],
+                "<= 1.3x",
+                met=ratio_b <= 1.3,
+            )
+        )
         # The kernel's own share of (b): mapping and unmapping 1 GiB costs the floor more too.
-        rows.append(_row("(b) reference: the floor at 1 GiB", lat[GiB][1], "floor at 4 KiB",
-                         lat[4 * KiB][1]))
+        rows.append(
+            _row(
+                "(b) reference: the floor at 1 GiB", lat[GiB][1], "floor at 4 KiB", lat[4 * KiB][1]
+            )
+        )
 
         say("repeated hipIpcGetMemHandle")
         export_us = _export_cost(reps * 4)
-        rows.append(_row("(c) hipIpcGetMemHandle, repeated", export_us, target="<= 3 us",
-                         met=export_us <= 3.0))
+        rows.append(
+            _row(
+                "(c) hipIpcGetMemHandle, repeated",
+                export_us,
+                target="<= 3 us",
+                met=export_us <= 3.0,
+            )
+        )
 
         say("handing a 256 MiB array to another process")
-        hand_hip, hand_pickle = _handoff(peer, 256 * MiB, 5 if quick else 20,
-                                         2 if quick else 5)
+        hand_hip, hand_pickle = _handoff(peer, 256 * MiB, 5 if quick else 20, 2 if quick else 5)
         speedup = hand_pickle / hand_hip
-        rows.append(_row("(d) hand 256 MiB to another process", hand_hip,
-                         "pickle through multiprocessing.Pipe", hand_pickle,
-                         ">= 1000x faster", ratio=speedup, met=speedup >= 1000))
+        rows.append(
+            _row(
+                "(d) hand 256 MiB to another process",
+                hand_hip,
+                "pickle through multiprocessing.Pipe",
+                hand_pickle,
+                ">= 1000x faster",
+                ratio=speedup,
+                met=speedup >= 1000,
+            )
+        )
 
         say("copy bandwidth against size")
-        csizes = [64 * KiB, MiB, 64 * MiB] if quick else \
-            [4 * KiB, 64 * KiB, MiB, 16 * MiB, 64 * MiB, 256 * MiB]
-        bw = {s: _copy_bandwidth(s, 10 if s >= 64 * MiB else (30 if quick else 200))
-              for s in csizes}
+        csizes = (
+            [64 * KiB, MiB, 64 * MiB]
+            if quick
+            else [4 * KiB, 64 * KiB, MiB, 16 * MiB, 64 * MiB, 256 * MiB]
+        )
+        bw = {
+            s: _copy_bandwidth(s, 10 if s >= 64 * MiB else (30 if quick else 200)) for s in csizes
+        }
         series["copy_bandwidth"] = {
-            "x_label": "copy size (bytes)", "y_label": "bandwidth (GB/s)", "x": csizes,
-            "lines": {name: [s / (bw[s][i] * 1e3) for s in csizes] for i, name in
-                      enumerate(["hipMemcpy D2D", "hipMemcpy H2D", "numpy.copyto"])},
+            "x_label": "copy size (bytes)",
+            "y_label": "bandwidth (GB/s)",
+            "x": csizes,
+            "lines": {
+                name: [s / (bw[s][i] * 1e3) for s in csizes]
+                for i, name in enumerate(["hipMemcpy D2D", "hipMemcpy H2D", "numpy.copyto"])
+            },
         }
         d2d, h2d, npc = bw[64 * MiB]
-        for case, t in (("(e) hipMemcpy 64 MiB device-to-device", d2d),
-                        ("(e) hipMemcpy 64 MiB host-to-device", h2d)):
-            rows.append(_row(case, t, "numpy.copyto", npc, ">= 0.9x throughput",
-                             ratio=npc / t, met=npc / t >= 0.9))
+        for case, t in (
+            ("(e) hipMemcpy 64 MiB device-to-device", d2d),
+            ("(e) hipMemcpy 64 MiB host-to-device", h2d),
+        ):
+            rows.append(
+                _row(
+                    case,
+                    t,
+                    "numpy.copyto",
+                    npc,
+                    ">= 0.9x throughput",
+                    ratio=npc / t,
+                    met=npc / t >= 0.9,
+                )
+            )
     finally:
         peer.close()
         os.rmdir(tmpdir)

@@ -64,15 +64,16 @@ def _under_mpiexec() -> bool:
 # -- the two ranks ----------------------------------------------------------------------
 
 
-def _timed(steps: dict[str, Callable[[int], None]], block: int, rounds: int, node: MPI.Comm
-           ) -> dict[str, float]:
+def _timed(
+    steps: dict[str, Callable[[int], None]], block: int, rounds: int, node: MPI.Comm
+) -> dict[str, float]:
     """Median microseconds per step of each method; methods take turns in every round, in
     an order that rotates from round to round (no method always runs first)."""
     samples: dict[str, list[float]] = {name: [] for name in steps}
     names = list(steps)
     counter = 0
     for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             step = steps[name]
             node.Barrier()
             t0 = _ns()
@@ -88,8 +89,9 @@ def _check(got: int, want: int, what: str) -> None:
         raise RuntimeError(f"{what}: read stamp {got}, expected {want} (ordering is broken)")
 
 
-def _exchange_steps(nc: NodeComm, size: int
-                    ) -> tuple[dict[str, Callable[[int], None]], Callable[[], None]]:
+def _exchange_steps(
+    nc: NodeComm, size: int
+) -> tuple[dict[str, Callable[[int], None]], Callable[[], None]]:
     """The three exchange methods for ``size`` bytes, and a function that frees them."""
     from mpi4py import MPI
 
@@ -109,9 +111,11 @@ def _exchange_steps(nc: NodeComm, size: int
     # ignores: MPI.buffer has the buffer protocol; numpy's stubs for Python < 3.12 list only
     # some buffer types.
     w_mine = np.frombuffer(  # type: ignore[call-overload]
-        win.Shared_query(node.Get_rank())[0], np.uint64).reshape(2, words)
+        win.Shared_query(node.Get_rank())[0], np.uint64
+    ).reshape(2, words)
     w_theirs = np.frombuffer(  # type: ignore[call-overload]
-        win.Shared_query(local_peer)[0], np.uint64).reshape(2, words)
+        win.Shared_query(local_peer)[0], np.uint64
+    ).reshape(2, words)
     w_mine[:] = 1
     win.Lock_all(MPI.MODE_NOCHECK)
 
@@ -173,16 +177,29 @@ def _sync_steps(nc: NodeComm) -> tuple[dict[str, Callable[[int], None]], hip.Eve
     return {"barrier": barrier_step, "inplace": inplace_step, "event": event_step}, event
 
 
-def _row(case: str, median_us: float, baseline: str | None = None,
-         baseline_us: float | None = None, target: str | None = None, met: bool | None = None
-         ) -> dict[str, Any]:
+def _row(
+    case: str,
+    median_us: float,
+    baseline: str | None = None,
+    baseline_us: float | None = None,
+    target: str | None = None,
+    met: bool | None = None,
+) -> dict[str, Any]:
     ratio = median_us / baseline_us if baseline_us else None
-    return {"case": case, "median_us": median_us, "baseline": baseline,
-            "baseline_us": baseline_us, "ratio": ratio, "target": target, "met": met}
+    return {
+        "case": case,
+        "median_us": median_us,
+        "baseline": baseline,
+        "baseline_us": baseline_us,
+        "ratio": ratio,
+        "target": target,
+        "met": met,
+    }
 
 
-def measure(quick: bool = False, progress: Callable[[str], None] | None = None
-            ) -> dict[str, Any] | None:
+def measure(
+    quick: bool = False, progress: Callable[[str], None] | None = None
+) -> dict[str, Any] | None:
     """Run every case on the two ranks of ``MPI.COMM_WORLD`` (collective); rank 0 gets the
     result (``{"name", "rows", "series"}``, see hipipc/bench.py), rank 1 None."""
     from mpi4py import MPI
@@ -204,9 +221,13 @@ def measure(quick: bool = False, progress: Callable[[str], None] | None = None
         os.sched_setaffinity(0, allowed)
 
 
-def _measure_pinned(comm: MPI.Intracomm, quick: bool, say: Callable[[str], None],
-                    rows: list[dict[str, Any]], med: dict[int, dict[str, float]]
-                    ) -> dict[str, Any] | None:
+def _measure_pinned(
+    comm: MPI.Intracomm,
+    quick: bool,
+    say: Callable[[str], None],
+    rows: list[dict[str, Any]],
+    med: dict[int, dict[str, float]],
+) -> dict[str, Any] | None:
     from hipipc.mpi import NodeComm
 
     with NodeComm(comm) as nc:
@@ -238,25 +259,64 @@ def _measure_pinned(comm: MPI.Intracomm, quick: bool, say: Callable[[str], None]
     for size in SIZES:
         m, name = med[size], f"exchange {human_size(size)}: hipipc, double-buffered"
         small = size <= MiB
-        rows.append(_row(name, m["hipipc"], "MPI-3 shared window, same pattern", m["window"],
-                         "<= 1.1x" if small else None,
-                         m["hipipc"] <= 1.1 * m["window"] if small else None))
-        rows.append(_row(name, m["hipipc"], "comm.Sendrecv (numpy)", m["sendrecv"],
-                         "<= 0.5x" if size == MiB else None,
-                         m["hipipc"] <= 0.5 * m["sendrecv"] if size == MiB else None))
-    rows.append(_row("in-place neighbour read (8 B) + barrier", sync["inplace"], "bare barrier",
-                     sync["barrier"], "<= 1.15x", sync["inplace"] <= 1.15 * sync["barrier"]))
-    rows.append(_row("in-place read ordered by an IPC event + barrier", ev["event"],
-                     "in-place read + barrier", ev["inplace"]))
-    rows.append(_row("IPC event overhead per step (record + peer's synchronize)",
-                     ev["event"] - ev["inplace"]))
-    series = {"exchange": {
-        "x_label": "message size (bytes)", "y_label": "time per exchange step (us)",
-        "x": list(SIZES),
-        "lines": {label: [med[s][key] for s in SIZES] for key, label in (
-            ("hipipc", "hipipc buffers"), ("window", "MPI-3 shared window"),
-            ("sendrecv", "comm.Sendrecv"))},
-    }}
+        rows.append(
+            _row(
+                name,
+                m["hipipc"],
+                "MPI-3 shared window, same pattern",
+                m["window"],
+                "<= 1.1x" if small else None,
+                m["hipipc"] <= 1.1 * m["window"] if small else None,
+            )
+        )
+        rows.append(
+            _row(
+                name,
+                m["hipipc"],
+                "comm.Sendrecv (numpy)",
+                m["sendrecv"],
+                "<= 0.5x" if size == MiB else None,
+                m["hipipc"] <= 0.5 * m["sendrecv"] if size == MiB else None,
+            )
+        )
+    rows.append(
+        _row(
+            "in-place neighbour read (8 B) + barrier",
+            sync["inplace"],
+            "bare barrier",
+            sync["barrier"],
+            "<= 1.15x",
+            sync["inplace"] <= 1.15 * sync["barrier"],
+        )
+    )
+    rows.append(
+        _row(
+            "in-place read ordered by an IPC event + barrier",
+            ev["event"],
+            "in-place read + barrier",
+            ev["inplace"],
+        )
+    )
+    rows.append(
+        _row(
+            "IPC event overhead per step (record + peer's synchronize)", ev["event"] - ev["inplace"]
+        )
+    )
+    series = {
+        "exchange": {
+            "x_label": "message size (bytes)",
+            "y_label": "time per exchange step (us)",
+            "x": list(SIZES),
+            "lines": {
+                label: [med[s][key] for s in SIZES]
+                for key, label in (
+                    ("hipipc", "hipipc buffers"),
+                    ("window", "MPI-3 shared window"),
+                    ("sendrecv", "comm.Sendrecv"),
+                )
+            },
+        }
+    }
     return {"name": "mpi", "rows": rows, "series": series}
 
 
@@ -266,8 +326,7 @@ def _rank_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--json", metavar="PATH", help="also write the result as JSON")
     args = parser.parse_args(argv)
-    result = measure(args.quick, progress=lambda m: print(f"... {m}", file=sys.stderr,
-                                                          flush=True))
+    result = measure(args.quick, progress=lambda m: print(f"... {m}", file=sys.stderr, flush=True))
     if result is not None:
         print(format_rows(result["rows"]), flush=True)
         if args.json:
@@ -287,8 +346,9 @@ def _mpiexec() -> list[str] | None:
     if exe is None:
         return None
     try:
-        version = subprocess.run([exe, "--version"], capture_output=True, text=True,
-                                 timeout=30).stdout
+        version = subprocess.run(
+            [exe, "--version"], capture_output=True, text=True, timeout=30
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return [exe]
     if "Open MPI" in version or "OpenRTE" in version:
@@ -304,8 +364,12 @@ def run(quick: bool = False, progress: Callable[[str], None] | None = None) -> d
     say = progress or (lambda _msg: None)
     launcher = _mpiexec()
     if importlib.util.find_spec("mpi4py") is None or launcher is None:
-        return {"name": "mpi", "rows": [], "series": {},
-                "skipped": "needs mpi4py and mpiexec: pip install 'hipipc[mpi]'"}
+        return {
+            "name": "mpi",
+            "rows": [],
+            "series": {},
+            "skipped": "needs mpi4py and mpiexec: pip install 'hipipc[mpi]'",
+        }
     env = dict(os.environ)
     for var in ("HIPIPC_MPI_NODES", "HIPIPC_NODE_ID"):  # both ranks on this one node
         env.pop(var, None)
@@ -313,21 +377,39 @@ def run(quick: bool = False, progress: Callable[[str], None] | None = None) -> d
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
     with tempfile.TemporaryDirectory(prefix="hipipc-bench-mpi-") as tmp:
         out = os.path.join(tmp, "result.json")
-        cmd = [*launcher, "-n", "2", sys.executable, "-m", "hipipc.benchmarks.bench_mpi",
-               "--json", out, *(["--quick"] if quick else [])]
+        cmd = [
+            *launcher,
+            "-n",
+            "2",
+            sys.executable,
+            "-m",
+            "hipipc.benchmarks.bench_mpi",
+            "--json",
+            out,
+            *(["--quick"] if quick else []),
+        ]
         say("mpiexec -n 2 (" + ("quick" if quick else "full") + ")")
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
         try:
             _, err = proc.communicate(timeout=300 if quick else 900)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
             proc.communicate(timeout=30)
-            raise RuntimeError("mpiexec -n 2 hipipc.benchmarks.bench_mpi did not finish in "
-                               "time") from None
+            raise RuntimeError(
+                "mpiexec -n 2 hipipc.benchmarks.bench_mpi did not finish in time"
+            ) from None
         if proc.returncode != 0 or not os.path.exists(out):
-            raise RuntimeError(f"mpiexec -n 2 hipipc.benchmarks.bench_mpi failed (exit code "
-                               f"{proc.returncode}): {err.strip()[-2000:]}")
+            raise RuntimeError(
+                f"mpiexec -n 2 hipipc.benchmarks.bench_mpi failed (exit code "
+                f"{proc.returncode}): {err.strip()[-2000:]}"
+            )
         with open(out) as f:
             result: dict[str, Any] = json.load(f)  # written by rank 0 above
             return result
