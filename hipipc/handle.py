@@ -265,8 +265,8 @@ class IpcHandle:
         return obj if type(obj) is cls else cls(obj)
 
     def _derive(self) -> None:
-        # One keyed hash gives both: its first 20 bytes name the segment, the other 32 verify
-        # it.  Neither reveals the other nor the handle.
+        # One personalised (unkeyed) BLAKE2b digest gives both: its first 20 bytes name the
+        # segment, the other 32 verify it.  Neither reveals the other nor the handle.
         digest = hashlib.blake2b(self._data, digest_size=52, person=b"hipipc.segment").digest()
         self._name = digest[:20].hex()
         self._verifier = digest[20:]

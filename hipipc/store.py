@@ -76,8 +76,10 @@ _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | _O_CLOEXEC
 _IMPORT_FLAGS = os.O_RDWR | os.O_NOFOLLOW | _O_CLOEXEC
 _EMFILE_HINT = "too many open files"
 # How often one operation reopens (recreates) this user's store when it vanishes under it:
-# another process's exit cleanup may remove an empty store at any moment.
-_STORE_ATTEMPTS = 5
+# another process's exit cleanup may remove an empty store at any moment, and a recreated
+# store is empty (removable) until the link lands, so a busy remover on a loaded machine can
+# win a few rounds in a row (5 attempts lost twice in 1500 exports under the full suite).
+_STORE_ATTEMPTS = 50
 
 
 def share_mode(share: str | None = None) -> int:
