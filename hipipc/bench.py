@@ -42,6 +42,7 @@ Report = dict[str, Any]
 
 __all__ = [
     "BenchError",
+    "row",
     "default_dirs",
     "discover",
     "run_all",
@@ -521,6 +522,31 @@ def stop_child(conn: Any, proc: Any) -> None:
     if proc.is_alive():
         proc.kill()
         proc.join(5)
+
+
+def row(
+    case: str,
+    median_us: float,
+    baseline: str | None = None,
+    baseline_us: float | None = None,
+    target: str | None = None,
+    met: bool | None = None,
+    *,
+    ratio: float | None = None,
+) -> dict[str, Any]:
+    """One row of a benchmark's result (module docstring); ``ratio`` defaults to
+    ``median_us / baseline_us``."""
+    if ratio is None and baseline_us:
+        ratio = median_us / baseline_us
+    return {
+        "case": case,
+        "median_us": median_us,
+        "baseline": baseline,
+        "baseline_us": baseline_us,
+        "ratio": ratio,
+        "target": target,
+        "met": met,
+    }
 
 
 def script_main(

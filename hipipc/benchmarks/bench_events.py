@@ -36,6 +36,7 @@ import numpy as np
 import posix_ipc
 
 import hipipc as hip
+from hipipc.bench import row as _row
 from hipipc.bench import script_main, start_child, stop_child
 
 _ns = time.perf_counter_ns
@@ -270,26 +271,6 @@ def _enqueue_costs(batch: int, rounds: int) -> dict[str, float]:
 
 
 # -- the report -------------------------------------------------------------------------
-
-
-def _row(
-    case: str,
-    median_us: float,
-    baseline: str | None = None,
-    baseline_us: float | None = None,
-    target: str | None = None,
-    met: bool | None = None,
-) -> dict[str, Any]:
-    ratio = median_us / baseline_us if baseline_us else None
-    return {
-        "case": case,
-        "median_us": median_us,
-        "baseline": baseline,
-        "baseline_us": baseline_us,
-        "ratio": ratio,
-        "target": target,
-        "met": met,
-    }
 
 
 def run(quick: bool = False, progress: Callable[[str], None] | None = None) -> dict[str, Any]:

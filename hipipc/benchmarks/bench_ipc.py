@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 import hipipc as hip
+from hipipc.bench import row as _row
 from hipipc.bench import script_main, start_child, stop_child
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -135,28 +136,6 @@ class _Peer:
 
 def _median_us(samples_ns: list[int]) -> float:
     return statistics.median(samples_ns) / 1e3
-
-
-def _row(
-    case: str,
-    median_us: float,
-    baseline: str | None = None,
-    baseline_us: float | None = None,
-    target: str | None = None,
-    ratio: float | None = None,
-    met: bool | None = None,
-) -> dict[str, Any]:
-    if ratio is None and baseline_us:
-        ratio = median_us / baseline_us
-    return {
-        "case": case,
-        "median_us": median_us,
-        "baseline": baseline,
-        "baseline_us": baseline_us,
-        "ratio": ratio,
-        "target": target,
-        "met": met,
-    }
 
 
 # -- cases ------------------------------------------------------------------------------

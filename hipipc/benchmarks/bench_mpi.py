@@ -42,6 +42,7 @@ import numpy as np
 
 import hipipc as hip
 from hipipc.bench import format_rows, human_size, script_main
+from hipipc.bench import row as _row
 
 if TYPE_CHECKING:  # both need mpi4py, which this module imports only where it runs MPI
     from mpi4py import MPI
@@ -175,26 +176,6 @@ def _sync_steps(nc: NodeComm) -> tuple[dict[str, Callable[[int], None]], hip.Eve
         _check(int(h_theirs[i & 1, 0]), i, "in-place read after an IPC event")
 
     return {"barrier": barrier_step, "inplace": inplace_step, "event": event_step}, event
-
-
-def _row(
-    case: str,
-    median_us: float,
-    baseline: str | None = None,
-    baseline_us: float | None = None,
-    target: str | None = None,
-    met: bool | None = None,
-) -> dict[str, Any]:
-    ratio = median_us / baseline_us if baseline_us else None
-    return {
-        "case": case,
-        "median_us": median_us,
-        "baseline": baseline,
-        "baseline_us": baseline_us,
-        "ratio": ratio,
-        "target": target,
-        "met": met,
-    }
 
 
 def measure(
