@@ -6,8 +6,10 @@ opened over the same memory, sums it, scales it in place, and returns.  When the
 the buffer it is closed (``hipIpcCloseMemHandle``).  The parent sees the workers' writes in its
 own buffers, then frees them.
 
-Lifetime rule: the exporter keeps its buffers alive until the workers have opened them; here
-until ``starmap`` has returned.  Exits non-zero if any check fails.
+Lifetime: the parent keeps its buffers until ``starmap`` has returned because it reads the
+workers' writes afterwards; a pickled buffer would also stay alive for its receiver if the
+parent dropped it right after sending (send-and-drop, see hipipc.buffer).  Exits non-zero if
+any check fails.
 """
 
 from __future__ import annotations
