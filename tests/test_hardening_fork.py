@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 
-from _proc import Exporter, store_names
+from _proc import Exporter, store_names, wait_pid
 
 import hipipc as hip
 
@@ -65,16 +64,10 @@ def _child(parent_ptr: int, parent_handle: bytes, foreign: bytes) -> int:  # pra
 
 def _wait(pid: int, timeout: float) -> int | None:
     """The child's exit code, or None if it hung (then it is killed)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        if time.monotonic() > deadline:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-            return None
-        time.sleep(0.002)
+    try:
+        return wait_pid(pid, timeout)
+    except AssertionError:  # wait_pid killed it past the timeout
+        return None
 
 
 def test_forking_while_another_thread_uses_the_api_gives_a_fresh_safe_child():
