@@ -26,6 +26,7 @@ has no resource tracker that would unlink them behind your back (unlike
 from __future__ import annotations
 
 import mmap
+import operator
 import os
 import secrets
 import socket
@@ -50,6 +51,8 @@ __all__ = [
     "parse_handle",
     "send_handle",
     "recv_handle",
+    "send_fds",
+    "recv_fds",
 ]
 
 _MB_MAGIC = b"hipipcMB"
@@ -623,3 +626,108 @@ def recv_handle(channel: Any, timeout: float | None = None) -> IpcMemHandle | Ip
     if len(raw) != HANDLE_SIZE:
         raise _invalid(f"received {len(raw)} bytes, a handle is {HANDLE_SIZE}")
     return parse_handle(raw)
+
+
+_FDS_MAX = 253  # SCM_MAX_FD: the kernel's limit of descriptors in one message
+_FD_SIZE = struct.calcsize("i")
+
+
+def _unix_socket(sock: Any, what: str) -> socket.socket:
+    if not isinstance(sock, socket.socket) or sock.family != socket.AF_UNIX:
+        raise _invalid(f"{what} needs an AF_UNIX socket.socket, not {type(sock).__name__}")
+    if sock.fileno() < 0:
+        raise _invalid(f"{what}: the socket is closed")
+    return sock
+
+
+def _ready(sock: socket.socket, end: float | None, event: int, what: str) -> None:
+    """Wait until ``sock`` is ready for ``event`` (select.POLLIN/POLLOUT) before ``end``."""
+    import select
+
+    poller = select.poll()
+    poller.register(sock, event)
+    while True:
+        left = remaining(end)
+        if poller.poll(None if left is None else max(0, int(left * 1000) + 1)):
+            return
+        if left is not None and left <= 0:
+            raise TimeoutError(f"{what} timed out")
+
+
+def send_fds(sock: Any, fds: list[int], data: bytes = b"\0", timeout: float | None = None) -> None:
+    """Send the descriptors ``fds`` (1 to 253) and ``data`` (at least one byte) in one
+    SCM_RIGHTS message over the AF_UNIX socket ``sock``.
+
+    This is how a memory pool's shareable handle (``hipMemPoolExportToShareableHandle``, a
+    POSIX fd) reaches another process, as in CUDA's ``streamOrderedAllocationIPC``.  The
+    caller keeps its descriptors.  Raises ``hipErrorInvalidValue`` for a bad socket, fd list
+    or timeout, ``TimeoutError`` when the socket does not accept the message in time.
+    """
+    sock = _unix_socket(sock, "send_fds")
+    try:
+        fd_list = [operator.index(fd) for fd in fds]
+    except TypeError:
+        raise _invalid("send_fds needs a list of integer descriptors") from None
+    if not 1 <= len(fd_list) <= _FDS_MAX or min(fd_list) < 0:
+        raise _invalid(f"send_fds sends 1 to {_FDS_MAX} non-negative descriptors")
+    payload = bytes(data)
+    if not payload:
+        raise _invalid("send_fds needs at least one byte of data to carry the descriptors")
+    end = deadline(timeout, "send_fds timeout")
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fd_list)}i", *fd_list))]
+    while True:
+        _ready(sock, end, 4, "send_fds")  # POLLOUT
+        try:
+            sent = sock.sendmsg([payload], ancillary, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            continue
+        except OSError as exc:
+            if exc.errno == 9:  # EBADF: a descriptor in fds is not open
+                raise _invalid(f"send_fds: a descriptor in {fd_list} is not open") from None
+            raise
+        if sent != len(payload):  # a stream socket took part of it: the rest without fds
+            sock.sendall(payload[sent:])
+        return
+
+
+def recv_fds(
+    sock: Any, maxfds: int = 1, bufsize: int = 4096, timeout: float | None = None
+) -> tuple[bytes, list[int]]:
+    """Receive one message sent by :func:`send_fds`: (its data, its descriptors).
+
+    Descriptors arrive close-on-exec (``MSG_CMSG_CLOEXEC``; the stdlib's
+    ``socket.recv_fds`` leaves them inheritable) and are the caller's to close.  A message
+    with more than ``maxfds`` descriptors is refused and every one of them closed.  Raises
+    ``EOFError`` when the peer closed the socket, ``TimeoutError`` when nothing arrives in
+    time and ``hipErrorInvalidValue`` for bad arguments or a truncated message.
+    """
+    sock = _unix_socket(sock, "recv_fds")
+    try:
+        maxfds, bufsize = operator.index(maxfds), operator.index(bufsize)
+    except TypeError:
+        raise _invalid("recv_fds: maxfds and bufsize must be integers") from None
+    if not 1 <= maxfds <= _FDS_MAX or not 1 <= bufsize <= 1 << 20:
+        raise _invalid(f"recv_fds: maxfds must be 1 to {_FDS_MAX}, bufsize 1 to 2**20")
+    end = deadline(timeout, "recv_fds timeout")
+    flags = socket.MSG_DONTWAIT | getattr(socket, "MSG_CMSG_CLOEXEC", 0x40000000)
+    while True:
+        _ready(sock, end, 1, "recv_fds")  # POLLIN
+        try:
+            data, ancdata, msg_flags, _addr = sock.recvmsg(
+                bufsize, socket.CMSG_SPACE(_FDS_MAX * _FD_SIZE), flags
+            )
+        except BlockingIOError:
+            continue
+        break
+    fds: list[int] = []
+    for level, kind, blob in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(blob) - len(blob) % _FD_SIZE
+            fds.extend(struct.unpack(f"{usable // _FD_SIZE}i", blob[:usable]))
+    if msg_flags & socket.MSG_CTRUNC or len(fds) > maxfds:
+        for fd in fds:
+            os.close(fd)
+        raise _invalid(f"recv_fds: the message carried more than {maxfds} descriptors")
+    if not data and not fds:
+        raise EOFError("recv_fds: the peer closed the socket")
+    return data, fds
