@@ -19,7 +19,7 @@ import os
 from .errors import HipError, hipError_t
 from .store import _fd_exhausted, _os_call
 
-__all__ = ["SEALS", "create_memfd", "memfd_supported", "reserve", "seals_of"]
+__all__ = ["SEALS", "available_memory", "create_memfd", "memfd_supported", "reserve", "seals_of"]
 
 # Values from <linux/fcntl.h>; Python's fcntl module has them from 3.8 on, but spelled here so
 # that a missing constant cannot make import fail on an odd build.
@@ -64,12 +64,64 @@ def _out_of_memory(nbytes: int, exc: OSError) -> HipError:
     )
 
 
+# Below this a reservation is not checked against the memory left: it cannot exhaust it alone.
+_CHECK_ABOVE = 16 << 20
+
+
+def _limit_from(path: str, usage: str) -> int | None:
+    try:
+        with open(path) as f:
+            raw = f.read().strip()
+        with open(usage) as f:
+            used = int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+    if not raw.isdigit() or int(raw) >= 1 << 60:  # "max", or v1's "unlimited" value
+        return None
+    return max(0, int(raw) - used)
+
+
+def available_memory() -> int:
+    """Bytes a new reservation may take: MemAvailable + SwapFree, capped by the memory
+    cgroup's limit where one is set (v2 ``memory.max`` or v1 ``memory.limit_in_bytes``)."""
+    fields: dict[str, int] = {}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                name, _, rest = line.partition(":")
+                if name in ("MemAvailable", "SwapFree"):
+                    fields[name] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        return 1 << 62  # no way to know: let the kernel decide
+    free = fields.get("MemAvailable", 1 << 62) + fields.get("SwapFree", 0)
+    for limit, usage in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        (
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+            "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+        ),
+    ):
+        left = _limit_from(limit, usage)
+        if left is not None:
+            free = min(free, left)
+    return free
+
+
 def reserve(fd: int, offset: int, nbytes: int) -> None:
     """Commit ``[offset, offset + nbytes)`` of the memfd ``fd`` (``posix_fallocate``).
 
     Raises ``hipErrorOutOfMemory`` when the memory cannot be had; allowed under
-    ``F_SEAL_GROW`` as long as the range lies inside the file.
+    ``F_SEAL_GROW`` as long as the range lies inside the file.  A memfd lives on the kernel's
+    internal tmpfs, which has no size limit: ``posix_fallocate`` of more than the machine
+    has does not fail with ENOSPC but wakes the OOM killer.  So a large reservation is first
+    checked against :func:`available_memory`.
     """
+    if nbytes >= _CHECK_ABOVE and nbytes > available_memory():
+        raise HipError(
+            hipError_t.hipErrorOutOfMemory,
+            f"cannot reserve {nbytes} bytes of anonymous shared memory: only "
+            f"{available_memory()} bytes of memory and swap are available",
+        )
     try:
         os.posix_fallocate(fd, offset, nbytes)
     except OverflowError:
