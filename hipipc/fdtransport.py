@@ -423,9 +423,7 @@ class FdTransport(Transport):
     @staticmethod
     def _take(handle: IpcHandle, route: FdRoute) -> int:
         try:
-            return _os_call(
-                "opening a handle", _pidfds.getfd, route.pid, route.start, route.fd
-            )
+            return _os_call("opening a handle", _pidfds.getfd, route.pid, route.start, route.fd)
         except OSError as exc:
             err = exc.errno
         if err == errno.ESRCH:
@@ -453,11 +451,7 @@ class FdTransport(Transport):
         """Before any read or mapping: the file is the memfd the handle names; then its
         header's identity, in constant time."""
         st = os.fstat(fd)
-        if (
-            not stat.S_ISREG(st.st_mode)
-            or st.st_ino != route.inode
-            or st.st_dev != _memfd_device()
-        ):
+        if not stat.S_ISREG(st.st_mode) or st.st_ino != route.inode or st.st_dev != _memfd_device():
             raise _refused(
                 f"the handle is stale: descriptor {route.fd} of the exporter (pid "
                 f"{route.pid}) is another file now (the exporter freed it, or restarted)"

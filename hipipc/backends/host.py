@@ -18,8 +18,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ..errors import HipError, hipError_t, short_repr
-from ..fdtransport import own_description
 from ..events import hipEventDisableTiming, hipEventInterprocess
+from ..fdtransport import own_description
 from ..handle import HandleKind, IpcEventHandle, IpcHandle, IpcMemHandle
 from ..mapping import Mapping, map_file
 from ..segstore import Transports
