@@ -433,8 +433,8 @@ class FdTransport(Transport):
             )
         if err == errno.EBADF:
             raise _refused(
-                "no exported allocation or event matches this handle (freed or revoked by "
-                f"its exporter, pid {route.pid})"
+                "no exported allocation or event matches this handle (freed by its exporter, "
+                f"pid {route.pid}, or revoked by its exit)"
             )
         # EPERM/EACCES: the ptrace check (another uid, a non-dumpable exporter, Yama) or
         # seccomp; ENOSYS: an older kernel.  The exporter's server decides instead.
@@ -454,7 +454,8 @@ class FdTransport(Transport):
         if not stat.S_ISREG(st.st_mode) or st.st_ino != route.inode or st.st_dev != _memfd_device():
             raise _refused(
                 f"the handle is stale: descriptor {route.fd} of the exporter (pid "
-                f"{route.pid}) is another file now (the exporter freed it, or restarted)"
+                f"{route.pid}) is another file now (freed by its exporter, or the exporter "
+                "restarted)"
             )
         if st.st_uid != handle.uid:
             raise _refused(
