@@ -427,9 +427,9 @@ class FdTransport(Transport):
         except OSError as exc:
             err = exc.errno
         if err == errno.ESRCH:
+            # Whether it freed first cannot be told (the descriptor table died with it).
             raise _refused(
-                f"the exporter (pid {route.pid}) exited without freeing: its memory died "
-                "with it, as in CUDA"
+                f"the exporter (pid {route.pid}) exited: its exports died with it, as in CUDA"
             )
         if err == errno.EBADF:
             raise _refused(
