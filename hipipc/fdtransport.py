@@ -274,6 +274,7 @@ class FdTransport(Transport):
         # Exports of this process: segment name -> (the memfd's descriptor, share mode).
         self._held: dict[str, tuple[int, int]] = {}
         self._tickets: set[str] = set()  # ticket keys offered and not known consumed
+        self._offered = False  # whether the descriptor server was ever asked to serve
         self.exiting = False
 
     # -- exporter side -------------------------------------------------------------------
@@ -311,6 +312,7 @@ class FdTransport(Transport):
         name = handle.segment_name
         with self._lock:
             self._held[name] = (fd, mode)
+            self._offered = True
             try:
                 fdserver.offer(name, fd, mode)
             except BaseException:
@@ -375,7 +377,8 @@ class FdTransport(Transport):
 
     def remove_if_empty(self) -> None:
         """The exit rule's last step: the server withdraws everything and stops."""
-        fdserver.withdraw_all()
+        if self._offered:
+            fdserver.withdraw_all()
 
     def forget(self) -> None:
         """In a forked child: the parent's exports stay the parent's.  The child's copies of
@@ -384,6 +387,7 @@ class FdTransport(Transport):
         self._lock = threading.Lock()
         held, self._held = self._held, {}
         self._tickets = set()
+        self._offered = False
         for fd, _ in held.values():
             try:
                 os.close(fd)

@@ -102,20 +102,13 @@ class Transports:
     """
 
     def __init__(self, store: HandleStore) -> None:
+        from .fdtransport import FdTransport  # imports this module (its base class)
+
         self.store = store
-        self._fd: FdTransport | None = None
+        # Made now, not on first use: two threads making one each would split the exports
+        # between two tables.  Costs no syscall until used.
+        self.fd: FdTransport = FdTransport()
         self._exiting = False
-
-    @property
-    def fd(self) -> FdTransport:
-        """The fd transport, made on first use (importing a handle or allocating)."""
-        fdt = self._fd
-        if fdt is None:
-            from .fdtransport import FdTransport
-
-            fdt = self._fd = FdTransport()
-            fdt.exiting = self._exiting
-        return fdt
 
     def route(self, handle: IpcHandle) -> Transport:
         """The transport ``handle`` was made by (its tail says)."""
@@ -160,15 +153,13 @@ class Transports:
     # -- ticket names (the registry's exit rule) ---------------------------------------------
 
     def exists(self, name: str) -> bool:
-        fdt = self._fd
-        if fdt is not None and fdt.issued(name):
-            return fdt.exists(name)
+        if self.fd.issued(name):
+            return self.fd.exists(name)
         return self.store.exists(name)
 
     def discard(self, name: str) -> bool:
-        fdt = self._fd
-        if fdt is not None and fdt.issued(name):
-            return fdt.discard(name)
+        if self.fd.issued(name):
+            return self.fd.discard(name)
         return self.store.discard(name)
 
     # -- process lifetime ------------------------------------------------------------------
@@ -181,8 +172,7 @@ class Transports:
     def exiting(self, value: bool) -> None:
         self._exiting = value
         self.store.exiting = value
-        if self._fd is not None:
-            self._fd.exiting = value
+        self.fd.exiting = value
 
     @property
     def _lock(self) -> Any:
@@ -191,15 +181,13 @@ class Transports:
 
     def remove_if_empty(self) -> None:
         try:
-            if self._fd is not None:
-                self._fd.remove_if_empty()
+            self.fd.remove_if_empty()
         finally:
             self.store.remove_if_empty()
 
     def forget(self) -> None:
         try:
-            if self._fd is not None:
-                self._fd.forget()
+            self.fd.forget()
         finally:
             self.store.forget()
 
