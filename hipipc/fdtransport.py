@@ -288,7 +288,16 @@ class FdTransport(Transport):
                 hipError_t.hipErrorNotSupported,
                 "the fd transport needs this process's start time (/proc/self/stat)",
             )
-        fd = create_memfd(PAGE_SIZE + -(-size // PAGE_SIZE) * PAGE_SIZE)
+        try:
+            fd = create_memfd(PAGE_SIZE + -(-size // PAGE_SIZE) * PAGE_SIZE)
+        except HipError as exc:
+            if "RLIMIT_NOFILE" not in exc.detail:
+                raise
+            raise HipError(
+                exc.code,
+                f"{exc.detail}; in the fd transport an exported allocation or event keeps its "
+                "descriptor too (free them, or export with HIPIPC_TRANSPORT=store)",
+            ) from exc
         try:
             route = FdRoute(pid, start, fd, os.fstat(fd).st_ino)
             handle = handle_type.new(kind, size, device, os.geteuid(), route)
