@@ -652,3 +652,50 @@ def test_flipped_bits_of_fd_handles_are_refused(live_fd, bit, which):
     raw[bit // 8] ^= 1 << (bit % 8)
     result = _refused_or_why(bytes(raw))
     assert isinstance(result, hip.HipError), result
+
+
+# -- the fallback to the exporter's descriptor server (its wiring; the server is fdserver's) --
+
+
+@pytest.mark.parametrize("refusal", [errno.EPERM, errno.EACCES, errno.ENOSYS])
+def test_a_refused_pidfd_getfd_asks_the_exporters_server_and_checks_what_it_sends(
+    monkeypatch, refusal
+):
+    from hipipc import fdserver, fdtransport
+
+    real = fdtransport._pidfd_getfd
+    with fd_exporter([4096]) as exporter:
+        raw = exporter.handles[0]
+        route = route_of(raw)
+        asked = []
+
+        def refuse(pidfd: int, fd: int) -> int:
+            raise OSError(refusal, os.strerror(refusal))
+
+        def server(pid, start, uid, key, timeout=5.0):  # sends what a server would: the file
+            asked.append((pid, start, uid, key))
+            pidfd = os.pidfd_open(pid)
+            try:
+                return real(pidfd, route.fd)
+            finally:
+                os.close(pidfd)
+
+        monkeypatch.setattr(fdtransport, "_pidfd_getfd", refuse)
+        monkeypatch.setattr(fdserver, "fetch", server)
+        ptr = hip.hipIpcOpenMemHandle(raw)
+        assert read(ptr, 64) == pattern(0, 64)
+        hip.hipIpcCloseMemHandle(ptr)
+        assert asked == [(route.pid, route.start, os.geteuid(), hip.IpcMemHandle(raw).segment_name)]
+
+        # What the server sends goes through the same checks: another file is refused.
+        monkeypatch.setattr(fdserver, "fetch", lambda *a, **k: os.memfd_create("x", os.MFD_CLOEXEC))
+        err = refused(raw)
+        assert err.code == E.hipErrorInvalidResourceHandle and "stale" in str(err)
+
+        def no_server(*args, **kwargs):
+            raise hip.HipError(E.hipErrorInvalidResourceHandle, "not offered")
+
+        monkeypatch.setattr(fdserver, "fetch", no_server)
+        err = refused(raw)
+        assert err.code == E.hipErrorInvalidResourceHandle
+        assert "pidfd_getfd refused" in str(err) and "not offered" in str(err)
