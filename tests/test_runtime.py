@@ -276,6 +276,7 @@ def test_malloc_of_a_bad_size_is_invalid_value(bad):
         assert code(exc) == E.hipErrorInvalidValue
 
 
+@BOTH_TRANSPORTS
 @pytest.mark.parametrize("nbytes", [1 << 62, 1 << 63, 2**64 - 1])
 def test_malloc_larger_than_memory_is_out_of_memory(nbytes):
     with pytest.raises(hip.HipError) as exc:
