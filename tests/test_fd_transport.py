@@ -699,3 +699,18 @@ def test_a_refused_pidfd_getfd_asks_the_exporters_server_and_checks_what_it_send
         err = refused(raw)
         assert err.code == E.hipErrorInvalidResourceHandle
         assert "pidfd_getfd refused" in str(err) and "not offered" in str(err)
+
+
+def test_hipipc_info_shows_the_transport():
+    import json
+
+    for value, shown in (("fd", "fd"), ("auto", "fd"), (None, "store")):
+        out = subprocess.run(
+            [sys.executable, "-m", "hipipc", "info", "--json"],
+            capture_output=True,
+            timeout=60,
+            env=child_env(HIPIPC_TRANSPORT=value),
+        )
+        assert out.returncode == 0, out.stderr.decode()
+        info = json.loads(out.stdout)
+        assert info["transport"] == shown and info["fd_transport_supported"] is True
