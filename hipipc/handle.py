@@ -310,6 +310,8 @@ class IpcHandle:
             kind = HandleKind(kind)
         except (ValueError, TypeError):  # inf, nan, strings: no kind (int() would overflow)
             raise _invalid(f"{kind!r} is not a HandleKind") from None
+        if route is not None and not isinstance(route, FdRoute):
+            raise _invalid(f"an fd route is an FdRoute or None, not {type(route).__name__}")
         try:
             raw = _LAYOUT.pack(
                 _MAGIC,

@@ -714,3 +714,28 @@ def test_hipipc_info_shows_the_transport():
         assert out.returncode == 0, out.stderr.decode()
         info = json.loads(out.stdout)
         assert info["transport"] == shown and info["fd_transport_supported"] is True
+
+
+def test_the_route_tail_parses_by_the_design_rules():
+    from hipipc.handle import HandleKind
+
+    good = FdRoute(pid=4194304, start=1, fd=2**31 - 1, inode=1)
+    handle = hip.IpcMemHandle.new(HandleKind.HOST_MEMORY, 4096, 0, os.geteuid(), good)
+    assert handle.transport == "fd" and handle.fd_route == good
+    assert hip.IpcMemHandle(bytes(handle)).fd_route == good  # round trip
+    plain = hip.IpcMemHandle.new(HandleKind.HOST_MEMORY, 4096, 0, os.geteuid())
+    assert plain.transport == "store" and plain.fd_route is None
+    for bad in (
+        good._replace(pid=0),
+        good._replace(pid=4194305),
+        good._replace(start=0),
+        good._replace(fd=2**31),
+        good._replace(inode=0),
+    ):
+        with pytest.raises(hip.HipError) as exc:
+            hip.IpcMemHandle(bytes(plain)[:40] + _TAIL.pack(*bad))
+        assert exc.value.code == E.hipErrorInvalidValue and "reserved bytes" in str(exc.value)
+    for bad in ((1, 2, 3, 4), "route", good._replace(pid=-1), good._replace(inode=2**64)):
+        with pytest.raises(hip.HipError) as exc:
+            hip.IpcMemHandle.new(HandleKind.HOST_MEMORY, 4096, 0, 0, bad)
+        assert exc.value.code == E.hipErrorInvalidValue
