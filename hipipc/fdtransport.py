@@ -329,9 +329,12 @@ class FdTransport(Transport):
                 raise
         if self.exiting:  # the exit rule started meanwhile and may have missed this one
             with self._lock:
-                self._held.pop(name, None)
+                entry = self._held.pop(name, None)
             fdserver.withdraw(name)
-            self._refuse_if_exiting()
+            if entry is not None:  # still ours to refuse: the caller keeps the descriptor
+                self._refuse_if_exiting()
+            # Else the rule's revoke took and closed it: published and revoked, like an
+            # export made just before the rule.
 
     def revoke(self, handle: IpcHandle) -> None:
         """Withdraw the export and close its descriptor: ``pidfd_getfd`` of the number then
