@@ -182,12 +182,17 @@ class DeviceBuffer:
     # -- construction --------------------------------------------------------------------
 
     @classmethod
-    def allocate(cls, nbytes: int, *, device: int | None = None) -> DeviceBuffer:
+    def allocate(
+        cls, nbytes: int, *, device: int | None = None, transport: str | None = None
+    ) -> DeviceBuffer:
         """Allocate ``nbytes`` with ``hipMalloc`` on ``device`` (default: current).
 
         ``nbytes == 0`` gives an empty buffer (``ptr`` 0, as ``hipMalloc(0)``) that can be
-        viewed and sent.  Raises ``hipErrorInvalidValue`` for a size that is not an integer >= 0,
-        ``hipErrorInvalidDevice`` for a bad device, ``hipErrorOutOfMemory`` when full.
+        viewed and sent.  ``transport`` (``"store"``, ``"fd"`` or ``"auto"``) overrides the
+        process's ``$HIPIPC_TRANSPORT`` for this allocation (see the README's Transports).
+        Raises ``hipErrorInvalidValue`` for a size that is not an integer >= 0 or an unknown
+        transport, ``hipErrorInvalidDevice`` for a bad device, ``hipErrorOutOfMemory`` when
+        full, ``hipErrorNotSupported`` for ``"fd"`` on a kernel without it.
         """
         if isinstance(nbytes, bool) or not isinstance(nbytes, (int, np.integer)) or nbytes < 0:
             raise HipError(
@@ -202,7 +207,10 @@ class DeviceBuffer:
         if device is not None:
             runtime.hipSetDevice(device)
         try:
-            ptr = runtime.hipMalloc(int(nbytes))
+            if transport is None:
+                ptr = runtime.hipMalloc(int(nbytes))
+            else:
+                ptr = get_registry().allocate(int(nbytes), transport)
             dev = runtime.hipGetDevice()
         finally:
             if device is not None:

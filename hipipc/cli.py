@@ -101,6 +101,18 @@ def _segments(store: Any = None) -> tuple[str, list[dict[str, Any]], list[tuple[
     return store.own_path(), rows, skipped
 
 
+def _transport_info() -> tuple[str, bool]:
+    """The transport new allocations take ($HIPIPC_TRANSPORT), and whether fd would work."""
+    from .errors import HipError
+    from .fdtransport import default_transport, fd_route_supported
+
+    try:
+        chosen = default_transport()
+    except HipError as exc:
+        chosen = f"invalid: {exc.detail}"
+    return chosen, fd_route_supported()
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from .registry import get_registry
     from .store import SHARE_ENV, share_mode
@@ -114,6 +126,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         path, rows = store.own_path(), []
     share = os.environ.get(SHARE_ENV, "user")
     mode = share_mode()
+    transport, fd_ok = _transport_info()
     alive = sum(1 for r in rows if r["alive"])
     dead = sum(1 for r in rows if r["alive"] is False)
     info = {
@@ -123,6 +136,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "store": path,
         "store_template": store.template,
         "store_exists": os.path.isdir(path),
+        "transport": transport,
+        "fd_transport_supported": fd_ok,
         "sharing": share,
         "segment_mode": f"{mode:04o}",
         "store_problem": problem,
@@ -147,6 +162,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
         else " (not created yet)"
     )
     print(f"store    {path}{state}  (template {store.template})")
+    fd_note = "fd available" if fd_ok else "fd not supported by this kernel"
+    print(f"transport {transport}  ($HIPIPC_TRANSPORT: store, fd or auto; {fd_note})")
     print(f"sharing  {share} (exported segments get mode {mode:04o})")
     dead_note = (
         f", {info['exports_dead']} of exited exporters (run 'hipipc gc')"

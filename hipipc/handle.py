@@ -10,7 +10,9 @@ Layout (little-endian, 64 bytes, the size of ``hipIpcMemHandle_t`` and ``cudaIpc
    24  size      u64  bytes of the allocation (memory) or of the event state (events)
    32  device    u32  device ordinal of the exporter
    36  uid       u32  the exporter's effective uid (selects its store, checked against the file)
-   40  reserved  24s  zero
+   40  route     24s  zero for the store transport; for the fd transport (``<IQIQ``) the
+                      exporter's pid, its start time, its fd number of the memfd, the
+                      memfd's inode (:class:`FdRoute`)
 
 A handle names its store segment only through one-way digests of all 64 bytes
 (:attr:`IpcHandle.segment_name`, :attr:`IpcHandle.verifier`), so a flip of any bit names
@@ -19,7 +21,11 @@ another (absent) segment, and no file name, log line or ``repr`` reveals the sec
 The node tag lets an importer refuse a handle made on another machine (or another simulated
 node of :mod:`hipipc.mpi`) with a message that says so, before it looks in its store.  It is
 16 bits: two real nodes share a tag with probability 1/65536, and then the importer's store
-says the handle names nothing, as it did before tags existed.  The 24-byte tail stays zero.
+says the handle names nothing, as it did before tags existed.
+
+The tail says how to open the handle (:attr:`IpcHandle.transport`): all zero, through the
+exporter's store; otherwise it is an :class:`FdRoute` (:mod:`hipipc.fdtransport`), range
+checked like every other field.  The importer needs no setting of its own.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import operator
 import os
 import secrets
 import struct
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from .errors import HipError, hipError_t
 
@@ -41,6 +47,7 @@ __all__ = [
     "IpcHandle",
     "IpcMemHandle",
     "IpcEventHandle",
+    "FdRoute",
 ]
 
 NODE_ENV = "HIPIPC_NODE_ID"
@@ -51,6 +58,9 @@ _VERSION = 1
 _LAYOUT = struct.Struct("<4sBBH16sQII24s")
 _ZERO_TAIL = bytes(24)
 _SECRET_BYTES = 16
+_ROUTE = struct.Struct("<IQIQ")
+_PID_MAX_LIMIT = 4194304  # the kernel's PID_MAX_LIMIT: no pid is larger
+assert _ROUTE.size == len(_ZERO_TAIL)
 _H = TypeVar("_H", bound="IpcHandle")
 assert _LAYOUT.size == HANDLE_SIZE
 
@@ -66,6 +76,36 @@ class HandleKind(enum.IntEnum):
 
 def _invalid(detail: str) -> HipError:
     return HipError(hipError_t.hipErrorInvalidValue, detail)
+
+
+class FdRoute(NamedTuple):
+    """Where an fd-transport handle's memory lives: the exporter (pid and start time, /proc
+    stat field 22, so that a reused pid is refused), its descriptor number of the memfd, and
+    the memfd's inode (a number reused for another file is refused before any read)."""
+
+    pid: int
+    start: int
+    fd: int
+    inode: int
+
+    def pack(self) -> bytes:
+        return _ROUTE.pack(*self)
+
+
+def _parse_route(tail: bytes) -> FdRoute:
+    """The :class:`FdRoute` in a non-zero tail; ``hipErrorInvalidValue`` if out of range."""
+    route = FdRoute(*_ROUTE.unpack(tail))
+    if not 1 <= route.pid <= _PID_MAX_LIMIT:
+        problem = f"pid {route.pid} is not a process id"
+    elif route.start <= 0:
+        problem = "no exporter start time"
+    elif route.fd >= 1 << 31:
+        problem = f"descriptor {route.fd} is out of range"
+    elif route.inode <= 0:
+        problem = "no inode"
+    else:
+        return route
+    raise _invalid(f"reserved bytes of the handle are not zero and not an fd route: {problem}")
 
 
 def _machine_identity() -> bytes:
@@ -159,7 +199,17 @@ class IpcHandle:
     compare and hash by value, pickle as their bytes, and never show the secret in ``repr``.
     """
 
-    __slots__ = ("_data", "_kind", "_size", "_device", "_uid", "_node", "_name", "_verifier")
+    __slots__ = (
+        "_data",
+        "_kind",
+        "_size",
+        "_device",
+        "_uid",
+        "_node",
+        "_name",
+        "_verifier",
+        "_route",
+    )
     _KINDS: dict[int, HandleKind] = {}  # value -> kind; a dict lookup is cheaper than Enum()
     _data: bytes
     _kind: HandleKind
@@ -167,6 +217,7 @@ class IpcHandle:
     _device: int
     _uid: int
     _node: int
+    _route: FdRoute | None
 
     def __init__(self, data: Any) -> None:
         if isinstance(data, IpcHandle):
@@ -191,8 +242,7 @@ class IpcHandle:
         kind = self._KINDS.get(kind_value)
         if kind is None:
             raise _invalid(f"not a {type(self).__name__} (kind {kind_value})")
-        if tail != _ZERO_TAIL:
-            raise _invalid("reserved bytes of the handle are not zero")
+        route = None if tail == _ZERO_TAIL else _parse_route(tail)
         if node == 0:
             raise _invalid("the handle carries no node tag (made by an older hipipc?)")
         if size == 0:
@@ -203,6 +253,7 @@ class IpcHandle:
         self._device = device
         self._uid = uid
         self._node = node
+        self._route = route
         self._name: str | None = None
         self._verifier: bytes | None = None
 
@@ -221,17 +272,36 @@ class IpcHandle:
         def uid(self) -> int: ...
         @property
         def node(self) -> int: ...
+        @property
+        def fd_route(self) -> FdRoute | None: ...
     else:
         kind = property(operator.attrgetter("_kind"), doc="What the handle names (HandleKind).")
         size = property(operator.attrgetter("_size"), doc="Bytes of the allocation or event state.")
         device = property(operator.attrgetter("_device"), doc="The exporter's device ordinal.")
         uid = property(operator.attrgetter("_uid"), doc="The exporter's effective uid.")
         node = property(operator.attrgetter("_node"), doc="The exporter's node tag (node_tag()).")
+        fd_route = property(
+            operator.attrgetter("_route"),
+            doc="Where the fd transport finds the memory (FdRoute), or None (the store).",
+        )
+
+    @property
+    def transport(self) -> str:
+        """How the handle opens: ``"store"`` (a name in the exporter's store) or ``"fd"``
+        (the exporter's memfd, taken with ``pidfd_getfd`` or from its SCM_RIGHTS server)."""
+        return "store" if self._route is None else "fd"
 
     @classmethod
-    def new(cls: type[_H], kind: HandleKind, size: int, device: int, uid: int) -> _H:
+    def new(
+        cls: type[_H],
+        kind: HandleKind,
+        size: int,
+        device: int,
+        uid: int,
+        route: FdRoute | None = None,
+    ) -> _H:
         """A fresh handle with a new 128-bit secret (never reused), tagged with
-        :func:`node_tag`.
+        :func:`node_tag`; ``route`` makes it an fd-transport handle.
 
         Raises ``HipError(hipErrorInvalidValue)`` when a field does not fit its slot (a size
         of 2**64 bytes or more, a negative or 32-bit-overflowing device or uid).
@@ -240,6 +310,8 @@ class IpcHandle:
             kind = HandleKind(kind)
         except (ValueError, TypeError):  # inf, nan, strings: no kind (int() would overflow)
             raise _invalid(f"{kind!r} is not a HandleKind") from None
+        if route is not None and not isinstance(route, FdRoute):
+            raise _invalid(f"an fd route is an FdRoute or None, not {type(route).__name__}")
         try:
             raw = _LAYOUT.pack(
                 _MAGIC,
@@ -250,12 +322,12 @@ class IpcHandle:
                 size,
                 device,
                 uid,
-                _ZERO_TAIL,
+                _ZERO_TAIL if route is None else route.pack(),
             )
         except struct.error:
             raise _invalid(
-                f"cannot describe size {size}, device {device}, uid {uid} in a "
-                "handle (64-bit size, 32-bit device and uid)"
+                f"cannot describe size {size}, device {device}, uid {uid}, route {route} in "
+                "a handle (64-bit size, 32-bit device and uid)"
             ) from None
         return cls(raw)
 

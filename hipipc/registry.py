@@ -161,8 +161,10 @@ class Registry:
 
     # -- own memory ----------------------------------------------------------------------
 
-    def allocate(self, nbytes: int) -> int:
-        alloc = self.backend.allocate(nbytes, self.device)
+    def allocate(self, nbytes: int, transport: str | None = None) -> int:
+        """Allocate on the current device; ``transport`` (``store``, ``fd``, ``auto``)
+        overrides the process's ``$HIPIPC_TRANSPORT`` for this allocation."""
+        alloc = self.backend.allocate(nbytes, self.device, transport)
         with self._lock:
             self._insert(alloc)
             self._own[alloc.handle.segment_name] = alloc

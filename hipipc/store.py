@@ -41,10 +41,10 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import ParamSpec, TypeVar
+from typing import ClassVar, ParamSpec, TypeVar
 
 from .errors import HipError, hipError_t
-from .handle import NODE_ENV, IpcHandle, node_tag
+from .handle import NODE_ENV, HandleKind, IpcHandle, node_tag
 from .liveness import exporters as _liveness
 from .segment import _EXPORTER as _EXPORTER  # re-exported: tests write headers with it
 from .segment import _HEADER_SIZE, _IDENTITY, SegmentInfo, _identity
@@ -53,6 +53,7 @@ from .segment import own_process as own_process  # re-exported (liveness, backen
 from .segment import process_alive as process_alive  # re-exported (older import path)
 from .segment import process_start_time as process_start_time  # re-exported
 from .segment import untrusted_reason as untrusted_reason  # re-exported
+from .segstore import Transport
 
 __all__ = [
     "HandleStore",
@@ -65,6 +66,7 @@ __all__ = [
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
+_H = TypeVar("_H", bound=IpcHandle)
 DEFAULT_STORE = "/dev/shm/hipipc-{uid}"
 STORE_ENV = "HIPIPC_STORE"
 SHARE_ENV = "HIPIPC_SHARE"
@@ -231,7 +233,7 @@ def _same_live_dir(old: int, new: int) -> bool:
     return a.st_nlink > 0 and (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
-class HandleStore:
+class HandleStore(Transport):
     """One namespace of exported segments: the directory ``template`` names.
 
     ``template`` (default ``$HIPIPC_STORE`` or ``/dev/shm/hipipc-{uid}``) may contain
@@ -240,6 +242,9 @@ class HandleStore:
     directory for reading) and reopened once when a lookup misses, since a store can be
     removed and recreated.
     """
+
+    name: ClassVar[str] = "store"
+    keeps_published: ClassVar[bool] = False  # the name keeps the file alive
 
     def __init__(self, template: str | None = None) -> None:
         self.template = template or os.environ.get(STORE_ENV) or DEFAULT_STORE
@@ -442,6 +447,13 @@ class HandleStore:
         return self.path_for(os.geteuid())
 
     # -- exporter side -------------------------------------------------------------------
+
+    def new_segment(
+        self, handle_type: type[_H], kind: HandleKind, size: int, device: int
+    ) -> tuple[_H, int]:
+        """A fresh handle and its unnamed segment (:meth:`create`)."""
+        handle = handle_type.new(kind, size, device, os.geteuid())
+        return handle, self.create(handle, size)
 
     def create(self, handle: IpcHandle, payload_size: int) -> int:
         """Create the unnamed segment for ``handle`` and return its descriptor.

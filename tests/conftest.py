@@ -24,6 +24,24 @@ def _private_store():
     assert not left, f"the suite left {len(left)} segment(s) in {store}"
 
 
+@pytest.fixture(params=["store", "fd"])
+def transport(request, monkeypatch):
+    """Run a test on both transports: ``$HIPIPC_TRANSPORT`` set for this process and the
+    processes it starts, and this process's choice (read once) reset around the test.  For the
+    rules both transports share; the differences are tested in test_fd_transport.py."""
+    from hipipc.fdtransport import fd_route_supported, reset_default_transport
+
+    if request.param == "fd" and not fd_route_supported():
+        pytest.skip("this kernel gives no fd transport")
+    from hipipc.fdtransport import default_transport
+
+    monkeypatch.setenv("HIPIPC_TRANSPORT", request.param)
+    reset_default_transport()
+    assert default_transport() == request.param  # new allocations take it
+    yield request.param
+    reset_default_transport()
+
+
 @pytest.fixture
 def gate():
     """A factory of gates; every gate is opened at teardown so no stream worker stays blocked."""

@@ -395,6 +395,9 @@ def _hammer(raws: list[bytes], rank: int, start, results) -> None:
         results.put((rank, "error", repr(exc), 0, 0, None))
 
 
+# Same rule on both transports (conftest's ``transport``); the rest of this file is about the
+# store's files, descriptors and directory: the differences that are the fd transport's point.
+@pytest.mark.usefixtures("transport")
 def test_six_processes_open_close_and_write_the_same_handles_concurrently():
     size = WORKERS * SLOT * 4
     ptrs = [hip.hipMalloc(size) for _ in range(BUFFERS)]

@@ -32,6 +32,12 @@ def code(excinfo) -> hip.hipError_t:
     return excinfo.value.code
 
 
+# The rules of this file that are the same on both transports run on both (conftest's
+# ``transport``); what differs (no file, exit and kill -9 revoke at once) is tested in
+# test_fd_transport.py.
+BOTH_TRANSPORTS = pytest.mark.usefixtures("transport")
+
+
 @pytest.fixture
 def alloc():
     """Allocate-and-free helper: ``alloc(n)`` returns a pointer freed after the test."""
@@ -55,6 +61,7 @@ def read(ptr: int, nbytes: int) -> bytes:
 # -- BRIEF section 4, one test per memory row ------------------------------------------
 
 
+@BOTH_TRANSPORTS
 def test_interior_pointer_exports_the_base_handle_and_address_range_gives_the_offset(alloc):
     base = alloc(10000)
     hip.hipMemset(base, 0, 10000)
@@ -86,6 +93,7 @@ def test_interior_pointer_exports_the_base_handle_and_address_range_gives_the_of
     assert read(base + 1234, 8) == b"interior" and read(base + 1226, 8) == bytes(8)
 
 
+@BOTH_TRANSPORTS
 def test_exporting_twice_gives_the_same_bytes(alloc):
     ptr = alloc(4096)
     first = bytes(hip.hipIpcGetMemHandle(ptr))
@@ -104,6 +112,7 @@ def test_exporting_twice_gives_the_same_bytes(alloc):
     assert bytes(hip.hipIpcGetMemHandle(ptr, share="all")) == first  # share: first export
 
 
+@BOTH_TRANSPORTS
 def test_free_then_new_allocation_at_the_same_address_gets_a_new_handle():
     old_ptr = hip.hipMalloc(8192)
     old = hip.hipIpcGetMemHandle(old_ptr)
@@ -137,6 +146,7 @@ def test_free_then_new_allocation_at_the_same_address_gets_a_new_handle():
         hip.hipFree(new_ptr)
 
 
+@BOTH_TRANSPORTS
 def test_open_in_the_exporting_process_is_invalid_context(alloc):
     ptr = alloc(4096)
     handle = hip.hipIpcGetMemHandle(ptr + 100)
@@ -190,6 +200,7 @@ print(json.dumps(out))
 """
 
 
+@BOTH_TRANSPORTS
 def test_open_twice_flags_and_closes_follow_hips_rules():
     with Exporter([4096]) as exporter:
         got = run_json(IMPORT_RULES, exporter.handles[0].hex())
@@ -219,6 +230,7 @@ else:
 """
 
 
+@BOTH_TRANSPORTS
 def test_exporter_frees_while_imported_revokes_new_opens_but_keeps_the_mapping():
     with Exporter([8192]) as exporter:
         raw = exporter.handles[0]
@@ -264,6 +276,7 @@ def test_malloc_of_a_bad_size_is_invalid_value(bad):
         assert code(exc) == E.hipErrorInvalidValue
 
 
+@BOTH_TRANSPORTS
 @pytest.mark.parametrize("nbytes", [1 << 62, 1 << 63, 2**64 - 1])
 def test_malloc_larger_than_memory_is_out_of_memory(nbytes):
     with pytest.raises(hip.HipError) as exc:
@@ -351,6 +364,7 @@ def test_host_devices_env_reaches_a_spawned_interpreter():
 # -- hipMemcpy -------------------------------------------------------------------------
 
 
+@BOTH_TRANSPORTS
 def test_memcpy_every_kind_moves_the_bytes(alloc):
     a, b = alloc(256), alloc(256)
     src = bytes(range(256))
@@ -568,6 +582,7 @@ print(json.dumps(out))
 """
 
 
+@BOTH_TRANSPORTS
 def test_views_keep_memory_alive_after_free_and_close(alloc):
     # The dangerous part runs in a subprocess: a use-after-unmap would be SIGSEGV there,
     # a failed test here, not a dead pytest.
@@ -611,6 +626,7 @@ for _ in range(2):
 """
 
 
+@BOTH_TRANSPORTS
 def test_handles_through_a_pipe_to_a_spawned_interpreter(alloc):
     ptrs = [alloc(4096), alloc(4096)]
     for ptr in ptrs:
@@ -690,6 +706,7 @@ def _struct_consumer(name: str, rank: int) -> None:
         region.close()
 
 
+@BOTH_TRANSPORTS
 def test_handles_through_a_posix_ipc_shared_struct_to_spawned_interpreters(alloc):
     import multiprocessing as mp
 

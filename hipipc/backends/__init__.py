@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from ..errors import HipError, hipError_t, short_repr
+from ..segstore import Transports
 from ..store import HandleStore
 from .base import Allocation, Backend, ImportedMemory, Region
 from .host import HostBackend
@@ -18,15 +19,16 @@ __all__ = ["Backend", "Allocation", "ImportedMemory", "Region", "HostBackend", "
 BACKEND_ENV = "HIPIPC_BACKEND"
 
 
-def create_backend(store: HandleStore, name: str | None = None) -> Backend:
+def create_backend(store: HandleStore | Transports, name: str | None = None) -> Backend:
     """The backend ``name`` (default ``$HIPIPC_BACKEND`` or ``auto``) over ``store``.
 
     Raises ``HipError(hipErrorNotSupported)`` for a backend this build cannot provide and
     ``hipErrorInvalidValue`` for an unknown name.
     """
     choice = (name or os.environ.get(BACKEND_ENV) or "auto").strip().lower()
+    transports = store if isinstance(store, Transports) else Transports(store)
     if choice in ("host", "auto"):
-        return HostBackend(store)
+        return HostBackend(transports)
     if choice == "cupy":
         raise HipError(
             hipError_t.hipErrorNotSupported,

@@ -18,7 +18,7 @@ from ..errors import HipError, hipError_t
 from ..events import Event
 from ..handle import HandleKind, IpcEventHandle, IpcMemHandle
 from ..mapping import Mapping
-from ..store import HandleStore
+from ..segstore import Transports
 from ..streams import Stream
 
 __all__ = ["Backend", "Allocation", "ImportedMemory", "Region"]
@@ -59,20 +59,21 @@ class Backend(abc.ABC):
     name: ClassVar[str]
     memory_kind: ClassVar[HandleKind]
 
-    def __init__(self, store: HandleStore) -> None:
-        self.store = store
+    def __init__(self, store: Transports) -> None:
+        self.store = store  # the per-handle choice of transport (hipipc.segstore)
 
     @abc.abstractmethod
     def device_count(self) -> int:
         """Number of devices; ordinals run from 0."""
 
     @abc.abstractmethod
-    def allocate(self, nbytes: int, device: int) -> Allocation:
-        """Allocate ``nbytes`` (> 0) on ``device`` with a fresh handle; nothing is exported."""
+    def allocate(self, nbytes: int, device: int, transport: str | None = None) -> Allocation:
+        """Allocate ``nbytes`` (> 0) on ``device`` with a fresh handle; nothing is exported.
+        ``transport`` (``store``, ``fd``, ``auto``) overrides the process's choice."""
 
     @abc.abstractmethod
     def export(self, alloc: Allocation, mode: int) -> None:
-        """Publish ``alloc`` in the store under its handle's name with file ``mode``."""
+        """Make ``alloc`` openable under its handle (its transport's publish) for ``mode``."""
 
     @abc.abstractmethod
     def free(self, alloc: Allocation) -> None:

@@ -12,16 +12,18 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
 
 from ..errors import HipError, hipError_t, short_repr
 from ..events import hipEventDisableTiming, hipEventInterprocess
+from ..fdtransport import own_description
 from ..handle import HandleKind, IpcEventHandle, IpcHandle, IpcMemHandle
 from ..mapping import Mapping, map_file
-from ..store import PAGE_SIZE, HandleStore, _os_call
+from ..segstore import Transports
+from ..store import PAGE_SIZE, _os_call
 from .base import Allocation, Backend, ImportedMemory, Region
 from .eventstate import STATE_SIZE, EventState
 from .host_device import HostDeviceMixin
@@ -31,6 +33,7 @@ __all__ = ["HostBackend"]
 
 DEVICES_ENV = "HIPIPC_HOST_DEVICES"
 _HOST_KINDS = (HandleKind.HOST_MEMORY, HandleKind.HOST_EVENT)
+_H = TypeVar("_H", bound=IpcHandle)
 
 
 def _mapped_length(nbytes: int) -> int:
@@ -49,7 +52,7 @@ class HostBackend(HostDeviceMixin, Backend):
     name = "host"
     memory_kind = HandleKind.HOST_MEMORY
 
-    def __init__(self, store: HandleStore) -> None:
+    def __init__(self, store: Transports) -> None:
         super().__init__(store)
         self._null_stream = NullStream()
         self._pid = os.getpid()
@@ -67,11 +70,18 @@ class HostBackend(HostDeviceMixin, Backend):
             )
         return count
 
-    def _new_segment(self, handle: IpcHandle) -> tuple[int, Mapping]:
-        """An unnamed segment for ``handle``, mapped: (its descriptor, the mapping)."""
-        fd = self.store.create(handle, handle.size)
+    def _new_segment(
+        self,
+        handle_type: type[_H],
+        kind: HandleKind,
+        size: int,
+        device: int,
+        transport: str | None = None,
+    ) -> tuple[_H, int, Mapping]:
+        """A fresh handle and its unexported segment, mapped: (handle, descriptor, mapping)."""
+        handle, fd = self.store.new_segment(handle_type, kind, size, device, transport=transport)
         try:
-            return fd, map_file(fd, _mapped_length(handle.size), PAGE_SIZE)
+            return handle, fd, map_file(fd, _mapped_length(size), PAGE_SIZE)
         except BaseException:
             os.close(fd)
             raise
@@ -98,18 +108,22 @@ class HostBackend(HostDeviceMixin, Backend):
             os.close(fd)
             raise
 
-    def allocate(self, nbytes: int, device: int) -> Allocation:
-        handle = IpcMemHandle.new(HandleKind.HOST_MEMORY, nbytes, device, os.geteuid())
-        fd, mapping = self._new_segment(handle)
+    def allocate(self, nbytes: int, device: int, transport: str | None = None) -> Allocation:
+        handle, fd, mapping = self._new_segment(
+            IpcMemHandle, HandleKind.HOST_MEMORY, nbytes, device, transport
+        )
         return Allocation(mapping.addr, nbytes, device, handle, _Owned(mapping, fd))
 
     def export(self, alloc: Allocation, mode: int) -> None:
         owned: _Owned = alloc.state
-        self.store.publish(owned.fd, alloc.handle, mode)
-        # The name now keeps the file alive and the mapping needs no descriptor.  Cleared
-        # before closed: a fork between the two must not leave the child a stale number.
+        transport = self.store.route(alloc.handle)
+        transport.publish(owned.fd, alloc.handle, mode)
+        # The store's name now keeps the file alive and the mapping needs no descriptor; the
+        # fd transport keeps the descriptor itself until revoke.  Cleared before closed: a
+        # fork between the two must not leave the child a stale number.
         fd, owned.fd = owned.fd, -1
-        os.close(fd)
+        if not transport.keeps_published:
+            os.close(fd)
 
     def free(self, alloc: Allocation) -> None:
         owned: _Owned = alloc.state
@@ -171,15 +185,22 @@ class HostBackend(HostDeviceMixin, Backend):
     def create_event(self, flags: int, device: int) -> HostEvent:
         if not flags & hipEventInterprocess:
             return HostEvent(flags, device, EventState.private())
-        handle = IpcEventHandle.new(HandleKind.HOST_EVENT, STATE_SIZE, device, os.geteuid())
-        fd, mapping = self._new_segment(handle)
+        handle, fd, mapping = self._new_segment(
+            IpcEventHandle, HandleKind.HOST_EVENT, STATE_SIZE, device
+        )
         try:
             # The state locks through its own descriptor (eventstate's module doc); ours is
             # closed once export has linked the segment in.
             try:
                 # At the fd limit: raised toward the hard limit, else hipErrorOutOfMemory
-                # naming it (each interprocess event keeps this descriptor).
-                lock_fd = _os_call("keeping an interprocess event's segment open", os.dup, fd)
+                # naming it (each interprocess event keeps this descriptor).  An fd-transport
+                # event's exported descriptor is shared with its importers (pidfd_getfd): the
+                # lock needs a description of its own.
+                lock_fd = (
+                    _os_call("keeping an interprocess event's segment open", os.dup, fd)
+                    if handle.fd_route is None
+                    else own_description(fd)
+                )
             except HipError:
                 mapping.release()
                 raise
@@ -193,7 +214,7 @@ class HostBackend(HostDeviceMixin, Backend):
         except BaseException:
             os.close(fd)
             raise
-        return HostEvent(flags, device, state, handle, store=self.store, fd=fd)
+        return HostEvent(flags, device, state, handle, store=self.store.route(handle), fd=fd)
 
     def open_event(self, handle: IpcEventHandle, ticket: bytes | None = None) -> HostEvent:
         if handle.size != STATE_SIZE:
@@ -203,6 +224,14 @@ class HostBackend(HostDeviceMixin, Backend):
                 f"uses {STATE_SIZE}: exporter and importer run different versions",
             )
         fd, mapping = self._open_and_map(handle, ticket)
+        if handle.fd_route is not None:  # shares the exporter's description: lock on our own
+            try:
+                fd, taken = own_description(fd), fd
+            except BaseException:
+                os.close(fd)
+                mapping.release()
+                raise
+            os.close(taken)
         state = _mapped_state(mapping, fd)  # keeps the descriptor: the event's lock
         # An opened IPC event has the flags its creator had to use.
         return HostEvent(hipEventInterprocess | hipEventDisableTiming, handle.device, state, handle)

@@ -23,7 +23,8 @@ import platform
 from ..devtypes import hipComputeModeDefault, hipDeviceProp_t
 from ..errors import HipError, hipError_t
 from ..mapping import Mapping, _libc, _mmap
-from ..store import PAGE_SIZE, HandleStore
+from ..segstore import Transports
+from ..store import PAGE_SIZE
 
 __all__ = ["HostDeviceMixin", "PIN_ENV"]
 
@@ -100,7 +101,7 @@ class HostDeviceMixin:
     """The query and host-memory methods of :class:`~hipipc.backends.base.Backend` for the
     host backend; needs ``self.store``."""
 
-    store: HandleStore
+    store: Transports
 
     def device_properties(self, device: int) -> hipDeviceProp_t:
         name, khz = _cpuinfo()

@@ -27,7 +27,8 @@ from typing import Any
 from ..errors import HipError, hipError_t, short_repr
 from ..events import Event, destroyed_event
 from ..handle import IpcEventHandle
-from ..store import HandleStore, own_process
+from ..segstore import Transport
+from ..store import own_process
 from ..streams import (
     Stream,
     destroyed_stream,
@@ -466,7 +467,7 @@ class HostEvent(Event):
         state: EventState,
         handle: IpcEventHandle | None = None,
         *,
-        store: HandleStore | None = None,
+        store: Transport | None = None,
         fd: int = -1,
     ) -> None:
         self.flags = flags
@@ -550,8 +551,12 @@ class HostEvent(Event):
             if self._store is not None and not self._exported:
                 self._store.publish(self._fd, self._handle, mode)
                 self._exported = True
-                # The name keeps the segment alive now; the mapping needs no descriptor.
-                self._close_fd()
+                # The name keeps the segment alive now; the mapping needs no descriptor.  (The
+                # fd transport keeps the descriptor itself, until revoke.)
+                if self._store.keeps_published:
+                    self._fd = -1
+                else:
+                    self._close_fd()
         return self._handle
 
     def _close_fd(self) -> None:
