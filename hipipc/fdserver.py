@@ -379,13 +379,21 @@ def _squatter(name: bytes) -> str:
 def _start_server(state: _State) -> None:
     """Bind, listen and start the thread (under ``state.lock``).  A squatter leaves the
     server down (a warning, once); anything else that fails undoes its own steps."""
-    pid, start, _ns = own_process()
-    name = socket_name(os.geteuid(), pid, start)
     listener = _os_call(
         "starting the fd server", socket.socket, socket.AF_UNIX, socket.SOCK_SEQPACKET
     )
     server = None
     try:
+        # After the socket: at the fd limit, the socket's _os_call raised the soft limit, so
+        # reading /proc/self/stat for the start time cannot fail for want of a descriptor.
+        pid, start, _ns = own_process()
+        if start <= 0:
+            raise HipError(
+                hipError_t.hipErrorOperatingSystem,
+                "cannot start the fd server: this process's start time is unknown "
+                "(/proc/self/stat unreadable)",
+            )
+        name = socket_name(os.geteuid(), pid, start)
         listener.setblocking(False)
         try:
             listener.bind(name)
