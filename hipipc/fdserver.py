@@ -215,6 +215,7 @@ class _Server:
 
     def _accept(self, poller: select.poll, now: float) -> bool:
         """Accept up to a batch; False when out of descriptors and nothing could be freed."""
+        fresh = 0  # accepted in this batch: the newest entries, not yet polled for a request
         for _ in range(_ACCEPT_BATCH):
             try:
                 conn, _addr = self.listener.accept()
@@ -224,10 +225,12 @@ class _Server:
                 if exc.errno in (errno.EMFILE, errno.ENFILE):
                     if raise_fd_limit():
                         continue
-                    if self.clients:  # a waiting client's descriptor is the one to give up
+                    if len(self.clients) > fresh:
+                        # Out of descriptors: give up the oldest waiting client's, never one
+                        # accepted in this batch (it has not had its turn to be read yet).
                         self._drop_client(poller, next(iter(self.clients)))
                         continue
-                    return False
+                    return fresh > 0  # rest only when there was nothing to drop
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
                     continue
                 return True
@@ -236,6 +239,7 @@ class _Server:
                 self._drop_client(poller, next(iter(self.clients)))
             self.clients[conn.fileno()] = (conn, now + _CLIENT_SECONDS)
             poller.register(conn, select.POLLIN)
+            fresh += 1
         return True
 
     def _drop_client(self, poller: select.poll, fd: int) -> socket.socket:

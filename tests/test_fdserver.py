@@ -15,6 +15,7 @@ import json
 import os
 import resource
 import select
+import signal
 import socket
 import struct
 import threading
@@ -203,6 +204,9 @@ def exporter(ask, answer, uid=None, dumpable=None) -> None:
                 answer(set_dumpable(cmd[1] == "1"))
             elif cmd[0] == "withdraw_all":
                 answer(fs.withdraw_all())
+            elif cmd[0] == "limit":  # leave only N free descriptors, for good
+                n = fd_count() + int(cmd[1])
+                answer(resource.setrlimit(resource.RLIMIT_NOFILE, (n, n)))
             elif cmd[0] == "quit":
                 answer("bye")
                 return
@@ -605,6 +609,77 @@ def test_hostile_clients_cannot_hang_leak_or_crash_the_server():
             silent.close()
         assert _settled(exp.pid, base) == base
         assert fetch_ok() < 5
+        exp.ask("withdraw_all")
+
+
+def test_server_at_the_fd_limit_keeps_serving():
+    """A flood at the exporter's descriptor limit: the server gives up the oldest waiting
+    client's descriptor, never one it has not read yet, so a real request still gets in."""
+    with Child(exporter) as exp:
+        info = exp.read()
+        exp.ask("offer", key(1), "600", 0)
+        exp.ask("limit", 6)
+        name = fs.socket_name(0, exp.pid, info["start"])
+        got: list = []
+
+        def fetch() -> None:
+            try:
+                got.append(fs.fetch(exp.pid, info["start"], 0, key(1), timeout=20))
+            except BaseException as exc:
+                got.append(exc)
+
+        # Stopped, the server accepts nothing: flood connections and real requests queue up
+        # in its backlog, so each request is accepted in a batch among flood connections (at
+        # several places in the batch: which ones a careless server drops depends on that).
+        threads: list[threading.Thread] = []
+        flood: list[socket.socket] = []
+        os.kill(exp.pid, signal.SIGSTOP)
+        try:
+            flood += [_connect(name) for _ in range(50)]
+            for _ in range(4):
+                threads.append(threading.Thread(target=fetch))
+                threads[-1].start()
+                time.sleep(0.1)
+                flood += [_connect(name) for _ in range(4)]
+            flood += [_connect(name) for _ in range(100)]
+        finally:
+            os.kill(exp.pid, signal.SIGCONT)
+        try:
+            for thread in threads:
+                thread.join(30)
+            assert len(got) == 4 and all(isinstance(fd, int) for fd in got), got
+        finally:
+            for item in got:
+                if isinstance(item, int):
+                    os.close(item)
+            for c in flood:
+                c.close()
+        os.close(fs.fetch(exp.pid, info["start"], 0, key(1), timeout=10))
+        exp.ask("withdraw_all")
+
+
+def test_concurrent_fetches_offers_and_withdrawals():
+    with Child(exporter) as exp:
+        info = exp.read()
+        exp.ask("offer", key(1), "600", 0)
+        errors: list[BaseException] = []
+
+        def worker() -> None:
+            try:
+                for _ in range(100):
+                    os.close(fs.fetch(exp.pid, info["start"], 0, key(1), timeout=20))
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for i in range(30):  # meanwhile the exporter offers and withdraws other keys
+            exp.ask("offer", key(100 + i), "600", i % 2)
+            exp.ask("withdraw", key(100 + i - 1))
+        for t in threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in threads) and not errors, errors
         exp.ask("withdraw_all")
 
 
