@@ -455,7 +455,11 @@ def offer(key: str, fd: int, share_mode: int, *, once: bool = False) -> None:
     raising the soft ``RLIMIT_NOFILE``), ``hipErrorDeinitialized`` while the interpreter exits.
     """
     _check_key(key)
-    if isinstance(share_mode, bool) or share_mode not in _SHARE_MODES:
+    if (
+        isinstance(share_mode, bool)
+        or not isinstance(share_mode, int)
+        or share_mode not in _SHARE_MODES
+    ):
         raise _invalid(f"share_mode must be 0o600, 0o660 or 0o666, not {share_mode!r}")
     if isinstance(fd, bool) or not isinstance(fd, int) or fd < 0:
         raise _invalid(f"offer needs an open descriptor, not {fd!r}")
@@ -638,6 +642,10 @@ def fetch(pid: int, start: int, uid: int, key: str, timeout: float | None = 5.0)
         sock.setblocking(False)
         _connect(sock, socket_name(uid, pid, start), end, who)
         _check_peer(sock, pid, start, uid, who)
+        # A free descriptor for the reply, made sure of before asking (raising the soft limit
+        # if need be): a descriptor the kernel cannot install is dropped, and a ticket's one
+        # send would be lost.
+        _close(_os_call("fetching a descriptor", os.dup, sock.fileno()))
         try:
             sock.send(_MAGIC + key.encode("ascii"), socket.MSG_DONTWAIT | _MSG_NOSIGNAL)
             data, fds = recv_fds(sock, 1, 64, remaining(end))
@@ -646,6 +654,7 @@ def fetch(pid: int, start: int, uid: int, key: str, timeout: float | None = 5.0)
         except EOFError:
             raise _refused(f"the fd server of {who} closed without answering") from None
         except HipError:  # recv_fds: more than one descriptor (all closed), or truncated
+            _close(_os_call("receiving a descriptor", os.dup, sock.fileno()))  # the limit?
             raise _refused(f"the fd server of {who} sent a malformed reply") from None
         except OSError as exc:
             raise _refused(f"the fd server of {who} failed: {exc.strerror}") from None

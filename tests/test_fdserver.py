@@ -762,3 +762,40 @@ def test_fd_limit(hard_room):
         assert (code, detail) == (0, True)  # the soft limit went up
     else:
         assert code == hipError_t.hipErrorOutOfMemory and "RLIMIT_NOFILE" in detail, detail
+
+
+@pytest.mark.parametrize("hard_room", [False, True])
+def test_fetch_at_the_fd_limit(hard_room):
+    """One free descriptor (taken by the socket): fetch raises the soft limit before it asks,
+    or fails with hipErrorOutOfMemory naming the limit; the once-key is not lost then."""
+    fd = memfd()
+    pid, start, _ = own_process()
+    try:
+        fs.offer(key(1), fd, 0o600, once=True)
+
+        def child():
+            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            n = fd_count() + 8
+            resource.setrlimit(resource.RLIMIT_NOFILE, (n, hard if hard_room else n))
+            filler = []
+            try:
+                for _ in range(n):
+                    filler.append(os.dup(0))
+            except OSError:
+                pass
+            os.close(filler.pop())  # exactly one left: the socket's
+            try:
+                got = fs.fetch(pid, start, 0, key(1), timeout=10)
+            except HipError as exc:
+                return [int(exc.code), str(exc)]
+            return [0, os.fstat(got).st_ino == os.fstat(fd).st_ino]
+
+        code, detail = in_fork(child)
+        if hard_room:
+            assert (code, detail) == (0, True)
+            assert not fs.pending(key(1))
+        else:
+            assert code == hipError_t.hipErrorOutOfMemory and "RLIMIT_NOFILE" in detail, detail
+            assert fs.pending(key(1))  # never sent: the ticket is still there
+    finally:
+        os.close(fd)
