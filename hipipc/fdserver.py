@@ -30,6 +30,7 @@ squatter by its credentials and names it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -409,13 +410,14 @@ def _start_server(state: _State) -> None:
             listener.close()
             if not state.warned:
                 state.warned = True
-                warnings.warn(
-                    f"hipipc: the fd server's socket name {name[1:].decode()!r} is held by "
-                    f"{_squatter(name)}; importers that need the SCM_RIGHTS fallback (other "
-                    "users, or when pidfd_getfd is refused) are refused until it is free",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
+                with contextlib.suppress(Warning):  # "error" filters: the offer still stands
+                    warnings.warn(
+                        f"hipipc: the fd server's socket name {name[1:].decode()!r} is held by "
+                        f"{_squatter(name)}; importers that need the SCM_RIGHTS fallback (other "
+                        "users, or when pidfd_getfd is refused) are refused until it is free",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
             return
         listener.listen(socket.SOMAXCONN)
         server = _Server(state, listener)

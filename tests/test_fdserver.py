@@ -193,7 +193,7 @@ def exporter(ask, answer, uid=None, dumpable=None) -> None:
         try:
             if cmd[0] == "offer":
                 with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
+                    warnings.simplefilter("error" if cmd[4:] == ["strict"] else "always")
                     fs.offer(cmd[1], fd, int(cmd[2], 8), once=cmd[3] == "1")
                 answer({"warnings": [str(w.message) for w in caught]})
             elif cmd[0] == "withdraw":
@@ -204,6 +204,9 @@ def exporter(ask, answer, uid=None, dumpable=None) -> None:
                 answer(set_dumpable(cmd[1] == "1"))
             elif cmd[0] == "withdraw_all":
                 answer(fs.withdraw_all())
+            elif cmd[0] == "client_seconds":  # a shorter request deadline, for a fast test
+                fs._CLIENT_SECONDS = float(cmd[1])
+                answer(None)
             elif cmd[0] == "limit":  # leave only N free descriptors, for good
                 n = fd_count() + int(cmd[1])
                 answer(resource.setrlimit(resource.RLIMIT_NOFILE, (n, n)))
@@ -454,11 +457,11 @@ def squatter(ask, answer, name: bytes, uid=None) -> None:
         ask()  # hold the name until told
 
 
-@pytest.mark.parametrize("who", ["another-uid", "same-uid-another-pid"])
+@pytest.mark.parametrize("who", ["another-uid", "same-uid-another-pid", "warnings-as-errors"])
 def test_squatter_on_the_name(who):
     """Decision: offer still succeeds (keys recorded, pidfd route unaffected), warns once
-    naming the holder, and binds at a later offer once the name is free; fetch refuses the
-    squatter by SO_PEERCRED, naming it."""
+    naming the holder (even where warnings are errors, the offer stands), and binds at a
+    later offer once the name is free; fetch refuses the squatter by SO_PEERCRED, naming it."""
     with Child(exporter) as exp:
         info = exp.read()
         name = fs.socket_name(0, exp.pid, info["start"])
@@ -470,8 +473,12 @@ def test_squatter_on_the_name(who):
             sq_pid, sq_uid = sq.pid, 0
         try:
             assert sq.read() == "bound"
-            got = exp.ask("offer", key(1), "666", 0)
-            assert len(got["warnings"]) == 1 and f"pid {sq_pid} uid {sq_uid}" in got["warnings"][0]
+            if who == "warnings-as-errors":
+                assert exp.ask("offer", key(1), "666", 0, "strict") == {"warnings": []}
+            else:
+                got = exp.ask("offer", key(1), "666", 0)
+                assert len(got["warnings"]) == 1
+                assert f"pid {sq_pid} uid {sq_uid}" in got["warnings"][0]
             assert exp.ask("pending", key(1)) is True
             detail = refused(fs.fetch, exp.pid, info["start"], 0, key(1), timeout=10)
             assert f"held by pid {sq_pid} uid {sq_uid}" in detail and "squatter" in detail
@@ -609,6 +616,18 @@ def test_hostile_clients_cannot_hang_leak_or_crash_the_server():
             silent.close()
         assert _settled(exp.pid, base) == base
         assert fetch_ok() < 5
+        exp.ask("withdraw_all")
+
+
+def test_a_silent_client_is_dropped_at_its_deadline():
+    with Child(exporter) as exp:
+        info = exp.read()
+        exp.ask("client_seconds", 0.3)
+        exp.ask("offer", key(1), "600", 0)
+        t0 = time.monotonic()
+        with _connect(fs.socket_name(0, exp.pid, info["start"])) as silent:
+            assert silent.recv(64) == b""  # closed by the server (the socket's timeout: 10 s)
+        assert 0.25 < time.monotonic() - t0 < 8
         exp.ask("withdraw_all")
 
 
