@@ -106,15 +106,17 @@ class _Offer(NamedTuple):
     file: tuple[int, int]  # (st_dev, st_ino)
     mode: int
     once: bool
+    gid: int  # the file's group, for the 0o660 policy
+    fd: int  # an export's borrowed descriptor; -1 for a once-key (the file's own reference)
 
 
 class _File:
-    """The server's own reference to one file, shared by every key that names it."""
+    """The server's own reference to one file, shared by the once-keys that name it."""
 
-    __slots__ = ("fd", "refs", "gid")
+    __slots__ = ("fd", "refs")
 
-    def __init__(self, fd: int, gid: int) -> None:
-        self.fd, self.refs, self.gid = fd, 0, gid
+    def __init__(self, fd: int) -> None:
+        self.fd, self.refs = fd, 0
 
 
 class _State:
@@ -128,9 +130,10 @@ class _State:
         self.warned = False  # about a squatter on our name
 
     def drop(self, key: str) -> None:
-        """Remove ``key`` (under the lock); the file's reference goes with its last key."""
+        """Remove ``key`` (under the lock); the file's own reference goes with its last
+        once-key."""
         entry = self.offers.pop(key, None)
-        if entry is None:
+        if entry is None or not entry.once:
             return
         held = self.files.get(entry.file)
         if held is not None:
@@ -283,16 +286,18 @@ class _Server:
             return
         pid, uid, gid = _CRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
         state = self.state
-        with state.lock:  # held across one non-blocking send: withdraw cannot close mid-send
+        # The lock is held across one non-blocking send: withdraw (which the exporter calls
+        # before closing a borrowed descriptor) cannot close it mid-send.
+        with state.lock:
             entry = state.offers.get(key)
-            held = state.files.get(entry.file) if entry is not None else None
-            if entry is None or held is None:
+            fd = _usable(state, key, entry)
+            if entry is None or fd < 0:
                 _reply(conn, _ABSENT)
                 return
-            if not _allowed(conn, entry.mode, held.gid, pid, uid, gid):
-                _reply(conn, _REFUSED, entry.mode, held.gid)
+            if not _allowed(conn, entry.mode, entry.gid, pid, uid, gid):
+                _reply(conn, _REFUSED, entry.mode, entry.gid)
                 return
-            send_fds(conn, [held.fd], _REPLY.pack(_OK, entry.mode, held.gid), timeout=0)
+            send_fds(conn, [fd], _REPLY.pack(_OK, entry.mode, entry.gid), timeout=0)
             if entry.once:
                 state.drop(key)
 
@@ -320,6 +325,25 @@ class _Server:
         self.clients.clear()
         for s in (self.listener, self.wake_r, self.wake_w):
             s.close()
+
+
+def _usable(state: _State, key: str, entry: _Offer | None) -> int:
+    """The descriptor to send for ``entry`` (under the lock), or -1.  A borrowed one must
+    still be the offered file: an exporter that closed it without withdrawing (its number
+    may name another file now) gets its key dropped, never another file sent."""
+    if entry is None:
+        return -1
+    if entry.once:
+        held = state.files.get(entry.file)
+        return held.fd if held is not None else -1
+    try:
+        st = os.fstat(entry.fd)
+        if (st.st_dev, st.st_ino) == entry.file:
+            return entry.fd
+    except OSError:
+        pass
+    state.drop(key)
+    return -1
 
 
 def _reply(conn: socket.socket, status: int, mode: int = 0, gid: int = 0) -> None:
@@ -443,14 +467,22 @@ def offer(key: str, fd: int, share_mode: int, *, once: bool = False) -> None:
     """Make the file behind ``fd`` available under ``key`` to :func:`fetch`.
 
     ``key`` is a 40-hex one-way digest (a handle's ``segment_name``, or
-    ``hipipc.store.ticket_name(secret)``).  The server takes its own reference (one ``dup`` per
-    distinct file, shared by all its keys, closed with the last), so the caller keeps ``fd``.
-    ``share_mode`` is 0o600, 0o660 or 0o666 (:func:`hipipc.store.share_mode`): who may fetch
-    besides this uid and root (0o660: a process whose groups hold the file's gid; 0o666:
-    anyone).  ``once=True``: removed after its first successful send (a send-and-drop
-    ticket).  Offering a key again replaces its file and policy.  The first offer starts the
-    server thread; if another process holds the socket name, the offer is still recorded
-    (see the module's notes on squatting).
+    ``hipipc.store.ticket_name(secret)``).  ``share_mode`` is 0o600, 0o660 or 0o666
+    (:func:`hipipc.store.share_mode`): who may fetch besides this uid and root (0o660: a
+    process whose groups hold the file's gid; 0o666: anyone).  Offering a key again replaces
+    its file and policy.
+
+    References: an export (``once=False``) borrows ``fd``, so that an export costs one
+    descriptor (issue 13's scale rule): the caller must :func:`withdraw` the key before it
+    closes ``fd`` (``hipFree``: withdraw, then close).  Each send first checks that ``fd``
+    still is the offered file, so a caller that closes first gets its key dropped, never
+    another file sent.  ``once=True`` (a send-and-drop ticket): the server takes its own
+    reference (one ``dup`` per distinct file, shared by its once-keys, closed with the last),
+    so the ticket outlives the caller's close; the key is removed after its first
+    successful send.
+
+    The first offer starts the server thread; if another process holds the socket name, the
+    offer is still recorded (see the module's notes on squatting).
 
     Raises ``hipErrorInvalidValue`` for a bad key, mode or descriptor (not open, not a
     regular file), ``hipErrorOutOfMemory`` naming the limit when no descriptor is left (after
@@ -472,6 +504,7 @@ def offer(key: str, fd: int, share_mode: int, *, once: bool = False) -> None:
     if not stat.S_ISREG(st.st_mode):
         raise _invalid(f"offer: descriptor {fd} is not a regular file (a memfd)")
     ident = (st.st_dev, st.st_ino)
+    once = bool(once)
     state = _state
     with state.lock:
         server = state.server
@@ -480,19 +513,22 @@ def offer(key: str, fd: int, share_mode: int, *, once: bool = False) -> None:
                 server.close_all()
                 state.server = None
             _start_server(state)
+        if not once:  # borrowed: no descriptor of its own (one per export, issue 13)
+            state.drop(key)
+            state.offers[key] = _Offer(ident, share_mode, False, st.st_gid, fd)
+            return
         old = state.offers.get(key)
-        if old is not None and old.file == ident:
-            state.offers[key] = _Offer(ident, share_mode, bool(once))
+        if old is not None and old.once and old.file == ident:
+            state.offers[key] = old._replace(mode=share_mode, gid=st.st_gid)
             return
         held = state.files.get(ident)
         if held is None:
             # Close-on-exec like every descriptor Python makes; EMFILE raises the soft limit.
-            held = _File(_os_call("offering a descriptor to the fd server", os.dup, fd), st.st_gid)
+            held = _File(_os_call("offering a descriptor to the fd server", os.dup, fd))
             state.files[ident] = held
         held.refs += 1
-        if old is not None:
-            state.drop(key)
-        state.offers[key] = _Offer(ident, share_mode, bool(once))
+        state.drop(key)
+        state.offers[key] = _Offer(ident, share_mode, True, st.st_gid, -1)
 
 
 def withdraw(key: str) -> None:

@@ -253,37 +253,75 @@ def test_offer_fetch_across_processes_and_revoke():
     assert "exited" in refused(fs.fetch, exp.pid, info["start"], 0, key(1))
 
 
-def test_once_keys_and_one_reference_per_file():
+def test_once_keys_and_references():
+    """Exports borrow the caller's descriptor (one descriptor per export); once-keys hold
+    one reference per distinct file, shared, closed with the last once-key."""
     fd, other = memfd(), memfd()
     pid, start, _ = own_process()
     try:
         base = fd_count()
         fs.offer(key("a"), fd, 0o600)
-        with_server = fd_count()  # the listener, the wake pair and one dup
-        fs.offer(key("b"), fd, 0o600, once=True)
+        with_server = fd_count()  # the listener and the wake pair: no reference of its own
         fs.offer(key("c"), fd, 0o666)
-        assert fd_count() == with_server  # one dup per distinct file
         fs.offer(key("d"), other, 0o600)
-        assert fd_count() == with_server + 1
+        assert fd_count() == with_server
+        fs.offer(key("b"), fd, 0o600, once=True)
+        fs.offer(key("e"), fd, 0o600, once=True)
+        assert fd_count() == with_server + 1  # one reference for both once-keys
+        fs.offer(key("f"), other, 0o600, once=True)
+        assert fd_count() == with_server + 2
         assert fs.pending(key("b"))
         got = fs.fetch(pid, start, 0, key("b"))
         os.close(got)
         assert not fs.pending(key("b"))  # consumed by the first successful send
         assert "no longer offers" in refused(fs.fetch, pid, start, 0, key("b"))
-        # Re-offering a key for another file moves its reference.
-        fs.offer(key("d"), fd, 0o600)
-        assert fd_count() == with_server
+        assert fd_count() == with_server + 2  # "e" still holds fd's reference
+        fs.offer(key("f"), fd, 0o600, once=True)  # re-offered for another file: moved
+        assert fd_count() == with_server + 1
+        fs.offer(key("d"), fd, 0o600)  # an export re-offered for another file
         got = fs.fetch(pid, start, 0, key("d"))
         assert os.fstat(got).st_ino == os.fstat(fd).st_ino
         os.close(got)
-        for k in "acd":
+        for k in "ef":
             fs.withdraw(key(k))
-        assert fd_count() == with_server - 1  # the last key closed the file's reference
+        assert fd_count() == with_server  # the last once-key closed the reference
+        assert fs.pending(key("a")) and fs.pending(key("c"))
         fs.withdraw_all()
         assert fd_count() == base
     finally:
         os.close(fd)
         os.close(other)
+
+
+def test_a_ticket_outlives_the_exporters_close_and_a_closed_export_sends_nothing():
+    """hipFree withdraws and closes the export; a pending ticket still has its own reference.
+    An export closed without withdraw (a caller's bug) is dropped at the next request, even
+    when its number names another file by then: that file is never sent."""
+    fd, stranger = memfd(), memfd()
+    pid, start, _ = own_process()
+    try:
+        ino = os.fstat(fd).st_ino
+        fs.offer(key("export"), fd, 0o600)
+        fs.offer(key("ticket"), fd, 0o600, once=True)
+        fs.withdraw(key("export"))
+        os.close(fd)
+        fd = -1
+        got = fs.fetch(pid, start, 0, key("ticket"))
+        assert os.fstat(got).st_ino == ino
+        os.close(got)
+        again = memfd()
+        fs.offer(key("closed"), again, 0o600)
+        os.dup2(stranger, again)  # the number now names another file, without withdraw
+        assert "no longer offers" in refused(fs.fetch, pid, start, 0, key("closed"))
+        assert not fs.pending(key("closed"))
+        fs.offer(key("closed"), again, 0o600)
+        os.close(again)  # closed without withdraw: the number names nothing
+        assert "no longer offers" in refused(fs.fetch, pid, start, 0, key("closed"))
+        assert not fs.pending(key("closed"))
+    finally:
+        for x in (fd, stranger):
+            if x >= 0:
+                os.close(x)
 
 
 def _abstract_names() -> str:
@@ -725,6 +763,7 @@ def test_fork_child_starts_empty_and_leaves_the_parent_serving():
     pid, start, _ = own_process()
     try:
         fs.offer(key(1), fd, 0o600)
+        fs.offer(key(9), fd, 0o600, once=True)  # the server's own reference: a dup
         listener = f"socket:[{os.fstat(fs._state.server.listener.fileno()).st_ino}]"
         ino = os.fstat(fd).st_ino
 
@@ -747,6 +786,7 @@ def test_fork_child_starts_empty_and_leaves_the_parent_serving():
             return [pend, listener in links, refs]
 
         assert in_fork(child) == [False, False, 1]  # only the test's own fd, not the dup
+        assert fs.pending(key(9))
         assert fs.pending(key(1))
         os.close(fs.fetch(pid, start, 0, key(1)))
         assert not fs.pending(key(2))
