@@ -32,9 +32,10 @@ from hipipc.memfd import create_memfd
 from hipipc.segment import own_process
 from hipipc.transport import send_fds
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the cross-uid cases need root")
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="drops a child to another uid")
 
 NOBODY = 65534
+UID = os.geteuid()
 PAGE = 4096
 PATTERN = bytes(range(256)) * 16
 INVALID_HANDLE = hipError_t.hipErrorInvalidResourceHandle
@@ -235,7 +236,7 @@ def test_offer_fetch_across_processes_and_revoke():
         assert exp.ask("offer", key(1), "600", 0) == {"warnings": []}
         assert exp.ask("pending", key(1)) is True
         before = fd_count()
-        fd = fs.fetch(exp.pid, info["start"], 0, key(1), timeout=10)
+        fd = fs.fetch(exp.pid, info["start"], UID, key(1), timeout=10)
         try:
             assert os.fstat(fd).st_ino == info["ino"]
             assert read_all(fd) == PATTERN
@@ -245,12 +246,12 @@ def test_offer_fetch_across_processes_and_revoke():
         assert fd_count() == before
         exp.ask("withdraw", key(1))
         assert exp.ask("pending", key(1)) is False
-        assert "no longer offers" in refused(fs.fetch, exp.pid, info["start"], 0, key(1))
-        assert "no longer offers" in refused(fs.fetch, exp.pid, info["start"], 0, key(2))
+        assert "no longer offers" in refused(fs.fetch, exp.pid, info["start"], UID, key(1))
+        assert "no longer offers" in refused(fs.fetch, exp.pid, info["start"], UID, key(2))
         exp.ask("withdraw", key(3))  # unknown key: no-op
         exp.ask("quit")
     # The exporter is gone: refused, and the message says so.
-    assert "exited" in refused(fs.fetch, exp.pid, info["start"], 0, key(1))
+    assert "exited" in refused(fs.fetch, exp.pid, info["start"], UID, key(1))
 
 
 def test_once_keys_and_references():
@@ -271,15 +272,15 @@ def test_once_keys_and_references():
         fs.offer(key("f"), other, 0o600, once=True)
         assert fd_count() == with_server + 2
         assert fs.pending(key("b"))
-        got = fs.fetch(pid, start, 0, key("b"))
+        got = fs.fetch(pid, start, UID, key("b"))
         os.close(got)
         assert not fs.pending(key("b"))  # consumed by the first successful send
-        assert "no longer offers" in refused(fs.fetch, pid, start, 0, key("b"))
+        assert "no longer offers" in refused(fs.fetch, pid, start, UID, key("b"))
         assert fd_count() == with_server + 2  # "e" still holds fd's reference
         fs.offer(key("f"), fd, 0o600, once=True)  # re-offered for another file: moved
         assert fd_count() == with_server + 1
         fs.offer(key("d"), fd, 0o600)  # an export re-offered for another file
-        got = fs.fetch(pid, start, 0, key("d"))
+        got = fs.fetch(pid, start, UID, key("d"))
         assert os.fstat(got).st_ino == os.fstat(fd).st_ino
         os.close(got)
         for k in "ef":
@@ -306,17 +307,17 @@ def test_a_ticket_outlives_the_exporters_close_and_a_closed_export_sends_nothing
         fs.withdraw(key("export"))
         os.close(fd)
         fd = -1
-        got = fs.fetch(pid, start, 0, key("ticket"))
+        got = fs.fetch(pid, start, UID, key("ticket"))
         assert os.fstat(got).st_ino == ino
         os.close(got)
         again = memfd()
         fs.offer(key("closed"), again, 0o600)
         os.dup2(stranger, again)  # the number now names another file, without withdraw
-        assert "no longer offers" in refused(fs.fetch, pid, start, 0, key("closed"))
+        assert "no longer offers" in refused(fs.fetch, pid, start, UID, key("closed"))
         assert not fs.pending(key("closed"))
         fs.offer(key("closed"), again, 0o600)
         os.close(again)  # closed without withdraw: the number names nothing
-        assert "no longer offers" in refused(fs.fetch, pid, start, 0, key("closed"))
+        assert "no longer offers" in refused(fs.fetch, pid, start, UID, key("closed"))
         assert not fs.pending(key("closed"))
     finally:
         for x in (fd, stranger):
@@ -335,7 +336,7 @@ def test_withdraw_all_stops_the_server_and_frees_the_name():
     try:
         base = fd_count()
         fs.offer(key(1), fd, 0o600)
-        name = fs.socket_name(0, pid, start)[1:].decode()
+        name = fs.socket_name(UID, pid, start)[1:].decode()
         assert "@" + name in _abstract_names()
         assert [t for t in threading.enumerate() if t.name == "hipipc-fdserver"]
         fs.withdraw_all()
@@ -344,9 +345,9 @@ def test_withdraw_all_stops_the_server_and_frees_the_name():
         assert "@" + name not in _abstract_names()
         assert not [t for t in threading.enumerate() if t.name == "hipipc-fdserver"]
         assert fd_count() == base
-        assert "serves no descriptors" in refused(fs.fetch, pid, start, 0, key(1))
+        assert "serves no descriptors" in refused(fs.fetch, pid, start, UID, key(1))
         fs.offer(key(1), fd, 0o600)  # a later offer starts a new server
-        os.close(fs.fetch(pid, start, 0, key(1)))
+        os.close(fs.fetch(pid, start, UID, key(1)))
     finally:
         os.close(fd)
 
@@ -386,7 +387,7 @@ def test_arguments_are_checked():
             with pytest.raises(HipError) as info:
                 fs.offer(key(1), *args)
             assert info.value.code == hipError_t.hipErrorInvalidValue, args
-        good = (os.getpid(), own_process()[1], 0, key(1))
+        good = (os.getpid(), own_process()[1], UID, key(1))
         for i, bad in ((0, 0), (0, 2**23), (1, 0), (2, -1), (2, 2**32), (3, "x"), (0, True)):
             args = list(good)
             args[i] = bad
@@ -416,6 +417,7 @@ def test_arguments_are_checked():
         (0o666, NOBODY, (), True),
     ],
 )
+@needs_root
 def test_cross_uid_share_policy(mode, gid, groups, allowed):
     fd = memfd()
     pid, start, _ = own_process()
@@ -426,7 +428,7 @@ def test_cross_uid_share_policy(mode, gid, groups, allowed):
         def importer():
             drop(NOBODY, gid, groups)
             try:
-                got = fs.fetch(pid, start, 0, key(mode), timeout=10)
+                got = fs.fetch(pid, start, UID, key(mode), timeout=10)
             except HipError as exc:
                 return [int(exc.code), str(exc)]
             try:
@@ -445,6 +447,7 @@ def test_cross_uid_share_policy(mode, gid, groups, allowed):
         os.close(fd)
 
 
+@needs_root
 def test_pidfd_getfd_is_refused_across_uids():
     """Why the fallback exists: the kernel's ptrace check refuses another uid."""
     fd = memfd()
@@ -460,6 +463,7 @@ def test_pidfd_getfd_is_refused_across_uids():
         os.close(fd)
 
 
+@needs_root
 def test_non_dumpable_exporter_is_served():
     """A non-dumpable exporter refuses pidfd_getfd even to its own (non-root) uid; fetch
     still works there.  Making it dumpable again lets pidfd_getfd in: the flag is the cause."""
@@ -495,20 +499,23 @@ def squatter(ask, answer, name: bytes, uid=None) -> None:
         ask()  # hold the name until told
 
 
-@pytest.mark.parametrize("who", ["another-uid", "same-uid-another-pid", "warnings-as-errors"])
+@pytest.mark.parametrize(
+    "who",
+    [pytest.param("another-uid", marks=needs_root), "same-uid-another-pid", "warnings-as-errors"],
+)
 def test_squatter_on_the_name(who):
     """Decision: offer still succeeds (keys recorded, pidfd route unaffected), warns once
     naming the holder (even where warnings are errors, the offer stands), and binds at a
     later offer once the name is free; fetch refuses the squatter by SO_PEERCRED, naming it."""
     with Child(exporter) as exp:
         info = exp.read()
-        name = fs.socket_name(0, exp.pid, info["start"])
+        name = fs.socket_name(UID, exp.pid, info["start"])
         if who == "another-uid":
             sq = Child(squatter, name, NOBODY)
             sq_pid, sq_uid = sq.pid, NOBODY
         else:
             sq = Child(squatter, name)
-            sq_pid, sq_uid = sq.pid, 0
+            sq_pid, sq_uid = sq.pid, UID
         try:
             assert sq.read() == "bound"
             if who == "warnings-as-errors":
@@ -518,13 +525,13 @@ def test_squatter_on_the_name(who):
                 assert len(got["warnings"]) == 1
                 assert f"pid {sq_pid} uid {sq_uid}" in got["warnings"][0]
             assert exp.ask("pending", key(1)) is True
-            detail = refused(fs.fetch, exp.pid, info["start"], 0, key(1), timeout=10)
+            detail = refused(fs.fetch, exp.pid, info["start"], UID, key(1), timeout=10)
             assert f"held by pid {sq_pid} uid {sq_uid}" in detail and "squatter" in detail
         finally:
             assert sq.close() == 0  # EOF on its command pipe: it exits and frees the name
         # The name is free: the next offer binds it, quietly.
         assert exp.ask("offer", key(2), "600", 0) == {"warnings": []}
-        os.close(fs.fetch(exp.pid, info["start"], 0, key(1), timeout=10))
+        os.close(fs.fetch(exp.pid, info["start"], UID, key(1), timeout=10))
         exp.ask("withdraw_all")
 
 
@@ -574,7 +581,7 @@ def test_hostile_server_cannot_hang_or_fool_fetch():
         before = fd_count()
         for mode in HOSTILE:
             t0 = time.monotonic()
-            detail = refused(fs.fetch, srv.pid, start, 0, key(1), timeout=1.0)
+            detail = refused(fs.fetch, srv.pid, start, UID, key(1), timeout=1.0)
             assert time.monotonic() - t0 < 8, mode
             assert fd_count() == before, f"{mode} leaked a descriptor"
             expected = {
@@ -611,12 +618,12 @@ def test_hostile_clients_cannot_hang_leak_or_crash_the_server():
     with Child(exporter) as exp:
         info = exp.read()
         exp.ask("offer", key(1), "600", 0)
-        name = fs.socket_name(0, exp.pid, info["start"])
+        name = fs.socket_name(UID, exp.pid, info["start"])
         base = fd_count(exp.pid)
 
         def fetch_ok() -> float:
             t0 = time.monotonic()
-            os.close(fs.fetch(exp.pid, info["start"], 0, key(1), timeout=10))
+            os.close(fs.fetch(exp.pid, info["start"], UID, key(1), timeout=10))
             return time.monotonic() - t0
 
         silent = _connect(name)  # connects and sends nothing
@@ -663,7 +670,7 @@ def test_a_silent_client_is_dropped_at_its_deadline():
         exp.ask("client_seconds", 0.3)
         exp.ask("offer", key(1), "600", 0)
         t0 = time.monotonic()
-        with _connect(fs.socket_name(0, exp.pid, info["start"])) as silent:
+        with _connect(fs.socket_name(UID, exp.pid, info["start"])) as silent:
             assert silent.recv(64) == b""  # closed by the server (the socket's timeout: 10 s)
         assert 0.25 < time.monotonic() - t0 < 8
         exp.ask("withdraw_all")
@@ -676,12 +683,12 @@ def test_server_at_the_fd_limit_keeps_serving():
         info = exp.read()
         exp.ask("offer", key(1), "600", 0)
         exp.ask("limit", 6)
-        name = fs.socket_name(0, exp.pid, info["start"])
+        name = fs.socket_name(UID, exp.pid, info["start"])
         got: list = []
 
         def fetch() -> None:
             try:
-                got.append(fs.fetch(exp.pid, info["start"], 0, key(1), timeout=20))
+                got.append(fs.fetch(exp.pid, info["start"], UID, key(1), timeout=20))
             except BaseException as exc:
                 got.append(exc)
 
@@ -711,7 +718,7 @@ def test_server_at_the_fd_limit_keeps_serving():
                     os.close(item)
             for c in flood:
                 c.close()
-        os.close(fs.fetch(exp.pid, info["start"], 0, key(1), timeout=10))
+        os.close(fs.fetch(exp.pid, info["start"], UID, key(1), timeout=10))
         exp.ask("withdraw_all")
 
 
@@ -724,7 +731,7 @@ def test_concurrent_fetches_offers_and_withdrawals():
         def worker() -> None:
             try:
                 for _ in range(100):
-                    os.close(fs.fetch(exp.pid, info["start"], 0, key(1), timeout=20))
+                    os.close(fs.fetch(exp.pid, info["start"], UID, key(1), timeout=20))
             except BaseException as exc:
                 errors.append(exc)
 
@@ -745,10 +752,10 @@ def test_no_descriptor_leaks_over_1000_fetches():
         info = exp.read()
         exp.ask("offer", key(1), "600", 0)
         theirs = fd_count(exp.pid)  # no client connected yet
-        os.close(fs.fetch(exp.pid, info["start"], 0, key(1), timeout=10))
+        os.close(fs.fetch(exp.pid, info["start"], UID, key(1), timeout=10))
         mine = fd_count()
         for _ in range(1000):
-            fd = fs.fetch(exp.pid, info["start"], 0, key(1), timeout=10)
+            fd = fs.fetch(exp.pid, info["start"], UID, key(1), timeout=10)
             os.close(fd)
         assert fd_count() == mine
         assert _settled(exp.pid, theirs) == theirs
@@ -776,11 +783,11 @@ def test_fork_child_starts_empty_and_leaves_the_parent_serving():
                     refs += os.stat(f"/proc/self/fd/{n}").st_ino == ino
                 except OSError:
                     pass
-            got = fs.fetch(pid, start, 0, key(1), timeout=10)  # the parent still serves
+            got = fs.fetch(pid, start, UID, key(1), timeout=10)  # the parent still serves
             os.close(got)
             fs.offer(key(2), fd, 0o600)  # the child's own server, under its own name
             mine = own_process()
-            own = fs.fetch(mine[0], mine[1], 0, key(2), timeout=10)
+            own = fs.fetch(mine[0], mine[1], UID, key(2), timeout=10)
             os.close(own)
             fs.withdraw_all()
             return [pend, listener in links, refs]
@@ -788,7 +795,7 @@ def test_fork_child_starts_empty_and_leaves_the_parent_serving():
         assert in_fork(child) == [False, False, 1]  # only the test's own fd, not the dup
         assert fs.pending(key(9))
         assert fs.pending(key(1))
-        os.close(fs.fetch(pid, start, 0, key(1)))
+        os.close(fs.fetch(pid, start, UID, key(1)))
         assert not fs.pending(key(2))
     finally:
         os.close(fd)
@@ -811,7 +818,7 @@ def test_fd_limit(hard_room):
             fs.offer(key(1), fd, 0o600)
         except HipError as exc:
             return [int(exc.code), str(exc)]
-        got = fs.fetch(*own_process()[:2], 0, key(1), timeout=10)
+        got = fs.fetch(*own_process()[:2], UID, key(1), timeout=10)
         os.close(got)
         fs.withdraw_all()
         return [0, resource.getrlimit(resource.RLIMIT_NOFILE)[0] > n]
@@ -844,7 +851,7 @@ def test_fetch_at_the_fd_limit(hard_room):
                 pass
             os.close(filler.pop())  # exactly one left: the socket's
             try:
-                got = fs.fetch(pid, start, 0, key(1), timeout=10)
+                got = fs.fetch(pid, start, UID, key(1), timeout=10)
             except HipError as exc:
                 return [int(exc.code), str(exc)]
             return [0, os.fstat(got).st_ino == os.fstat(fd).st_ino]
