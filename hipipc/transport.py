@@ -678,7 +678,9 @@ def send_fds(sock: Any, fds: list[int], data: bytes = b"\0", timeout: float | No
     while True:
         _ready(sock, end, 4, "send_fds")  # POLLOUT
         try:
-            sent = sock.sendmsg([payload], ancillary, socket.MSG_DONTWAIT)
+            # MSG_NOSIGNAL: a peer that closed must not kill a process whose SIGPIPE is
+            # SIG_DFL (the fd server answers untrusted clients with this).
+            sent = sock.sendmsg([payload], ancillary, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
         except BlockingIOError:
             continue
         except OSError as exc:
@@ -686,7 +688,7 @@ def send_fds(sock: Any, fds: list[int], data: bytes = b"\0", timeout: float | No
                 raise _invalid(f"send_fds: a descriptor in {fd_list} is not open") from None
             raise
         if sent != len(payload):  # a stream socket took part of it: the rest without fds
-            sock.sendall(payload[sent:])
+            sock.sendall(payload[sent:], socket.MSG_NOSIGNAL)
         return
 
 
