@@ -378,7 +378,9 @@ def hipPointerGetAttributes(ptr: Any) -> hipPointerAttribute_t:
         )
     try:
         region, _ = get_registry().find(addr)
-        if not isinstance(region, (Allocation, ImportedMemory)):
+        if not isinstance(region, (Allocation, ImportedMemory)) and not getattr(
+            region, "is_device_memory", False  # memory-pool memory (hipipc.poolcore)
+        ):
             raise HipError(hipError_t.hipErrorInvalidValue, "a host range just removed")
     except HipError:
         raise _invalid(
