@@ -21,9 +21,16 @@ the header once and maps the file.  Everything it reads from the file afterwards
 included, is hostile input: a process holding the descriptor can write any byte.  Export data
 (64 bytes) names a table slot; the importer reads that entry once and accepts the pointer only
 if the entry matches the export data exactly, lies in the pool and is live.  The pool identity
-is compared in constant time.  An imported pointer stays mapped until it is freed here, also
-after the exporter freed it, destroyed the pool or exited (its contents are then undefined,
-as in CUDA: the range may be reused or released).
+is compared in constant time.
+
+Leases: an importer reopens the pool file through ``/proc/self/fd`` (its own open file
+description) and holds an OFD read lock on each range it imports, taken *before* it reads the
+table entry.  The exporter clears the entry, then tests for a lock (``F_OFD_GETLK``) before it
+puts a freed range back in the free list; a leased range is held aside and looked at again at
+the next allocation or trim.  Either the exporter sees the lease or the importer sees the
+cleared entry, so an imported pointer keeps its memory and its contents until the importer
+frees it or exits (the kernel drops OFD locks with the description), also after the exporter
+freed it (CUDA: undefined), destroyed the pool or exited.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import hmac
 import mmap
 import os
@@ -64,6 +72,12 @@ _DATA_OFFSET = _TABLE_OFFSET + -(-CAPACITY * _ENTRY.size // PAGE) * PAGE
 _EXPORT = struct.Struct("<8sIIQQQ16s8s")
 _EXPORT_MAGIC = b"hipipcPX"
 EXPORT_SIZE = _EXPORT.size  # 64: hipMemPoolPtrExportData
+
+# Importers' leases: an OFD read lock on each imported range, through the importer's own open
+# file description of the pool; the exporter tests for them before it reuses a freed range.
+_F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
+_F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
+_FLOCK = struct.Struct("hhqqi4x")  # struct flock: type, whence, start, len, pid
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -159,6 +173,38 @@ def _insert(ranges: list[list[int]], off: int, end: int) -> None:
     ranges[i:j] = [[lo, hi]]
 
 
+def _lease(fd: int, off: int, length: int, kind: int) -> bool:
+    """Take (F_RDLCK) or drop (F_UNLCK) the lease on ``[off, off+length)``; False if refused."""
+    try:
+        fcntl.fcntl(fd, _F_OFD_SETLK, _FLOCK.pack(kind, 0, off, length, 0))
+        return True
+    except OSError:
+        return False
+
+
+def _leased(fd: int, off: int, length: int) -> bool:
+    """Whether another open file description (an importer) holds a lease on the range."""
+    try:
+        raw = fcntl.fcntl(fd, _F_OFD_GETLK, _FLOCK.pack(fcntl.F_WRLCK, 0, off, length, 0))
+    except OSError:
+        return False
+    return _FLOCK.unpack(raw)[0] != fcntl.F_UNLCK
+
+
+def _private_description(fd: int, st: os.stat_result) -> int:
+    """A new open file description of the pool file (via /proc), to hold this importer's
+    leases; -1 if /proc is not there (imports then hold no lease)."""
+    try:
+        mine = os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return -1
+    mst = os.fstat(mine)
+    if (mst.st_dev, mst.st_ino) != (st.st_dev, st.st_ino):
+        os.close(mine)
+        return -1
+    return mine
+
+
 class MemPool:
     """A memory pool (``hipMemPool_t``): created here (:meth:`create`) or imported
     (:meth:`import_fd`).  Thread-safe; every method raises :class:`HipError` with HIP's code."""
@@ -184,6 +230,8 @@ class MemPool:
         self._free: list[list[int]] = []
         self._cached: list[list[int]] = []  # free but still committed
         self._cached_bytes = 0
+        self._held: list[tuple[int, int]] = []  # freed here, still leased by an importer
+        self._lease_fd = -1  # importer: its own open file description of the pool
         self._slots: list[int] = []
         self._serial = 0
         self.used = self.used_high = self.reserved_high = 0
@@ -251,7 +299,8 @@ class MemPool:
         self = cls._new(device, True, True, False)
         self.pool_id, self.file_size = pool_id, size
         self._mapping = map_file(fd, size, 0)  # the fd is the caller's; the map needs none
-        self._finalizer = weakref.finalize(self, _cleanup, -1, self._mapping)
+        self._lease_fd = _private_description(fd, st)
+        self._finalizer = weakref.finalize(self, _cleanup, self._lease_fd, self._mapping)
         return self
 
     # -- exporter side ---------------------------------------------------------------------
@@ -268,6 +317,8 @@ class MemPool:
             self._usable("allocation")
             if self.imported:
                 raise _invalid("an imported pool cannot allocate (CUDA/HIP: only its exporter can)")
+            if self._held:
+                self._requeue_locked()
             off = next((lo for lo, hi in self._free if hi - lo >= length), None)
             if off is None:
                 raise HipError(
@@ -386,11 +437,23 @@ class MemPool:
                 known.refs += 1
                 return known.ptr
             assert self._mapping is not None
+            if any(
+                r.offset < off + length and off < r.offset + r.length for r in self.live.values()
+            ):
+                raise _invalid(
+                    "hipMemPoolImportPointer: the range overlaps a pointer imported "
+                    "already (free it first)"
+                )
+            # The lease first, then the entry: an exporter that frees meanwhile either sees
+            # the lease (and keeps the range for us) or cleared the entry before we read it.
+            leased = self._lease_fd >= 0 and _lease(self._lease_fd, off, length, fcntl.F_RDLCK)
             # One read of the entry (a copy): the exporter, or anyone holding the pool's
             # descriptor, may write it meanwhile; a torn read just fails the comparison.
             at = self._mapping.addr + _TABLE_OFFSET + slot * _ENTRY.size
             entry = ctypes.string_at(at, _ENTRY.size)
             if entry != _ENTRY.pack(off, size, serial, _LIVE):
+                if leased:
+                    _lease(self._lease_fd, off, length, fcntl.F_UNLCK)
                 raise _invalid(
                     "hipMemPoolImportPointer: the allocation is not live in its pool "
                     "(freed by the exporter, or the export data was altered)"
@@ -407,21 +470,12 @@ class MemPool:
                 slot=slot,
                 serial=serial,
             )
-            if any(
-                r.offset < off + length and off < r.offset + r.length for r in self.live.values()
-            ):
-                raise _invalid(
-                    "hipMemPoolImportPointer: the range overlaps a pointer imported "
-                    "already (free it first)"
-                )
             self._imports[key] = region
             self.live[region.ptr] = region
         try:
             get_registry().add_host_range(region)
         except BaseException:
-            with self._lock:
-                self._imports.pop(key, None)
-                self.live.pop(region.ptr, None)
+            self._give_back(region)
             raise
         return region.ptr
 
@@ -461,19 +515,37 @@ class MemPool:
             region.freed = True
             if self.imported:
                 self._imports.pop((region.slot, region.serial), None)
+                if self._lease_fd >= 0:
+                    _lease(self._lease_fd, region.offset, region.length, fcntl.F_UNLCK)
             elif not self._closed:
                 if region.slot >= 0:
-                    self._write_entry(region.slot, bytes(_ENTRY.size))
+                    self._write_entry(region.slot, bytes(_ENTRY.size))  # before the test
                     self._slots.append(region.slot)
-                end = region.offset + region.length
-                _insert(self._free, region.offset, end)
-                _insert(self._cached, region.offset, end)
-                self._cached_bytes += region.length
-                self.used -= region.length
-                self._trim_locked(self.release_threshold)
+                if region.slot >= 0 and _leased(self._fd, region.offset, region.length):
+                    # An importer still maps it (CUDA: undefined; here its contents stay the
+                    # importer's until it frees it or exits): not reused or released yet.
+                    self._held.append((region.offset, region.length))
+                else:
+                    self._reuse_locked(region.offset, region.length)
             close = self.destroyed and not self.live
         if close:
             self._close()
+
+    def _reuse_locked(self, off: int, length: int) -> None:
+        _insert(self._free, off, off + length)
+        _insert(self._cached, off, off + length)
+        self._cached_bytes += length
+        self.used -= length
+        self._trim_locked(self.release_threshold)
+
+    def _requeue_locked(self) -> None:
+        """Make the held ranges whose importers have let go free again."""
+        held, self._held = self._held, []
+        for off, length in held:
+            if _leased(self._fd, off, length):
+                self._held.append((off, length))
+            else:
+                self._reuse_locked(off, length)
 
     def trim(self, keep: int) -> None:
         """``hipMemPoolTrimTo``: release free memory until at most ``keep`` bytes beyond the
@@ -481,6 +553,8 @@ class MemPool:
         with self._lock:
             self._usable("hipMemPoolTrimTo")
             if not self.imported:
+                if self._held:
+                    self._requeue_locked()
                 self._trim_locked(max(0, keep - self.used))
 
     def _trim_locked(self, keep_cached: int) -> None:
@@ -527,6 +601,8 @@ class MemPool:
                 return
             self._closed = True
             fd, self._fd = self._fd, -1
+            if fd < 0:  # an imported pool: its lease description
+                fd, self._lease_fd = self._lease_fd, -1
             mapping, self._mapping = self._mapping, None
             if self._finalizer is not None:
                 self._finalizer.detach()
@@ -540,12 +616,13 @@ class MemPool:
         self._lock = threading.Lock()
         if self._finalizer is not None:
             self._finalizer.detach()
-        fd, self._fd = self._fd, -1
-        if fd >= 0:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        for fd in (self._fd, self._lease_fd):  # the child's copies; the parent's own
+            if fd >= 0:  # reference keeps its leases
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._fd = self._lease_fd = -1
 
 
 def _cleanup(fd: int, mapping: Mapping | None) -> None:

@@ -593,6 +593,41 @@ def test_import_after_the_exporter_freed_is_refused(pools):
     finish(proc, sock)
 
 
+def test_a_range_an_importer_holds_is_not_reused_until_it_lets_go(pools):
+    """CUDA leaves a free before the importers' undefined; here the importer's lease (an OFD
+    lock on its range) keeps the range out of reuse and release until it frees it, or dies."""
+    pool = pools(props(max_size=MiB))
+    ptr = hip.hipMallocFromPoolAsync(64 * 1024, pool, None)
+    hip.hipMemset(ptr, 0x33, 64 * 1024)
+    proc, sock = start_child(
+        """
+        ptr = hip.hipMemPoolImportPointer(pool, data)
+        reply("imported")
+        wait()                                   # the exporter freed and reallocated
+        view = hip.asarray(ptr, 1 << 16)
+        reply(bool((view == 0x33).all()))
+        wait()
+        os.kill(os.getpid(), 9)                  # dies holding the import: the lease goes
+        """
+    )
+    share(pool, sock, bytes(hip.hipMemPoolExportPointer(ptr)))
+    assert read_reply(sock, proc) == '"imported"'
+    hip.hipFree(ptr)
+    again = hip.hipMallocFromPoolAsync(64 * 1024, pool, None)
+    assert again != ptr  # held for the importer
+    hip.hipMemset(again, 0x44, 64 * 1024)
+    sock.sendall(b"g")
+    assert read_reply(sock, proc) == "true"  # its contents are still its own
+    sock.sendall(b"g")
+    assert proc.wait(TIMEOUT) == -9
+    sock.close()
+    third = hip.hipMallocFromPoolAsync(64 * 1024, pool, None)
+    assert third == ptr  # the lease died with the importer: the range is reused
+    hip.hipFree(third)
+    hip.hipFree(again)
+    assert hip.hipMemPoolGetAttribute(pool, A.hipMemPoolAttrUsedMemCurrent) == 0
+
+
 def test_importer_keeps_its_memory_after_the_exporter_frees_and_exits():
     """An exporter process hands a pool and a pointer to this one and exits (without freeing
     or destroying): the import stays valid, as for IPC memory; nothing is unmapped."""
