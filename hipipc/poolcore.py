@@ -55,6 +55,7 @@ from .errors import HipError, hipError_t
 from .mapping import Mapping, map_file
 from .memfd import SEALS, create_memfd, reserve, seals_of
 from .registry import get_registry
+from .store import _os_call
 
 __all__ = ["MemPool", "PoolRegion", "EXPORT_SIZE"]
 
@@ -78,6 +79,8 @@ EXPORT_SIZE = _EXPORT.size  # 64: hipMemPoolPtrExportData
 _F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
 _F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
 _FLOCK = struct.Struct("hhqqi4x")  # struct flock: type, whence, start, len, pid
+
+_WRITE_SEALS = 0x0008 | 0x0010  # F_SEAL_WRITE, F_SEAL_FUTURE_WRITE
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -262,6 +265,8 @@ class MemPool:
             raise
         self._fd, self.file_size = fd, size
         self._finalizer = weakref.finalize(self, _cleanup, fd, self._mapping)
+        # Not at exit: stream work still draining then may use the memory; exit frees it.
+        self._finalizer.atexit = False
         self._free = [[_DATA_OFFSET, size]]
         self._slots = list(range(CAPACITY - 1, -1, -1))
         return self
@@ -273,7 +278,10 @@ class MemPool:
             st = os.fstat(fd)
         except OSError as exc:
             raise _invalid(f"the shareable handle {fd} is not an open descriptor") from exc
-        if not stat.S_ISREG(st.st_mode) or seals_of(fd) & SEALS != SEALS:
+        seals = seals_of(fd)
+        # Our seals, and no write seal: a file that refuses writable shared mappings is not
+        # one of ours either (mmap would fail later with a less clear error).
+        if not stat.S_ISREG(st.st_mode) or seals & SEALS != SEALS or seals & _WRITE_SEALS:
             raise _invalid(
                 "the shareable handle is not a hipipc memory pool (not a sealed memfd from "
                 "hipMemPoolExportToShareableHandle)"
@@ -301,6 +309,8 @@ class MemPool:
         self._mapping = map_file(fd, size, 0)  # the fd is the caller's; the map needs none
         self._lease_fd = _private_description(fd, st)
         self._finalizer = weakref.finalize(self, _cleanup, self._lease_fd, self._mapping)
+        # Not at exit: stream work still draining then may use the memory; exit frees it.
+        self._finalizer.atexit = False
         return self
 
     # -- exporter side ---------------------------------------------------------------------
@@ -402,8 +412,7 @@ class MemPool:
                     else "hipMemPoolExportToShareableHandle: an imported pool cannot be "
                     "exported again"
                 )
-            from .store import _os_call  # raises the soft fd limit, else names it
-
+            # At the fd limit: raised toward the hard limit, else hipErrorOutOfMemory naming it.
             return _os_call("exporting a memory pool", os.dup, self._fd)
 
     # -- importer side ---------------------------------------------------------------------

@@ -385,10 +385,15 @@ def test_export_and_import_refuse_misuse(pools, tmp_path):
         plain_fd = os.open(tmp_path / "f", os.O_RDONLY)
         unsealed = os.memfd_create("x")
         os.ftruncate(unsealed, 1 << 20)
-        for bad in (r, plain_fd, unsealed, 10**6):
+        # A copy of the real pool's header in a memfd that also refuses writable mappings.
+        write_sealed = os.memfd_create("y", os.MFD_ALLOW_SEALING)
+        os.ftruncate(write_sealed, os.fstat(unsealed).st_size)
+        seals = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
+        fcntl.fcntl(write_sealed, fcntl.F_ADD_SEALS, seals)
+        for bad in (r, plain_fd, unsealed, write_sealed, 10**6):
             code = code_of(hip.hipMemPoolImportFromShareableHandle, bad, PFD, 0)
             assert code == E.hipErrorInvalidValue, bad
-        for x in (r, w, plain_fd, unsealed):
+        for x in (r, w, plain_fd, unsealed, write_sealed):
             os.close(x)
         # An imported pool: no allocation, no export, no device pool, no export of its
         # pointers; local pools cannot import.
