@@ -433,7 +433,8 @@ def hipMallocAsync(size: int, stream: Stream | None = None) -> int:
     """``size`` bytes from the current device's current pool, in ``stream``'s order (usable
     at once here).  0 bytes gives 0.  ``hipErrorOutOfMemory`` when the pool or the memory is
     exhausted; ``hipErrorInvalidHandle`` for a destroyed stream."""
-    size, s = _count(size, "hipMallocAsync size"), _stream(stream)  # noqa: F841 - checked
+    size = _count(size, "hipMallocAsync size")
+    _stream(stream)  # checked only: the allocation is usable at once in any stream's order
     return current_pool(get_registry().device).allocate(size) if size else 0
 
 
@@ -441,11 +442,8 @@ def hipMallocFromPoolAsync(size: int, pool: MemPool, stream: Stream | None = Non
     """``size`` bytes from ``pool``, in ``stream``'s order (usable at once here).  0 bytes
     gives 0.  ``hipErrorOutOfMemory`` past the pool's ``maxSize`` or the memory;
     ``hipErrorInvalidValue`` for an imported or destroyed pool."""
-    size, pool, _s = (
-        _count(size, "hipMallocFromPoolAsync size"),
-        _pool(pool, "hipMallocFromPoolAsync"),
-        _stream(stream),
-    )
+    size, pool = _count(size, "hipMallocFromPoolAsync size"), _pool(pool, "hipMallocFromPoolAsync")
+    _stream(stream)  # checked only, as in hipMallocAsync
     return pool.allocate(size) if size else 0
 
 
