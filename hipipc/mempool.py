@@ -171,6 +171,8 @@ class hipMemPoolPtrExportData:
     __slots__ = ("_raw",)
 
     def __init__(self, raw: bytes | bytearray | memoryview) -> None:
+        if not isinstance(raw, (bytes, bytearray, memoryview)):
+            raise _invalid(f"hipMemPoolPtrExportData needs 64 bytes, not {short_repr(raw)}")
         data = bytes(raw)
         if len(data) != EXPORT_SIZE:
             raise _invalid(f"hipMemPoolPtrExportData is {EXPORT_SIZE} bytes, got {len(data)}")
@@ -238,7 +240,7 @@ def default_pool(device: int) -> MemPool:
     with _lock:
         pool = _defaults.get(device)
         if pool is None:
-            pool = _defaults[device] = MemPool.create(device, False, 0, default=True)
+            pool = _defaults[device] = MemPool._create(device, False, 0, default=True)
         return pool
 
 
@@ -279,9 +281,14 @@ def _create(props: Any) -> MemPool:
             hipError_t.hipErrorNotSupported,
             "hipMemPoolCreate: only hipMemHandleTypePosixFileDescriptor handles exist on Linux",
         )
-    if props.win32SecurityAttributes not in (None, 0) or bytes(props.reserved) != bytes(56):
+    reserved = props.reserved
+    if (
+        props.win32SecurityAttributes not in (None, 0)
+        or not isinstance(reserved, (bytes, bytearray, memoryview))
+        or bytes(reserved) != bytes(56)
+    ):
         raise _invalid("hipMemPoolCreate: win32SecurityAttributes and reserved must be zero")
-    return MemPool.create(device, bool(handles), _count(props.maxSize, "hipMemPoolCreate maxSize"))
+    return MemPool._create(device, bool(handles), _count(props.maxSize, "hipMemPoolCreate maxSize"))
 
 
 def _region(ptr: int, what: str) -> PoolRegion:
@@ -518,8 +525,10 @@ def hipMemPoolImportFromShareableHandle(
     if handle is None:
         raise _invalid("hipMemPoolImportFromShareableHandle: the handle is nullptr")
     fd = _count(handle, "hipMemPoolImportFromShareableHandle handle")
+    if fd > 2**31 - 1:
+        raise _invalid(f"hipMemPoolImportFromShareableHandle: {fd} is no descriptor")
     _handle_type(handleType, flags, "hipMemPoolImportFromShareableHandle")
-    return MemPool.import_fd(fd)
+    return MemPool._import_fd(fd)
 
 
 def hipMemPoolExportPointer(ptr: int) -> hipMemPoolPtrExportData:

@@ -42,6 +42,7 @@ import fcntl
 import hmac
 import mmap
 import os
+import resource
 import secrets
 import stat
 import struct
@@ -100,11 +101,16 @@ def _pages(n: int) -> int:
 
 def default_max_size() -> int:
     """A pool's size when ``maxSize`` is 0 (HIP: "a system dependent value"): the physical
-    memory, as a GPU pool may grow to the device's memory.  Only address space until used."""
+    memory, as a GPU pool may grow to the device's memory, but at most a quarter of the
+    address space ``RLIMIT_AS`` allows (the pool is mapped whole).  Address space until used."""
     try:
-        return max(PAGE, os.sysconf("SC_PHYS_PAGES") * PAGE)
+        size = os.sysconf("SC_PHYS_PAGES") * PAGE
     except (ValueError, OSError):
-        return 1 << 34
+        size = 1 << 34
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if limit != resource.RLIM_INFINITY:
+        size = min(size, limit // 4)
+    return max(PAGE, size // PAGE * PAGE)
 
 
 class _Slice:
@@ -247,7 +253,7 @@ class MemPool:
     # -- creation --------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, device: int, ipc: bool, max_size: int, default: bool = False) -> MemPool:
+    def _create(cls, device: int, ipc: bool, max_size: int, default: bool = False) -> MemPool:
         self = cls._new(device, ipc, False, default)
         data = _pages(max_size) if max_size else _pages(default_max_size())
         size = _DATA_OFFSET + data
@@ -272,7 +278,7 @@ class MemPool:
         return self
 
     @classmethod
-    def import_fd(cls, fd: int) -> MemPool:
+    def _import_fd(cls, fd: int) -> MemPool:
         """Map the pool behind another process's shareable handle ``fd`` (not consumed)."""
         try:
             st = os.fstat(fd)
