@@ -18,7 +18,9 @@ HIP's rules kept here (ROCm 6.2 documentation and hip-tests):
   pointer frees it synchronously; ``hipFreeAsync(0)`` does nothing, a second free raises
   ``hipErrorInvalidValue``;
 - an importer frees its imported pointers with ``hipFree``/``hipFreeAsync`` (CUDA: "The
-  pointer may be freed with cudaFree or cudaFreeAsync"), before the exporter frees them;
+  pointer may be freed with cudaFree or cudaFreeAsync"), before the exporter frees them
+  (if the exporter frees first, the importer keeps the memory and its contents until it frees
+  it or exits: see the leases in :mod:`hipipc.poolcore`);
 - ``hipMemPoolDestroy`` of a pool with live allocations or imports succeeds at once and the
   memory goes when the last of them is freed; a device's default pool cannot be destroyed;
 - imported pools cannot allocate, be exported again or become a device's current pool.

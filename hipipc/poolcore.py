@@ -215,8 +215,9 @@ def _private_description(fd: int, st: os.stat_result) -> int:
 
 
 class MemPool:
-    """A memory pool (``hipMemPool_t``): created here (:meth:`create`) or imported
-    (:meth:`import_fd`).  Thread-safe; every method raises :class:`HipError` with HIP's code."""
+    """A memory pool (``hipMemPool_t``): created here (:meth:`_create`) or imported
+    (:meth:`_import_fd`).  Thread-safe; every method raises :class:`HipError` with HIP's code.
+    The hip* calls of :mod:`hipipc.mempool` are its interface."""
 
     def __init__(self) -> None:
         raise TypeError("use hipMemPoolCreate or hipMemPoolImportFromShareableHandle")
