@@ -171,6 +171,22 @@ def test_pool_create_out_of_memory_past_the_file_size_limit():
     assert proc.stdout.decode().split() == ["hipErrorOutOfMemory"], proc.stderr.decode()
 
 
+def test_allocation_beyond_the_memory_left_is_out_of_memory(pools):
+    """A pool may be larger than the memory (address space only); an allocation the memory
+    cannot hold is hipErrorOutOfMemory at the call (hipipc.memfd checks it against the memory
+    left: fallocate on a memfd would wake the OOM killer instead), and the pool stays usable."""
+    from hipipc.memfd import available_memory
+
+    too_big = available_memory() + (1 << 30)
+    try:
+        pool = pools(props(max_size=too_big + (1 << 30)))
+    except hip.HipError as exc:  # RLIMIT_AS too small to map such a pool
+        pytest.skip(f"cannot map a pool larger than the memory here: {exc}")
+    assert code_of(hip.hipMallocFromPoolAsync, too_big, pool, None) == E.hipErrorOutOfMemory
+    assert hip.hipMemPoolGetAttribute(pool, A.hipMemPoolAttrUsedMemCurrent) == 0
+    hip.hipFree(hip.hipMallocFromPoolAsync(MiB, pool, None))
+
+
 def test_max_size_limits_the_pool_and_frees_coalesce(pools, stream):
     pool = pools(props(max_size=MiB))
     s = stream()
