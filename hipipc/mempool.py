@@ -332,6 +332,7 @@ def _set_attribute(pool: MemPool, attr: hipMemPoolAttr, value: int) -> None:
 
 
 def _get_attribute(pool: MemPool, attr: hipMemPoolAttr) -> int:
+    pool._refresh()
     return {
         _A.hipMemPoolAttrReleaseThreshold: pool.release_threshold,
         _A.hipMemPoolAttrReservedMemCurrent: pool.reserved,

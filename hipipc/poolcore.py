@@ -563,6 +563,12 @@ class MemPool:
             else:
                 self._reuse_locked(off, length)
 
+    def _refresh(self) -> None:
+        """Let go of held ranges whose importers have freed them (for the attributes)."""
+        with self._lock:
+            if self._held and not self._closed:
+                self._requeue_locked()
+
     def trim(self, keep: int) -> None:
         """``hipMemPoolTrimTo``: release free memory until at most ``keep`` bytes beyond the
         live allocations stay reserved (CUDA: the pool keeps at least ``keep`` bytes)."""

@@ -547,6 +547,22 @@ def test_destroy_with_live_allocations_and_imports_defers(pools):
     assert open_fds() == before
 
 
+def test_device_reset_frees_pool_memory(pools):
+    pool = pools()
+    ptr = hip.hipMallocFromPoolAsync(4096, pool, None)
+    fd = hip.hipMemPoolExportToShareableHandle(pool, PFD, 0)
+    imported = hip.hipMemPoolImportFromShareableHandle(fd, PFD, 0)
+    os.close(fd)
+    data = hip.hipMemPoolExportPointer(ptr)
+    mine = hip.hipMemPoolImportPointer(imported, data)
+    assert hip.hipMemPoolImportPointer(imported, data) == mine  # two imports, one pointer
+    hip.hipDeviceReset()
+    for p in (ptr, mine):
+        assert code_of(hip.hipFree, p) == E.hipErrorInvalidValue
+    assert hip.hipMemPoolGetAttribute(pool, A.hipMemPoolAttrUsedMemCurrent) == 0
+    hip.hipMemPoolDestroy(imported)  # the pools stay, as the default pools do
+
+
 def test_no_descriptor_leaks_over_many_cycles(pools):
     before = open_fds()
     for _ in range(100):
