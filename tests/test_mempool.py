@@ -14,7 +14,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from _proc import child_env, run_python
+from _proc import child_env, in_fork, run_python
 
 import hipipc as hip
 from hipipc import poolcore
@@ -561,6 +561,46 @@ def test_device_reset_frees_pool_memory(pools):
         assert code_of(hip.hipFree, p) == E.hipErrorInvalidValue
     assert hip.hipMemPoolGetAttribute(pool, A.hipMemPoolAttrUsedMemCurrent) == 0
     hip.hipMemPoolDestroy(imported)  # the pools stay, as the default pools do
+
+
+def _in_child(pool, ptr: int, fd: int) -> list[str]:
+    out = []
+    for call, args in (
+        (hip.hipMallocFromPoolAsync, (64, pool, None)),
+        (hip.hipFree, (ptr,)),
+        (hip.hipMemPoolExportToShareableHandle, (pool, PFD, 0)),
+    ):
+        try:
+            call(*args)
+            out.append("ok")
+        except hip.HipError as exc:
+            out.append(exc.code.name)
+    own = hip.hipMallocAsync(64)  # the child's own default pool
+    hip.hipFree(own)
+    imported = hip.hipMemPoolImportFromShareableHandle(fd, PFD, 0)  # inherited descriptor
+    mine = hip.hipMemPoolImportPointer(imported, DATA[0])
+    out.append(bytes(hip.asarray(mine, 2)).hex())
+    hip.hipFree(mine)
+    hip.hipMemPoolDestroy(imported)
+    return out
+
+
+DATA: list[bytes] = []
+
+
+def test_a_forked_child_cannot_use_its_parents_pools_but_can_import_them(pools):
+    pool = pools()
+    ptr = hip.hipMallocFromPoolAsync(4096, pool, None)
+    hip.hipMemset(ptr, 0xAB, 4096)
+    DATA[:] = [bytes(hip.hipMemPoolExportPointer(ptr))]
+    fd = hip.hipMemPoolExportToShareableHandle(pool, PFD, 0)
+    try:
+        out = in_fork(_in_child, pool, ptr, fd, timeout=TIMEOUT)
+    finally:
+        os.close(fd)
+    assert out == ["hipErrorInvalidValue"] * 3 + ["abab"]
+    hip.hipFree(ptr)  # the parent's pool is untouched by the child's
+    assert hip.hipMemPoolGetAttribute(pool, A.hipMemPoolAttrUsedMemCurrent) == 0
 
 
 def test_no_descriptor_leaks_over_many_cycles(pools):
