@@ -238,7 +238,18 @@ def _location(loc: Any, what: str, id_code: hipError_t) -> int:
     return _device(loc.id, what, id_code)
 
 
+def _host_only(what: str) -> None:
+    """Pools are memfds mapped here: host-backend memory only (a GPU backend would map them
+    to its own stream-ordered allocator)."""
+    backend = get_registry().backend.name
+    if backend != "host":
+        raise HipError(
+            hipError_t.hipErrorNotSupported, f"{what}: memory pools need the host backend"
+        )
+
+
 def default_pool(device: int) -> MemPool:
+    _host_only("hipDeviceGetDefaultMemPool")
     with _lock:
         pool = _defaults.get(device)
         if pool is None:
@@ -290,6 +301,7 @@ def _create(props: Any) -> MemPool:
         or bytes(reserved) != bytes(56)
     ):
         raise _invalid("hipMemPoolCreate: win32SecurityAttributes and reserved must be zero")
+    _host_only("hipMemPoolCreate")
     return MemPool._create(device, bool(handles), _count(props.maxSize, "hipMemPoolCreate maxSize"))
 
 
@@ -531,6 +543,7 @@ def hipMemPoolImportFromShareableHandle(
     if fd > 2**31 - 1:
         raise _invalid(f"hipMemPoolImportFromShareableHandle: {fd} is no descriptor")
     _handle_type(handleType, flags, "hipMemPoolImportFromShareableHandle")
+    _host_only("hipMemPoolImportFromShareableHandle")
     return MemPool._import_fd(fd)
 
 
