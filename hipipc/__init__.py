@@ -15,6 +15,7 @@ from . import (
     handle,
     hostmem,
     lasterror,
+    mempool,
     runtime,
     streams,
     transport,
@@ -29,6 +30,7 @@ from .events import *  # noqa: F403
 from .handle import *  # noqa: F403
 from .hostmem import *  # noqa: F403
 from .lasterror import *  # noqa: F403
+from .mempool import *  # noqa: F403
 from .runtime import *  # noqa: F403
 from .streams import *  # noqa: F403
 from .transport import *  # noqa: F403
@@ -46,6 +48,7 @@ __all__ = [
     *hostmem.__all__,
     *lasterror.__all__,
     *arrays.__all__,
+    *mempool.__all__,
 ]
 
 # Last: every public hip* function records the error it raises (hipGetLastError).

@@ -313,7 +313,8 @@ def hipDeviceDisablePeerAccess(peer: int) -> None:
 
 def hipDeviceReset() -> None:
     """Reset the current device in this process: wait for its work, free every allocation
-    and close every import this process holds on it (exports are revoked), and disable its
+    (memory-pool allocations and imported pool pointers too; the pools stay) and close every
+    import this process holds on it (exports are revoked), and disable its
     peer access.  Streams and events stay valid (they hold no device memory here; HIP
     destroys them).  Use no pointer on the device afterwards, as in HIP."""
     reg = get_registry()
@@ -330,6 +331,9 @@ def hipDeviceReset() -> None:
                 reg.close(region.ptr)
         elif isinstance(region, Allocation):  # not pinned host memory: HIP keeps that
             reg.free(region.ptr)
+        elif getattr(region, "owner", None) is not None:  # memory-pool memory (mempool.py)
+            for _ in range(region.refs):  # type: ignore[attr-defined]  # one free per import
+                reg.free(region.ptr)
     with _peer_lock:
         _peers.difference_update({p for p in _peers if p[0] == device})
 

@@ -378,7 +378,8 @@ def hipPointerGetAttributes(ptr: Any) -> hipPointerAttribute_t:
         )
     try:
         region, _ = get_registry().find(addr)
-        if not isinstance(region, (Allocation, ImportedMemory)):
+        pool_memory = getattr(region, "is_device_memory", False)  # hipipc.poolcore
+        if not isinstance(region, (Allocation, ImportedMemory)) and not pool_memory:
             raise HipError(hipError_t.hipErrorInvalidValue, "a host range just removed")
     except HipError:
         raise _invalid(

@@ -172,6 +172,11 @@ class Registry:
 
     def _own_allocation(self, ptr: int, what: str) -> Allocation:
         region, offset = self.find(ptr)
+        if getattr(region, "owner", None) is not None:
+            raise _invalid(
+                f"{what}: {ptr:#x} is memory-pool memory; share it with "
+                "hipMemPoolExportPointer (CUDA refuses IPC handles of pool memory too)"
+            )
         if not isinstance(region, Allocation):
             if what == "hipFree":
                 raise _invalid(
@@ -200,6 +205,12 @@ class Registry:
 
     def free(self, ptr: int) -> None:
         self._quiesce()
+        with self._lock:
+            region, _ = self.find(ptr)
+            owner = getattr(region, "owner", None)
+        if owner is not None:  # a memory pool's allocation or import (hipipc.poolcore)
+            owner.free_pointer(region, ptr, "hipFree")
+            return
         with self._lock:
             alloc = self._own_allocation(ptr, "hipFree")
             if alloc.ptr != ptr:

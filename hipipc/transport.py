@@ -699,7 +699,8 @@ def recv_fds(
 
     Descriptors arrive close-on-exec (``MSG_CMSG_CLOEXEC``; the stdlib's
     ``socket.recv_fds`` leaves them inheritable) and are the caller's to close.  A message
-    with more than ``maxfds`` descriptors is refused and every one of them closed.  Raises
+    with more than ``maxfds`` descriptors, or (datagram and seqpacket sockets) more than
+    ``bufsize`` bytes, is refused and every one of its descriptors closed.  Raises
     ``EOFError`` when the peer closed the socket, ``TimeoutError`` when nothing arrives in
     time and ``hipErrorInvalidValue`` for bad arguments or a truncated message.
     """
@@ -730,6 +731,10 @@ def recv_fds(
         for fd in fds:
             os.close(fd)
         raise _invalid(f"recv_fds: the message carried more than {maxfds} descriptors")
+    if msg_flags & socket.MSG_TRUNC:  # a datagram longer than bufsize: its data is cut
+        for fd in fds:
+            os.close(fd)
+        raise _invalid(f"recv_fds: the message was longer than bufsize ({bufsize} bytes)")
     if not data and not fds:
         raise EOFError("recv_fds: the peer closed the socket")
     return data, fds

@@ -66,7 +66,15 @@ def lines(proc: subprocess.CompletedProcess) -> list[str]:
     return proc.stdout.splitlines()
 
 
-COVERED = {"quickstart", "simple_ipc", "producer_consumer", "mp_pool", "hip_tests_ipc", "hogwild"}
+COVERED = {
+    "quickstart",
+    "simple_ipc",
+    "producer_consumer",
+    "mp_pool",
+    "hip_tests_ipc",
+    "hogwild",
+    "stream_ordered_allocation_ipc",
+}
 ELSEWHERE = {"mpi_halo"}  # runs under mpiexec: tests/test_mpi.py
 
 
@@ -112,6 +120,24 @@ def test_simple_ipc(run_example, devices):
     # header, note, steps, processes, verdict
     expected_len = 2 + 2 * devices + (1 if devices < 2 else 0)
     assert len(out) == expected_len, output(proc)
+
+
+@pytest.mark.parametrize("devices", [4, 1])
+def test_stream_ordered_allocation_ipc(run_example, devices):
+    proc = run_example(EXAMPLES / "stream_ordered_allocation_ipc.py", devices=devices)
+    assert proc.returncode == 0, output(proc)
+    out = lines(proc)
+    assert out[0] == f"streamOrderedAllocationIPC: {devices} device(s), one process each"
+    assert out[-1] == "streamOrderedAllocationIPC: PASSED", output(proc)
+    verified = {
+        f"Process {rank}: buffer verified (every byte written by process {(rank + 1) % devices})"
+        for rank in range(devices)
+    }
+    assert verified <= set(out), output(proc)
+    assert {f"Process {rank} complete!" for rank in range(devices)} <= set(out), output(proc)
+    assert [line for line in out if line.startswith("Step ")] == [
+        f"Step {i} done" for i in range(devices)
+    ], output(proc)
 
 
 HIP_TESTS = [
@@ -299,13 +325,15 @@ def assert_mailboxes_unlinked(proc: subprocess.CompletedProcess) -> None:
             assert not os.path.exists(path), f"{path} was not unlinked\n{output(proc)}"
 
 
-DEVICES = {"simple_ipc": 4, "hip_tests_ipc": 2}  # HIPIPC_HOST_DEVICES for the fault runs
+# HIPIPC_HOST_DEVICES for the fault runs
+DEVICES = {"simple_ipc": 4, "hip_tests_ipc": 2, "stream_ordered_allocation_ipc": 4}
 VERDICT = {
     "quickstart": "producer: consumer's writes MISSING",
     "simple_ipc": "simpleIPC: FAILED",
     "producer_consumer": "producer_consumer: FAILED",
     "mp_pool": "mp_pool: FAILED",
     "hogwild": "hogwild: FAILED",
+    "stream_ordered_allocation_ipc": "streamOrderedAllocationIPC: FAILED",
 }
 
 
@@ -326,6 +354,11 @@ def test_examples_fail_when_memory_is_not_shared(run_example, tmp_path, module):
         assert_mailboxes_unlinked(proc)
     if module == "producer_consumer":
         assert "consumer verified 0/32" in proc.stdout, output(proc)
+    if module == "stream_ordered_allocation_ipc":
+        # Every child noticed, still freed its imports in stream order and finished.
+        for rank in range(4):
+            assert f"Process {rank} failed! (exit code 1)" in lines(proc), output(proc)
+            assert f"Process {rank} complete!" in lines(proc), output(proc)
 
 
 def test_simple_ipc_fails_on_one_corrupted_byte(run_example, tmp_path):

@@ -85,7 +85,7 @@ def test_device_properties_are_the_hosts():
     assert props.computeMode == hip.hipComputeModeDefault
     assert (props.pciBusID, props.pciDeviceID, props.major, props.minor) == (0, 0, 9, 0)
     assert props.warpSize == 1 and props.maxThreadsPerBlock == 1024
-    assert props.memoryPoolsSupported == 0 and props.managedMemory == 0
+    assert props.memoryPoolsSupported == 1 and props.managedMemory == 0  # hipipc.mempool
     # A fresh object each call: a caller's edit does not stick.
     props.name = "changed"
     assert hip.hipGetDeviceProperties(0).name == cpu_model()
@@ -125,7 +125,7 @@ def test_device_attribute_matches_the_property(attr, field):
 def test_device_attribute_values():
     assert hip.hipDeviceGetAttribute(A.hipDeviceAttributeMaxBlockDimX, 0) == 1024
     assert hip.hipDeviceGetAttribute(A.hipDeviceAttributeMaxTexture1DWidth, 0) == 0
-    assert hip.hipDeviceGetAttribute(A.hipDeviceAttributeMemoryPoolSupportedHandleTypes, 0) == 0
+    assert hip.hipDeviceGetAttribute(A.hipDeviceAttributeMemoryPoolSupportedHandleTypes, 0) == 1
     total = hip.hipGetDeviceProperties(0).totalGlobalMem
     assert hip.hipDeviceGetAttribute(A.hipDeviceAttributeTotalGlobalMem, 0) == min(
         total, 2**31 - 1

@@ -307,6 +307,121 @@ def _row_last_error(monkeypatch):
     assert hip.hipGetLastError() == E.hipSuccess
 
 
+def _pool_props(handles=1, device=0):
+    return hip.hipMemPoolProps(
+        allocType=hip.hipMemAllocationTypePinned,
+        handleTypes=handles,
+        location=hip.hipMemLocation(hip.hipMemLocationTypeDevice, device),
+    )
+
+
+@row("hipMemPoolCreate", "hipMemPoolDestroy")
+def _row_mempool_create(monkeypatch):
+    bad = _pool_props()
+    bad.allocType = 0
+    expect(E.hipErrorInvalidValue, hip.hipMemPoolCreate, bad)
+    expect(E.hipErrorInvalidValue, hip.hipMemPoolCreate, _pool_props(device=1))
+    expect(E.hipErrorNotSupported, hip.hipMemPoolCreate, _pool_props(handles=2))
+    pool = hip.hipMemPoolCreate(_pool_props())
+    hip.hipMemPoolDestroy(pool)
+    expect(E.hipErrorInvalidValue, hip.hipMemPoolDestroy, pool)
+    expect(E.hipErrorInvalidValue, hip.hipMemPoolDestroy, hip.hipDeviceGetDefaultMemPool(0))
+
+
+@row("hipDeviceGetDefaultMemPool", "hipDeviceGetMemPool", "hipDeviceSetMemPool")
+def _row_device_mempool(monkeypatch):
+    default = hip.hipDeviceGetDefaultMemPool(0)
+    assert hip.hipDeviceGetMemPool(0) is default
+    expect(E.hipErrorInvalidDevice, hip.hipDeviceGetDefaultMemPool, 1)
+    expect(E.hipErrorInvalidDevice, hip.hipDeviceGetMemPool, 1)
+    expect(E.hipErrorInvalidDevice, hip.hipDeviceSetMemPool, 1, default)
+    pool = hip.hipMemPoolCreate(_pool_props(handles=0))
+    hip.hipDeviceSetMemPool(0, pool)
+    hip.hipMemPoolDestroy(pool)
+    assert hip.hipDeviceGetMemPool(0) is default
+    expect(E.hipErrorInvalidValue, hip.hipDeviceSetMemPool, 0, pool)
+
+
+@row("hipMallocAsync", "hipMallocFromPoolAsync", "hipFreeAsync")
+def _row_malloc_async(monkeypatch):
+    pool = hip.hipMemPoolCreate(hip.hipMemPoolProps(1, 0, hip.hipMemLocation(1, 0), maxSize=4096))
+    try:
+        expect(E.hipErrorOutOfMemory, hip.hipMallocFromPoolAsync, 8192, pool, None)
+        expect(E.hipErrorInvalidValue, hip.hipMallocAsync, -1)
+        ptr = hip.hipMallocFromPoolAsync(64, pool, None)
+        expect(E.hipErrorInvalidValue, hip.hipFreeAsync, ptr + 1, None)
+        hip.hipFreeAsync(ptr, None)
+        expect(E.hipErrorInvalidValue, hip.hipFreeAsync, ptr, None)  # twice
+        hip.hipFreeAsync(0, None)
+        hip.hipFreeAsync(hip.hipMallocAsync(64), None)
+        hip.hipDeviceSynchronize(timeout=30)
+    finally:
+        hip.hipMemPoolDestroy(pool)
+
+
+@row("hipMemPoolTrimTo", "hipMemPoolSetAttribute", "hipMemPoolGetAttribute")
+def _row_mempool_attributes(monkeypatch):
+    pool = hip.hipDeviceGetDefaultMemPool(0)
+    threshold = hip.hipMemPoolAttrReleaseThreshold
+    hip.hipMemPoolSetAttribute(pool, threshold, 1 << 20)
+    assert hip.hipMemPoolGetAttribute(pool, threshold) == 1 << 20
+    hip.hipMemPoolSetAttribute(pool, threshold, 0)
+    expect(E.hipErrorInvalidValue, hip.hipMemPoolSetAttribute, pool, 7, 0)  # read-only
+    expect(E.hipErrorInvalidValue, hip.hipMemPoolGetAttribute, pool, 99)
+    expect(E.hipErrorInvalidValue, hip.hipMemPoolTrimTo, None, 0)
+    hip.hipMemPoolTrimTo(pool, 0)
+
+
+@row("hipMemPoolSetAccess", "hipMemPoolGetAccess")
+def _row_mempool_access(monkeypatch):
+    pool = hip.hipDeviceGetDefaultMemPool(0)
+    here = hip.hipMemLocation(hip.hipMemLocationTypeDevice, 0)
+    assert hip.hipMemPoolGetAccess(pool, here) == hip.hipMemAccessFlagsProtReadWrite
+    none = hip.hipMemAccessDesc(here, hip.hipMemAccessFlagsProtNone)
+    expect(E.hipErrorInvalidDevice, hip.hipMemPoolSetAccess, pool, [none], 1)
+    read = hip.hipMemAccessDesc(here, hip.hipMemAccessFlagsProtRead)
+    expect(E.hipErrorNotSupported, hip.hipMemPoolSetAccess, pool, [read], 1)
+    missing = hip.hipMemAccessDesc(hip.hipMemLocation(1, 1), hip.hipMemAccessFlagsProtReadWrite)
+    expect(E.hipErrorInvalidDevice, hip.hipMemPoolSetAccess, pool, [missing], 1)
+    expect(E.hipErrorInvalidValue, hip.hipMemPoolSetAccess, None, [none], 1)
+    expect(E.hipErrorInvalidValue, hip.hipMemPoolGetAccess, pool, hip.hipMemLocation(0, 0))
+    expect(E.hipErrorInvalidValue, hip.hipMemPoolGetAccess, pool, hip.hipMemLocation(1, 1))
+
+
+@row(
+    "hipMemPoolExportToShareableHandle",
+    "hipMemPoolImportFromShareableHandle",
+    "hipMemPoolExportPointer",
+    "hipMemPoolImportPointer",
+)
+def _row_mempool_ipc(monkeypatch):
+    import os
+
+    pool = hip.hipMemPoolCreate(_pool_props())
+    ptr = hip.hipMallocFromPoolAsync(64, pool, None)
+    try:
+        default = hip.hipDeviceGetDefaultMemPool(0)
+        expect(E.hipErrorInvalidValue, hip.hipMemPoolExportToShareableHandle, default, 1, 0)
+        expect(E.hipErrorInvalidValue, hip.hipMemPoolExportToShareableHandle, pool, 0, 0)
+        expect(E.hipErrorInvalidValue, hip.hipMemPoolExportPointer, 0)
+        data = hip.hipMemPoolExportPointer(ptr)
+        fd = hip.hipMemPoolExportToShareableHandle(pool, 1, 0)
+        try:
+            expect(E.hipErrorInvalidValue, hip.hipMemPoolImportFromShareableHandle, None, 1, 0)
+            expect(E.hipErrorInvalidValue, hip.hipMemPoolImportFromShareableHandle, fd, 0, 0)
+            imported = hip.hipMemPoolImportFromShareableHandle(fd, 1, 0)
+        finally:
+            os.close(fd)
+        expect(E.hipErrorInvalidValue, hip.hipMemPoolImportPointer, imported, None)
+        expect(E.hipErrorInvalidValue, hip.hipMemPoolImportPointer, None, data)
+        expect(E.hipErrorInvalidValue, hip.hipMemPoolImportPointer, imported, bytes(64))
+        hip.hipFree(hip.hipMemPoolImportPointer(imported, data))
+        hip.hipMemPoolDestroy(imported)
+    finally:
+        hip.hipFree(ptr)
+        hip.hipMemPoolDestroy(pool)
+
+
 @pytest.mark.parametrize("call", sorted(ROWS))
 def test_call_row(call, monkeypatch):
     """The README porting table's row for ``call``: its negative cases, with HIP's codes."""

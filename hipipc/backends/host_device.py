@@ -153,11 +153,11 @@ class HostDeviceMixin:
             pciBusID=0,
             pciDeviceID=0,
             pciDomainID=0,
-            # No managed memory and no stream-ordered pools (hipMallocAsync) yet.
+            # No managed memory; stream-ordered pools (hipipc.mempool) with POSIX-fd IPC.
             managedMemory=0,
             concurrentManagedAccess=0,
-            memoryPoolsSupported=0,
-            memoryPoolSupportedHandleTypes=0,
+            memoryPoolsSupported=1,
+            memoryPoolSupportedHandleTypes=1,  # hipMemHandleTypePosixFileDescriptor
             gcnArchName="host",
         )
 

@@ -9,7 +9,9 @@ Cases (issue 2's targets in brackets):
   (c) repeated hipIpcGetMemHandle of an exported allocation [<= 3 us];
   (d) handing a 256 MiB array to another process (export + 64 bytes over a pipe + open +
       asarray) vs pickling it through a multiprocessing.Pipe [>= 1000x faster];
-  (e) 64 MiB hipMemcpy device-to-device and host-to-device vs numpy.copyto [>= 0.9x].
+  (e) 64 MiB hipMemcpy device-to-device and host-to-device vs numpy.copyto [>= 0.9x];
+  (f) a memory pool's hipMallocFromPoolAsync + hipFreeAsync of 1 MiB vs hipMalloc + hipFree
+      (reported, issue 13).
 Every figure is a median of many repetitions; ratios compare medians taken in this run and
 read in the target's direction: time over the baseline's time for (a) and (b), the baseline's
 time over hipipc's (speed-up, throughput ratio) for (d) and (e).
@@ -241,6 +243,41 @@ def _copy_bandwidth(size: int, reps: int) -> tuple[float, float, float]:
         hip.hipFree(b)
 
 
+def _pool_alloc_cost(nbytes: int, reps: int) -> tuple[float, float, float]:
+    """Median microseconds per allocate+free pair of ``nbytes``: a memory pool's
+    hipMallocFromPoolAsync + hipFreeAsync with the default release threshold (0: freed
+    memory goes back to the kernel), the same with the threshold at UINT64_MAX (freed memory
+    stays committed for reuse, the usual tuning), and hipMalloc + hipFree.  Batches of 50
+    pairs with one synchronize each (the pool's frees take effect in stream order)."""
+    props = hip.hipMemPoolProps(
+        allocType=hip.hipMemAllocationTypePinned,
+        handleTypes=hip.hipMemHandleTypePosixFileDescriptor,
+        location=hip.hipMemLocation(hip.hipMemLocationTypeDevice, 0),
+    )
+    pools = [hip.hipMemPoolCreate(props), hip.hipMemPoolCreate(props)]
+    hip.hipMemPoolSetAttribute(pools[1], hip.hipMemPoolAttrReleaseThreshold, 2**64 - 1)
+    stream = hip.hipStreamCreate()
+    batch = 50
+    samples: list[list[int]] = [[], [], []]
+    try:
+        for _ in range(max(1, reps // batch)):  # interleaved: drift hits all alike
+            for pool, out in zip(pools, samples, strict=False):
+                t0 = _ns()
+                for _ in range(batch):
+                    hip.hipFreeAsync(hip.hipMallocFromPoolAsync(nbytes, pool, stream), stream)
+                hip.hipStreamSynchronize(stream)
+                out.append((_ns() - t0) // batch)
+            t0 = _ns()
+            for _ in range(batch):
+                hip.hipFree(hip.hipMalloc(nbytes))
+            samples[2].append((_ns() - t0) // batch)
+        return _median_us(samples[0]), _median_us(samples[1]), _median_us(samples[2])
+    finally:
+        hip.hipStreamDestroy(stream)
+        for pool in pools:
+            hip.hipMemPoolDestroy(pool)
+
+
 def run(quick: bool = False, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run every case; returns ``{"name", "rows", "series"}`` (see benchmarks/README)."""
     say = progress or (lambda _msg: None)
@@ -366,6 +403,13 @@ def run(quick: bool = False, progress: Callable[[str], None] | None = None) -> d
                     met=npc / t >= 0.9,
                 )
             )
+        say("memory-pool allocation against hipMalloc")
+        pool_us, cached_us, malloc_us = _pool_alloc_cost(MiB, reps // 4)
+        for case, t in (
+            ("(f) hipMallocFromPoolAsync+hipFreeAsync 1 MiB", pool_us),
+            ("(f) the same, release threshold UINT64_MAX", cached_us),
+        ):
+            rows.append(_row(case, t, "hipMalloc+hipFree", malloc_us))
     finally:
         peer.close()
         os.rmdir(tmpdir)
