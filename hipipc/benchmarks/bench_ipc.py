@@ -9,7 +9,15 @@ Cases (issue 2's targets in brackets):
   (c) repeated hipIpcGetMemHandle of an exported allocation [<= 3 us];
   (d) handing a 256 MiB array to another process (export + 64 bytes over a pipe + open +
       asarray) vs pickling it through a multiprocessing.Pipe [>= 1000x faster];
-  (e) 64 MiB hipMemcpy device-to-device and host-to-device vs numpy.copyto [>= 0.9x].
+  (e) 64 MiB hipMemcpy device-to-device and host-to-device vs numpy.copyto [>= 0.9x];
+  (d, fresh) the same to a freshly spawned worker (started, hipipc and numpy imported,
+      before the clock; the clock runs from the export to the reply) vs pickling through the
+      same Pipe to one, median of 7 alternating rounds, 3 with --quick [issue 15: >= 5000x
+      faster]; the note gives the worker's steps (its first open and asarray);
+  fd transport: open+close of 1 MiB exported by a HIPIPC_TRANSPORT=fd process vs the store
+      transport's [<= 1x] and the floor [<= 1.5x] (issue 13; skipped, with a note, while that
+      transport is unavailable); torch's file_descriptor strategy (multiprocessing DupFd, then
+      fstat + mmap in the receiver) as a reported baseline against the floor.
 Every figure is a median of many repetitions; ratios compare medians taken in this run and
 read in the target's direction: time over the baseline's time for (a) and (b), the baseline's
 time over hipipc's (speed-up, throughput ratio) for (d) and (e).
@@ -243,6 +251,8 @@ def _copy_bandwidth(size: int, reps: int) -> tuple[float, float, float]:
 
 def run(quick: bool = False, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run every case; returns ``{"name", "rows", "series"}`` (see benchmarks/README)."""
+    from . import ipc_more as _more  # it imports this module: imported here, not on top
+
     say = progress or (lambda _msg: None)
     reps = 500 if quick else 5000
     rows = []
@@ -331,6 +341,8 @@ def run(quick: bool = False, progress: Callable[[str], None] | None = None) -> d
                 met=speedup >= 1000,
             )
         )
+        say("handing 256 MiB to freshly spawned workers")
+        rows.append(_more.handoff_fresh_row(256 * MiB, 3 if quick else 7))
 
         say("copy bandwidth against size")
         csizes = (
@@ -366,6 +378,9 @@ def run(quick: bool = False, progress: Callable[[str], None] | None = None) -> d
                     met=npc / t >= 0.9,
                 )
             )
+
+        say("fd transport and torch's file_descriptor strategy")
+        rows += _more.fd_rows(reps, tmpdir)
     finally:
         peer.close()
         os.rmdir(tmpdir)
