@@ -47,9 +47,12 @@ def _worker(conn: Connection, index: int) -> None:
     handles: list[Any] = []
     seq: list[int] = []
     while True:
-        if not conn.poll(3600):
-            return  # the parent is gone or stuck: do not linger
-        msg = conn.recv()
+        try:
+            if not conn.poll(3600):
+                return  # the parent is stuck: do not linger
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return  # the parent is gone
         if msg is None:
             return
         op, args = msg

@@ -37,9 +37,12 @@ def _fresh_child(conn: Connection) -> None:
     then it takes one array, through a handle or a pickle, checks it and answers with the
     times of its steps (perf_counter_ns, shared by the processes of a machine)."""
     conn.send("ready")
-    if not conn.poll(120):
-        return
-    op, nbytes = conn.recv()
+    try:
+        if not conn.poll(120):
+            return
+        op, nbytes = conn.recv()
+    except (EOFError, OSError):
+        return  # the parent is gone
     try:
         if op == "hip":
             handle = conn.recv_bytes()
@@ -163,9 +166,12 @@ def _fd_child(conn: Connection) -> None:
         "dupfd": _time_dupfd,
     }
     while True:
-        if not conn.poll(3600):
-            return
-        msg = conn.recv()
+        try:
+            if not conn.poll(3600):
+                return  # the parent is stuck: do not linger
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return  # the parent is gone
         if msg is None:
             return
         op, args = msg
