@@ -339,7 +339,9 @@ def test_bench_finds_the_package_benchmarks_and_the_checkout_scripts_from_anywhe
         assert proc.returncode == 0 and "--quick" in proc.stdout, proc.stderr
 
 
-@pytest.mark.parametrize("name, started", [("ipc", "open latency"), ("events", "wake-up")])
+@pytest.mark.parametrize(
+    "name, started", [("ipc", "open latency"), ("events", "wake-up"), ("scale", "live export")]
+)
 def test_ctrl_c_during_bench_prints_one_line(tmp_path, name, started):
     """Ctrl-C at a terminal signals the whole process group, the benchmark's helper included:
     one line on stderr, exit code 130, no traceback from any process, and no segment left in
