@@ -7,15 +7,22 @@ A benchmark is a module ``bench_<name>.py`` with a module-level
 taking one string, called between cases.  The result::
 
     {"name": str,
-     "rows": [{"case": str, "median_us": float, "baseline": str | None,
+     "rows": [{"case": str, "median_us": float | None, "baseline": str | None,
                "baseline_us": float | None, "ratio": float | None,
-               "target": str | None, "met": bool | None}, ...],
+               "target": str | None, "met": bool | None, "note": str | None}, ...],
      "series": {SERIES: {"x_label": str, "y_label": str, "x": [numbers],
                          "lines": {label: [numbers]}}}}
 
+A row with a target says whether it was met (``met`` True or False; None when the run
+cannot judge it, the note then says why); ``median_us`` is None for a case that was skipped
+(its note says why); ``note`` (optional) is printed under the table.  ``ratio`` reads in the
+target's direction (time over the baseline's, or a speed-up where the target says "faster").
+
 The report directory gets ``report.json`` (every result, the machine, the date, a
-``schema_version``) and one PNG per series (one labelled line each, axes chosen as
-:func:`write_plots` says) when matplotlib is installed (``pip install hipipc[plot]``).
+``schema_version``, a ``summary`` of the targets: see :func:`summarize`) and one PNG per
+series (one labelled line each, axes chosen as :func:`write_plots` says; a series with
+``"figure": "scale"`` gets the scale benchmark's two-panel figure) when matplotlib is
+installed (``pip install hipipc[plot]``).
 """
 
 from __future__ import annotations
@@ -50,6 +57,9 @@ __all__ = [
     "write_plots",
     "format_table",
     "format_rows",
+    "summarize",
+    "summary_line",
+    "format_summary",
     "script_main",
     "start_child",
     "stop_child",
@@ -332,7 +342,7 @@ def run_all(paths: Sequence[Path], quick: bool = False, stream: TextIO | None = 
         entries.append(entry)
         bar.advance()
     bar.finish()
-    return {
+    report = {
         "schema_version": REPORT_SCHEMA_VERSION,
         "tool": "hipipc bench",
         "hipipc_version": __version__,
@@ -341,6 +351,8 @@ def run_all(paths: Sequence[Path], quick: bool = False, stream: TextIO | None = 
         "machine": machine_info(),
         "benchmarks": entries,
     }
+    report["summary"] = summarize(report)
+    return report
 
 
 def _json_default(obj: Any) -> Any:
@@ -416,6 +428,9 @@ def write_plots(report: Report, out: Path) -> list[Path] | None:
         for sname, series in (bench.get("series") or {}).items():
             stem = sname if sname not in used else f"{bench['name']}-{sname}"
             used.add(stem)
+            if series.get("figure") == "scale":
+                written.append(_plot_scale(plt, report, bench, sname, series, out, stem))
+                continue
             x = _numbers(series.get("x", []))
             xl = str(series.get("x_label", "x"))
             sizes = "byte" in xl.lower() or "size" in xl.lower()
@@ -464,6 +479,84 @@ def write_plots(report: Report, out: Path) -> list[Path] | None:
     return written
 
 
+def _plot_scale(
+    plt: Any,
+    report: Report,
+    bench: Report,
+    sname: str,
+    series: dict[str, Any],
+    out: Path,
+    stem: str,
+) -> Path:
+    """The scale benchmark's figure: per-process throughput against the number of processes
+    (one line per M, and what the machine's cores allow), beside the cost of one operation
+    against M (one line per N).  Both y axes start at zero unless values span over 10x."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
+
+    ns = _numbers(series.get("x", []))
+    ms = _numbers(series.get("m", []))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
+    positions = list(range(len(ns)))
+    values: list[float] = []
+    for label, ys in (series.get("lines") or {}).items():
+        ys = _numbers(ys)[: len(ns)]
+        values += ys
+        left.plot(positions[: len(ys)], ys, marker="o", label=str(label))
+    allow = _numbers(series.get("cores_allow") or [])[: len(ns)]
+    if allow:
+        cores = series.get("cores", "?")
+        left.plot(
+            positions[: len(allow)],
+            allow,
+            linestyle="--",
+            color="0.45",
+            label=f"what {cores} core(s) allow (N=1 x min(N, cores) / N)",
+        )
+    left.set_xticks(positions)
+    left.set_xticklabels([_plain_number(n) for n in ns])
+    left.set_xlabel(str(series.get("x_label", "processes")))
+    left.set_ylabel(str(series.get("y_label", "")))
+    left.set_title("throughput per process")
+    cost = series.get("cost_us") or {}
+    for label, ys in cost.items():
+        right.plot(ms[: len(ys)], _numbers(ys)[: len(ms)], marker="o", label=str(label))
+    if ms and min(ms) > 0:
+        right.set_xscale("log")
+        right.set_xticks(ms)
+        right.xaxis.set_minor_locator(NullLocator())
+        right.xaxis.set_major_formatter(FuncFormatter(lambda v, _p: _plain_number(v)))
+    right.set_xlabel("live exports (M)")
+    right.set_ylabel("us per open+close, per process")
+    right.set_title("cost of one open+close against M (flat is the target)")
+    for ax, ys in ((left, values), (right, [y for v in cost.values() for y in _numbers(v)])):
+        good = [y for y in ys if y > 0 and math.isfinite(y)]
+        if good and max(good) / min(good) > 10:
+            ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _p: ""))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _p: _plain_number(v)))
+        elif good:
+            ax.set_ylim(bottom=0)
+        ax.grid(True, which="both", alpha=0.3)
+    # Throughput falls with N: its lower left stays empty.  The cost lines run across the
+    # whole panel: their legend goes beside it.
+    if left.get_legend_handles_labels()[0]:
+        left.legend(fontsize=8, loc="lower left", framealpha=0.85)
+    if right.get_legend_handles_labels()[0]:
+        right.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle(
+        f"{bench['name']}: N processes opening and closing handles of M live exports"
+        f" ({sname.replace('_', ' ')})"
+    )
+    fig.text(0.995, 0.005, _provenance(report), ha="right", va="bottom", fontsize=7, color="0.4")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)
+    path = out / f"{safe}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _fmt(v: Any, spec: str) -> str:
     if v is None:
         return "-"
@@ -473,35 +566,99 @@ def _fmt(v: Any, spec: str) -> str:
         return str(v)
 
 
+_MARKS = {True: "met", False: "MISSED", None: "-"}
+
+
+def _mark(met: Any) -> str:
+    return _MARKS[None if met is None else bool(met)]
+
+
 def format_rows(rows: Sequence[dict[str, Any]], indent: str = "") -> str:
-    """One benchmark's rows as a plain-text table, columns as wide as their cells."""
-    head = ("case", "median us", "baseline", "base us", "ratio", "target", "met")
+    """One benchmark's rows as a plain-text table, columns as wide as their cells, then the
+    rows' notes.  The last column is the target's mark: ``met``, ``MISSED``, or ``-`` (no
+    target, or one this run cannot judge)."""
+    head = ("case", "median us", "baseline", "base us", "ratio", "target", "met?")
     numeric = (False, True, False, True, True, False, False)
     cells = [head]
+    notes = []
     for row in rows:
+        ratio = row.get("ratio")
         cells.append(
             (
                 str(row.get("case", "?")),
-                _fmt(row.get("median_us"), ".2f"),
+                _fmt(row.get("median_us"), ".2f") if row.get("median_us") is not None else "skip",
                 str(row.get("baseline") or "-"),
                 _fmt(row.get("baseline_us"), ".2f"),
-                _fmt(row.get("ratio"), ".2f"),
+                "-" if ratio is None else _fmt(ratio, ".2f") + "x",
                 str(row.get("target") or "-"),
-                {True: "yes", False: "NO", None: "-"}.get(row.get("met"), "?"),
+                _mark(row.get("met")),
             )
         )
+        if row.get("note"):
+            notes.append(f"{indent}note ({row.get('case', '?')}): {row['note']}")
     widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
-    return "\n".join(
+    lines = [
         indent
         + "  ".join(
             v.rjust(w) if num else v.ljust(w) for v, w, num in zip(c, widths, numeric, strict=True)
         ).rstrip()
         for c in cells
-    )
+    ]
+    return "\n".join(lines + notes)
 
 
-def format_table(report: Report) -> str:
-    """The rows of every benchmark in ``report`` (see :func:`run_all`) as plain-text tables."""
+def summarize(report: Report) -> dict[str, Any]:
+    """The targets of ``report``'s rows: ``{"targets": n, "met": k, "missed": [case, ...],
+    "unjudged": j, "failed_benchmarks": [module, ...]}``.  A row counts as a target when it has
+    one and its ``met`` is True or False; ``unjudged`` counts those with a target the run could
+    not judge (met None); a failed benchmark's targets are not counted, and it is named."""
+    n = k = unjudged = 0
+    missed: list[str] = []
+    failed: list[str] = []
+    for bench in report.get("benchmarks", []):
+        if bench.get("error"):
+            failed.append(str(bench.get("module", bench.get("name", "?"))))
+            continue
+        for row in bench.get("rows", []):
+            met = row.get("met")
+            if met is None:
+                unjudged += 1 if row.get("target") else 0
+                continue
+            n += 1
+            if bool(met):
+                k += 1
+            else:
+                base = f" vs {row['baseline']}" if row.get("baseline") else ""
+                missed.append(f"{bench.get('name', '?')}: {row.get('case', '?')}{base}")
+    return {
+        "targets": n,
+        "met": k,
+        "missed": missed,
+        "unjudged": unjudged,
+        "failed_benchmarks": failed,
+    }
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    """``targets met: k of n`` and what it leaves out."""
+    extra = []
+    if summary["unjudged"]:
+        extra.append(f"{summary['unjudged']} not judged on this machine")
+    if summary["failed_benchmarks"]:
+        extra.append(f"not counted: failed {', '.join(summary['failed_benchmarks'])}")
+    tail = f" ({'; '.join(extra)})" if extra else ""
+    return f"targets met: {summary['met']} of {summary['targets']}{tail}"
+
+
+def format_summary(report: Report) -> str:
+    """The missed targets of ``report``, one line each, then ``targets met: k of n``."""
+    summary = summarize(report)
+    return "\n".join([f"MISSED: {case}" for case in summary["missed"]] + [summary_line(summary)])
+
+
+def format_table(report: Report, summary: bool = True) -> str:
+    """The rows of every benchmark in ``report`` (see :func:`run_all`) as plain-text tables,
+    then (``summary``) :func:`format_summary`'s lines."""
     lines = []
     for bench in report["benchmarks"]:
         lines.append(f"== {bench['name']} ({bench['module']}, {bench['seconds']:.1f} s)")
@@ -509,6 +666,8 @@ def format_table(report: Report) -> str:
             lines.append(f"   FAILED: {bench['error']}")
             continue
         lines.append(format_rows(bench["rows"], indent="   "))
+    if summary:
+        lines.append(format_summary(report))
     return "\n".join(lines)
 
 
@@ -526,17 +685,19 @@ def stop_child(conn: Any, proc: Any) -> None:
 
 def row(
     case: str,
-    median_us: float,
+    median_us: float | None,
     baseline: str | None = None,
     baseline_us: float | None = None,
     target: str | None = None,
     met: bool | None = None,
     *,
     ratio: float | None = None,
+    note: str | None = None,
 ) -> dict[str, Any]:
     """One row of a benchmark's result (module docstring); ``ratio`` defaults to
-    ``median_us / baseline_us``."""
-    if ratio is None and baseline_us:
+    ``median_us / baseline_us``; ``median_us`` None marks a skipped case (say why in
+    ``note``)."""
+    if ratio is None and baseline_us and median_us is not None:
         ratio = median_us / baseline_us
     return {
         "case": case,
@@ -545,7 +706,8 @@ def row(
         "baseline_us": baseline_us,
         "ratio": ratio,
         "target": target,
-        "met": met,
+        "met": None if met is None else bool(met),
+        "note": note,
     }
 
 
@@ -559,6 +721,7 @@ def script_main(
     args = parser.parse_args(argv)
     result = run(args.quick, progress=lambda m: print(f"... {m}", file=sys.stderr))
     print(format_rows(result["rows"]))
+    print(format_summary({"benchmarks": [{**result, "error": None}]}))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2, default=_json_default)

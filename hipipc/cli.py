@@ -234,7 +234,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return EXIT_OK
     out = Path(args.out)
     report = bench.run_all(paths, quick=args.quick)
-    print(bench.format_table(report))
+    print(bench.format_table(report, summary=False))
     report_path = bench.write_report(report, out)
     print(f"report: {report_path}")
     if not args.no_plots:
@@ -244,6 +244,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         else:
             for p in plots:
                 print(f"plot:   {p}")
+    # Last, where it is seen: which targets this run missed, and how many it met.
+    print(bench.format_summary(report))
     failed = [b["module"] for b in report["benchmarks"] if b.get("error")]
     if failed:
         print(

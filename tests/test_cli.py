@@ -265,7 +265,7 @@ def test_bench_report_takes_numpy_values_and_the_table_keeps_whole_cells(bench_d
     row = next(line for line in proc.stdout.splitlines() if "a case name" in line)
     assert "a case name much longer than thirty-four characters" in row
     assert "a baseline with a long name too" in row and ">= 1000x faster" in row
-    assert row.split()[-1] == "yes"
+    assert row.split()[-1] == "met"
     header = next(line for line in proc.stdout.splitlines() if "median us" in line)
     assert header.index("median us") + len("median us") == row.index("1.50") + len("1.50")
 
@@ -339,7 +339,9 @@ def test_bench_finds_the_package_benchmarks_and_the_checkout_scripts_from_anywhe
         assert proc.returncode == 0 and "--quick" in proc.stdout, proc.stderr
 
 
-@pytest.mark.parametrize("name, started", [("ipc", "open latency"), ("events", "wake-up")])
+@pytest.mark.parametrize(
+    "name, started", [("ipc", "open latency"), ("events", "wake-up"), ("scale", "live export")]
+)
 def test_ctrl_c_during_bench_prints_one_line(tmp_path, name, started):
     """Ctrl-C at a terminal signals the whole process group, the benchmark's helper included:
     one line on stderr, exit code 130, no traceback from any process, and no segment left in

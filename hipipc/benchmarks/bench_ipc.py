@@ -12,6 +12,14 @@ Cases (issue 2's targets in brackets):
   (e) 64 MiB hipMemcpy device-to-device and host-to-device vs numpy.copyto [>= 0.9x];
   (f) a memory pool's hipMallocFromPoolAsync + hipFreeAsync of 1 MiB vs hipMalloc + hipFree
       (reported, issue 13).
+  (d, fresh) the same to a freshly spawned worker (started, hipipc and numpy imported,
+      before the clock; the clock runs from the export to the reply) vs pickling through the
+      same Pipe to one, median of 7 alternating rounds, 3 with --quick [issue 15: >= 5000x
+      faster]; the note gives the worker's steps (its first open and asarray);
+  fd transport: open+close of 1 MiB exported by a HIPIPC_TRANSPORT=fd process vs the store
+      transport's [<= 1x] and the floor [<= 1.5x] (issue 13; skipped, with a note, while that
+      transport is unavailable); torch's file_descriptor strategy (multiprocessing DupFd, then
+      fstat + mmap in the receiver) as a reported baseline against the floor.
 Every figure is a median of many repetitions; ratios compare medians taken in this run and
 read in the target's direction: time over the baseline's time for (a) and (b), the baseline's
 time over hipipc's (speed-up, throughput ratio) for (d) and (e).
@@ -280,6 +288,8 @@ def _pool_alloc_cost(nbytes: int, reps: int) -> tuple[float, float, float]:
 
 def run(quick: bool = False, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run every case; returns ``{"name", "rows", "series"}`` (see benchmarks/README)."""
+    from . import ipc_more as _more  # it imports this module: imported here, not on top
+
     say = progress or (lambda _msg: None)
     reps = 500 if quick else 5000
     rows = []
@@ -368,6 +378,8 @@ def run(quick: bool = False, progress: Callable[[str], None] | None = None) -> d
                 met=speedup >= 1000,
             )
         )
+        say("handing 256 MiB to freshly spawned workers")
+        rows.append(_more.handoff_fresh_row(256 * MiB, 3 if quick else 7))
 
         say("copy bandwidth against size")
         csizes = (
@@ -410,6 +422,9 @@ def run(quick: bool = False, progress: Callable[[str], None] | None = None) -> d
             ("(f) the same, release threshold UINT64_MAX", cached_us),
         ):
             rows.append(_row(case, t, "hipMalloc+hipFree", malloc_us))
+
+        say("fd transport and torch's file_descriptor strategy")
+        rows += _more.fd_rows(reps, tmpdir)
     finally:
         peer.close()
         os.rmdir(tmpdir)
