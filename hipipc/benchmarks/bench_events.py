@@ -361,7 +361,7 @@ def run(quick: bool = False, progress: Callable[[str], None] | None = None) -> d
             say(f"wake-up latency, {label}: {rounds} rounds of {per_round} per method")
             res = results[label] = _rounds(wake, rounds, per_round)
             med, ratio = res["med"], res["ratio"]
-            event = f"wake-up, {label}: {_NAMES['event']}"
+            event = f"wake-up: {_NAMES['event']}, {label}"
             rows.append(
                 _row(
                     event,
