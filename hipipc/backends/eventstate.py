@@ -163,15 +163,18 @@ class _Timespec(ctypes.Structure):
     _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
 
 
-# syscall() is variadic: every argument must be passed with its full C width.
+# syscall() is variadic: every argument must be passed with its full C width.  Only the
+# arguments the operation reads are passed (each costs a conversion on the wake-up path):
+# FUTEX_WAIT reads (uaddr, op, val, timeout), FUTEX_WAKE (uaddr, op, val); the kernel ignores
+# uaddr2 for both and replaces val3 with FUTEX_BITSET_MATCH_ANY (futex(2), do_futex).
 _NR_FUTEX = ctypes.c_long(_SYS_FUTEX or 0)
 _OP_WAIT, _OP_WAKE = ctypes.c_long(_FUTEX_WAIT), ctypes.c_long(_FUTEX_WAKE)
-_WAKE_ALL, _NULL, _ZERO = ctypes.c_long(_INT_MAX), ctypes.c_void_p(0), ctypes.c_long(0)
+_WAKE_ALL = ctypes.c_long(_INT_MAX)
 
 
 def _futex_wake_all(addr: ctypes.c_void_p) -> None:
     if _SYS_FUTEX is not None:
-        _wake_syscall(_NR_FUTEX, addr, _OP_WAKE, _WAKE_ALL, _NULL, _NULL, _ZERO)
+        _wake_syscall(_NR_FUTEX, addr, _OP_WAKE, _WAKE_ALL)
 
 
 # -- the interprocess lock: an OFD lock on byte 0 of the segment file -----------------------
@@ -508,7 +511,7 @@ class EventState:
             # atomic read-modify-write here (Python has none; through ctypes it is one more
             # foreign call), which costs the path of every wake-up more than it saves.
             if _SYS_FUTEX is not None:
-                _wake_syscall(_NR_FUTEX, self._futex, _OP_WAKE, _WAKE_ALL, _NULL, _NULL, _ZERO)
+                _wake_syscall(_NR_FUTEX, self._futex, _OP_WAKE, _WAKE_ALL)
         finally:
             self._mine.discard(seq)
 
@@ -697,7 +700,7 @@ class EventState:
                 continue
             ts = ctypes.byref(_Timespec(int(seconds), int((seconds % 1.0) * 1e9)))
             expected = ctypes.c_long(current)
-            if _syscall(_NR_FUTEX, futex, _OP_WAIT, expected, ts, _NULL, _ZERO) == 0:
+            if _syscall(_NR_FUTEX, futex, _OP_WAIT, expected, ts) == 0:
                 if slot.value == seq:
                     return  # woken, and done: nothing else between the wake and the return
                 continue

@@ -54,11 +54,14 @@ _TIMEOUT = 30.0
 # -- the receiving process --------------------------------------------------------------
 
 
-def _pin(cpu: int | None) -> None:
-    """Keep this process on one CPU: run-to-run spread on a 2-core VM comes mostly from
-    where the scheduler puts sender and receiver; every method is measured pinned alike."""
-    if cpu is not None:
-        os.sched_setaffinity(0, {cpu})
+def _pin(cpus: set[int]) -> None:
+    """Keep every thread of this process (stream workers included: sched_setaffinity(0)
+    moves only the calling thread) on ``cpus``."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except OSError:  # a thread that has just exited
+            pass
 
 
 def _receiver(
@@ -66,7 +69,8 @@ def _receiver(
 ) -> None:
     """Answers "event"/"pipe"/"sem"/"cpu" requests with the time it woke (or CPU seconds)."""
     allowed = os.sched_getaffinity(0)
-    _pin(cpu)
+    if cpu is not None:
+        _pin({cpu})
     event = hip.hipIpcOpenEventHandle(event_handle)
     sem = posix_ipc.Semaphore(sem_name)
     try:
@@ -75,7 +79,7 @@ def _receiver(
             if op is None:
                 return
             if isinstance(op, tuple):  # ("pin", cpu or None): move to one CPU, or to all
-                os.sched_setaffinity(0, {op[1]} if op[1] is not None else allowed)
+                _pin({op[1]} if op[1] is not None else allowed)
                 conn.send("pinned")
             elif op == "event":
                 conn.send("waiting")
@@ -179,7 +183,7 @@ class _Wakeups:
     def pin(self, cpus: tuple[int, int] | None, allowed: list[int]) -> None:
         """Pin the sender (its stream workers follow) and the receiver to two CPUs, or
         unpin both (None)."""
-        os.sched_setaffinity(0, {cpus[0]} if cpus else set(allowed))
+        _pin({cpus[0]} if cpus else set(allowed))
         self._ask(("pin", cpus[1] if cpus else None))
 
     def pipe_once(self) -> int:
@@ -410,7 +414,7 @@ def run(quick: bool = False, progress: Callable[[str], None] | None = None) -> d
         )
     finally:
         wake.close()
-        os.sched_setaffinity(0, allowed)
+        _pin(set(allowed))
 
     say("enqueue cost per operation")
     costs = _enqueue_costs(batch=200 if quick else 1000, rounds=10 if quick else 50)
