@@ -96,6 +96,12 @@ Waiters sleep in ``FUTEX_WAIT`` on ``generation`` (no core burnt, woken by the c
 ``FUTEX_WAKE``) in slices of :data:`LIVENESS_INTERVAL`; between slices a waiter checks that the
 process which made the record it waits for still runs.  If that process exited before the work
 completed, the wait raises ``hipErrorLaunchFailure`` instead of hanging forever.
+
+The wake-up path is kept short on both sides, because on a busy machine every Python step after
+a sleep runs from cold caches: a completion is a few stores and one ``FUTEX_WAKE`` made inline
+with the GIL held (no lock, no helper frame); a waiter validates and prepares everything before
+it sleeps (the target, the page, the timeout, the address of the record's done slot), and once
+``FUTEX_WAIT`` returns woken it reads that slot once and returns if it holds the number.
 """
 
 from __future__ import annotations
@@ -135,9 +141,14 @@ _RECORDER_START, _COMPLETED_NS, _STRAGGLER_COUNT, _STRAGGLER_LIST = 80, 88, 96, 
 _VERSION, _RECORDER_PIDNS, _DONE = 132, 136, 192
 STATE_SIZE = _DONE + 4 * WINDOW
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_syscall = _libc.syscall
+_LIBC_NAME = ctypes.util.find_library("c") or "libc.so.6"
+_libc = ctypes.CDLL(_LIBC_NAME, use_errno=True)
+_syscall = _libc.syscall  # releases the GIL: for FUTEX_WAIT, which blocks
 _syscall.restype = ctypes.c_long
+# FUTEX_WAKE never blocks: called with the GIL held (PyDLL), so that a completing stream worker
+# does not hand the GIL to another thread between its stores and its wake.
+_wake_syscall = ctypes.PyDLL(_LIBC_NAME).syscall
+_wake_syscall.restype = ctypes.c_long
 
 # Where the futex syscall number is unknown, waiters poll every 0.5 ms instead of sleeping.
 _SYS_FUTEX = {"x86_64": 202, "aarch64": 98, "ppc64le": 221, "s390x": 238, "riscv64": 98}.get(
@@ -152,27 +163,18 @@ class _Timespec(ctypes.Structure):
     _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
 
 
-# syscall() is variadic: every argument must be passed with its full C width.
+# syscall() is variadic: every argument must be passed with its full C width.  Only the
+# arguments the operation reads are passed (each costs a conversion on the wake-up path):
+# FUTEX_WAIT reads (uaddr, op, val, timeout), FUTEX_WAKE (uaddr, op, val); the kernel ignores
+# uaddr2 for both and replaces val3 with FUTEX_BITSET_MATCH_ANY (futex(2), do_futex).
 _NR_FUTEX = ctypes.c_long(_SYS_FUTEX or 0)
 _OP_WAIT, _OP_WAKE = ctypes.c_long(_FUTEX_WAIT), ctypes.c_long(_FUTEX_WAKE)
-_WAKE_ALL, _NULL, _ZERO = ctypes.c_long(_INT_MAX), ctypes.c_void_p(0), ctypes.c_long(0)
-
-
-def _futex_wait(addr: ctypes.c_void_p, expected: int, seconds: float) -> int:
-    """Sleep while the u32 at ``addr`` equals ``expected``, at most ``seconds``; 0 or errno."""
-    if _SYS_FUTEX is None:
-        time.sleep(min(seconds, 0.0005))
-        return errno.ETIMEDOUT
-    ts = _Timespec(int(seconds), int((seconds % 1.0) * 1e9))
-    rc = _syscall(
-        _NR_FUTEX, addr, _OP_WAIT, ctypes.c_long(expected), ctypes.byref(ts), _NULL, _ZERO
-    )
-    return 0 if rc == 0 else ctypes.get_errno()
+_WAKE_ALL = ctypes.c_long(_INT_MAX)
 
 
 def _futex_wake_all(addr: ctypes.c_void_p) -> None:
     if _SYS_FUTEX is not None:
-        _syscall(_NR_FUTEX, addr, _OP_WAKE, _WAKE_ALL, _NULL, _NULL, _ZERO)
+        _wake_syscall(_NR_FUTEX, addr, _OP_WAKE, _WAKE_ALL)
 
 
 # -- the interprocess lock: an OFD lock on byte 0 of the segment file -----------------------
@@ -505,7 +507,11 @@ class EventState:
                 if (self._recorded.value - seq) & _MASK >= _LOCKLESS_SPAN:
                     self._complete_locked(seq, timing)
             self._generation.value = seq  # each number is completed once: a distinct value
-            _futex_wake_all(self._futex)
+            # Always woken, inline: skipping the wake when no waiter registered would need an
+            # atomic read-modify-write here (Python has none; through ctypes it is one more
+            # foreign call), which costs the path of every wake-up more than it saves.
+            if _SYS_FUTEX is not None:
+                _wake_syscall(_NR_FUTEX, self._futex, _OP_WAKE, _WAKE_ALL)
         finally:
             self._mine.discard(seq)
 
@@ -664,9 +670,15 @@ class EventState:
         check).
         """
         seq = target[0]
-        if not self.is_done(seq):  # a target that can never complete fails before sleeping
-            self.check_target(target, bounded=deadline is not None)
-        generation = self._generation
+        if self.is_done(seq):
+            return
+        bounded = deadline is not None
+        self.check_target(target, bounded=bounded)  # a wait that could never end fails now
+        # Everything a wake-up needs is prepared before sleeping: woken, the waiter reads the
+        # record's own done slot once and returns (the slot holds seq only once seq is done;
+        # anything else, a forged value included, goes round the validating loop again).
+        slot = ctypes.c_uint32.from_address(self.addr + _DONE + 4 * (seq % WINDOW))
+        futex, generation = self._futex, self._generation
         next_check = time.monotonic() + LIVENESS_INTERVAL
         while True:
             current = generation.value  # read before the check: no completion is missed
@@ -674,7 +686,7 @@ class EventState:
                 return
             now = time.monotonic()
             if now >= next_check:
-                self.check_recorder(target, bounded=deadline is not None)
+                self.check_recorder(target, bounded=bounded)
                 next_check = now + LIVENESS_INTERVAL
             if deadline is not None and now >= deadline:
                 raise HipError(
@@ -682,8 +694,18 @@ class EventState:
                     "the event's recorded work did not complete before the timeout",
                 )
             limit = next_check if deadline is None else min(next_check, deadline)
-            err = _futex_wait(self._futex, current, max(limit - now, 0.0))
-            if err not in (0, errno.EAGAIN, errno.ETIMEDOUT, errno.EINTR):
+            seconds = max(limit - now, 0.0)
+            if _SYS_FUTEX is None:  # no futex here: poll
+                time.sleep(min(seconds, 0.0005))
+                continue
+            ts = ctypes.byref(_Timespec(int(seconds), int((seconds % 1.0) * 1e9)))
+            expected = ctypes.c_long(current)
+            if _syscall(_NR_FUTEX, futex, _OP_WAIT, expected, ts) == 0:
+                if slot.value == seq:
+                    return  # woken, and done: nothing else between the wake and the return
+                continue
+            err = ctypes.get_errno()
+            if err not in (errno.EAGAIN, errno.ETIMEDOUT, errno.EINTR):
                 raise HipError(
                     hipError_t.hipErrorOperatingSystem, f"futex wait failed: {os.strerror(err)}"
                 )
