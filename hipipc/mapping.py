@@ -39,6 +39,11 @@ _munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _PROT_RW = 0x1 | 0x2
 _MAP_SHARED = 0x01
 _MAP_FAILED = ctypes.c_void_p(-1).value
+# map_file's constant arguments as objects of the exact argtypes: ctypes passes those as they
+# are, without its per-argument conversion (an isinstance check and a new argument object).
+_C_NULL = ctypes.c_void_p(None)
+_C_PROT_RW = ctypes.c_int(_PROT_RW)
+_C_MAP_SHARED = ctypes.c_int(_MAP_SHARED)
 
 # Bumped in a forked child: a mapping made before the fork takes a fresh lock before its next
 # use (a parent thread pinning or unpinning it at fork time left the child's copy held, and
@@ -208,7 +213,7 @@ def map_file(fd: int, length: int, offset: int) -> Mapping:
     ``hipErrorMapFailed`` for any other mmap failure.
     """
     if 0 < length <= sys.maxsize and 0 <= offset <= sys.maxsize:  # _mmap's test, inline
-        addr = _raw_mmap(None, length, _PROT_RW, _MAP_SHARED, fd, offset)
+        addr = _raw_mmap(_C_NULL, length, _C_PROT_RW, _C_MAP_SHARED, fd, offset)
     else:
         addr = _mmap(None, length, _PROT_RW, _MAP_SHARED, fd, offset)  # ENOMEM
     if addr is None or addr == _MAP_FAILED:

@@ -153,11 +153,16 @@ class HostBackend(HostDeviceMixin, Backend):
         # The array's base is the view, which pins the mapping; every array derived from it
         # keeps it too.
         mapping = _mapping_of(region)
+        if not isinstance(mapping, Mapping):
+            # Registered host memory (hipipc.hostmem): its pins hand out buffers of their own.
+            own = np.frombuffer(mapping.buffer(offset, nbytes), dtype=dtype, count=math.prod(shape))
+            return own.reshape(shape)
         if dtype.isbuiltin == 1:  # a native-order number or bool: its typestr says it all
             arr: NDArray[Any] = np.asarray(mapping.view(offset, nbytes, dtype.str, shape))
             return arr
         flat: NDArray[Any] = np.asarray(mapping.view(offset, nbytes))
-        return flat.view(dtype).reshape(shape)
+        typed: NDArray[Any] = flat.view(dtype)
+        return typed.reshape(shape)
 
     def pin(self, region: Region, offset: int, nbytes: int) -> Any:
         # A bare pin, not a ctypes buffer: ctypes caches one array type per length forever.
