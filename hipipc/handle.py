@@ -115,8 +115,11 @@ def _machine_identity() -> bytes:
     /dev/shm under different host names still count as one node (their handles must open).
     """
     try:
-        with open("/proc/sys/kernel/random/boot_id", "rb") as f:
-            boot_id = f.read().strip()
+        fd = os.open("/proc/sys/kernel/random/boot_id", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            boot_id = os.read(fd, 256).strip()  # a UUID and a newline: 37 bytes
+        finally:
+            os.close(fd)
         if boot_id:
             return b"boot:" + boot_id
     except OSError:
@@ -134,7 +137,13 @@ def tag_of(identity: str | bytes) -> int:
 
 def machine_tag() -> int:
     """This machine's own tag, ignoring ``$HIPIPC_NODE_ID``."""
-    return tag_of(_machine_identity())
+    return _MACHINE_TAG
+
+
+# Computed once, at import (a read of /proc and a hash, a few microseconds), so that a
+# process's first handle does not pay for it (issue 15's cold path): a machine's identity
+# does not change under a running process.  ``$HIPIPC_NODE_ID`` is still read at first use.
+_MACHINE_TAG = tag_of(_machine_identity())
 
 
 def _tag_from_env() -> int:

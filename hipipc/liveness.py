@@ -13,6 +13,9 @@ import os
 import select
 import threading
 
+# Imported here, not in the calls: an import statement costs microseconds on a first call.
+from .segment import own_process, process_alive, process_start_time
+
 __all__ = ["Liveness", "exporters"]
 
 
@@ -46,8 +49,6 @@ class Liveness:
                 del self.cache[key]
                 os.close(hit[0])
                 return False
-        from .store import own_process  # store imports this module
-
         own = own_process()
         if key == own:
             return True
@@ -56,8 +57,6 @@ class Liveness:
         return self._first_sight(key)
 
     def _first_sight(self, key: tuple[int, int, int]) -> bool:
-        from .store import process_alive, process_start_time
-
         pid, start, pidns = key
         if pid <= 0:
             return False

@@ -39,6 +39,11 @@ _munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _PROT_RW = 0x1 | 0x2
 _MAP_SHARED = 0x01
 _MAP_FAILED = ctypes.c_void_p(-1).value
+# map_file's constant arguments as objects of the exact argtypes: ctypes passes those as they
+# are, without its per-argument conversion (an isinstance check and a new argument object).
+_C_NULL = ctypes.c_void_p(None)
+_C_PROT_RW = ctypes.c_int(_PROT_RW)
+_C_MAP_SHARED = ctypes.c_int(_MAP_SHARED)
 
 # Bumped in a forked child: a mapping made before the fork takes a fresh lock before its next
 # use (a parent thread pinning or unpinning it at fork time left the child's copy held, and
@@ -125,6 +130,18 @@ class Mapping:
         arr._pin = pin  # type: ignore[attr-defined]  # ctypes arrays take attributes
         return arr
 
+    def view(
+        self, offset: int, nbytes: int, typestr: str = "|u1", shape: tuple[int, ...] | None = None
+    ) -> ArrayView:
+        """``[addr+offset, addr+offset+nbytes)`` as an object numpy wraps without a copy
+        (``numpy.asarray``: a writable C-contiguous array whose ``base`` it is; by default 1-D
+        ``uint8``, else of ``typestr`` and ``shape``, which must span exactly ``nbytes``) and
+        that pins the mapping, as :meth:`buffer` does.  Cheaper than :meth:`buffer` (no ctypes
+        array type is made for the length: a new type costs tens of microseconds the first
+        time, and ctypes keeps every one forever)."""
+        pin = self.pin(offset, nbytes)
+        return ArrayView(self.addr + offset, (nbytes,) if shape is None else shape, typestr, pin)
+
     def _unpin(self) -> None:
         with self._lock:
             self._live -= 1
@@ -134,13 +151,17 @@ class Mapping:
 
     def release(self) -> None:
         """Give up the runtime's reference; unmaps now unless a view is still alive."""
-        with self._lock:
+        # The lock without the property's call when no fork happened since (the common case:
+        # every close of an import comes here).
+        with self._lock_ if self._gen == _fork_gen else self._lock:
             if self._released:
                 return
             self._released = True
             unmap = self._live == 0
         if unmap:
-            self._unmap()
+            addr, self.addr = self.addr, 0  # _unmap, inline
+            if addr:
+                _munmap(addr, self.length)
 
     def _unmap(self) -> None:
         addr, self.addr = self.addr, 0
@@ -161,6 +182,29 @@ class _Pin:
             pass
 
 
+class ArrayView:
+    """A range of a mapping in numpy's array interface, holding the range's pin: the arrays
+    numpy makes from it (and their views) keep it, hence the pages, alive.  Takes other
+    attributes too, as the ctypes array of :meth:`Mapping.buffer` does (a
+    :class:`~hipipc.buffer.DeviceBuffer` hangs itself on it to live as long as its arrays)."""
+
+    def __init__(self, addr: int, shape: tuple[int, ...], typestr: str, pin: _Pin) -> None:
+        self.__array_interface__ = {
+            "data": (addr, False),  # (address, read-only)
+            "shape": shape,
+            "typestr": typestr,
+            "version": 3,
+        }
+        self._pin = pin
+
+
+# Warm ctypes' call path at import (issue 15's cold path): a process's first foreign call
+# costs tens of microseconds more than the next.  Both calls fail at once with EINVAL (a
+# zero length) and change nothing.
+_raw_mmap(None, 0, 0, 0, -1, 0)
+_munmap(0, 0)
+
+
 def map_file(fd: int, length: int, offset: int) -> Mapping:
     """Map ``length`` bytes of ``fd`` at ``offset`` (page aligned), shared and read-write.
 
@@ -168,7 +212,10 @@ def map_file(fd: int, length: int, offset: int) -> Mapping:
     Raises ``HipError(hipErrorOutOfMemory)`` when the address space or map count is exhausted,
     ``hipErrorMapFailed`` for any other mmap failure.
     """
-    addr = _mmap(None, length, _PROT_RW, _MAP_SHARED, fd, offset)
+    if 0 < length <= sys.maxsize and 0 <= offset <= sys.maxsize:  # _mmap's test, inline
+        addr = _raw_mmap(_C_NULL, length, _C_PROT_RW, _C_MAP_SHARED, fd, offset)
+    else:
+        addr = _mmap(None, length, _PROT_RW, _MAP_SHARED, fd, offset)  # ENOMEM
     if addr is None or addr == _MAP_FAILED:
         err = ctypes.get_errno()
         code = (

@@ -35,11 +35,11 @@ import time
 import weakref
 from typing import Any
 
-from .backends import Allocation, Backend, ImportedMemory, Region, create_backend
+from .backends import BACKEND_ENV, Allocation, Backend, ImportedMemory, Region, create_backend
 from .errors import HipError, hipError_t
 from .events import Event
 from .handle import IpcEventHandle, IpcHandle, IpcMemHandle
-from .store import HandleStore, share_mode
+from .store import STORE_ENV, HandleStore, share_mode
 from .streams import Stream, refuse_on_stream, running_on_stream
 
 __all__ = ["Registry", "get_registry"]
@@ -56,7 +56,7 @@ def _invalid(detail: str) -> HipError:
 class Registry:
     """Allocations and imports of one process over one backend.  Thread-safe."""
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, *, hook_exit: bool = True) -> None:
         self.backend = backend
         self._null = backend.null_stream()  # the backend's, for the life of this registry
         self._pid = os.getpid()
@@ -80,6 +80,11 @@ class Registry:
         self._ticket_limit = 256
         self._last_ticket = float("-inf")  # time.monotonic() of the newest ticket
         self._exited = False
+        if hook_exit:
+            self.hook_exit()
+
+    def hook_exit(self) -> None:
+        """Make the exit rule run at this process's normal exit (once: call it once)."""
         mp_util = sys.modules.get("multiprocessing.util")
         if mp_util is not None:
             # Runs from multiprocessing's exit function (atexit in the main process, called
@@ -260,7 +265,8 @@ class Registry:
             return mem.ptr
 
     def close(self, ptr: int) -> None:
-        self._quiesce()
+        if self._streams or not self._null.query():  # _quiesce's own fast test, inline
+            self._quiesce()
         with self._lock:
             region = self._regions.get(ptr)
             if not isinstance(region, ImportedMemory):
@@ -534,17 +540,49 @@ _inherited: list[tuple[int, int, int]] = []  # ancestors' address ranges, in a f
 
 
 def get_registry() -> Registry:
-    """This process's registry, created on first use with ``$HIPIPC_BACKEND``."""
+    """This process's registry, created on first use with ``$HIPIPC_BACKEND`` (over
+    ``$HIPIPC_STORE``): the one built at import if those still read the same."""
     global _registry
     reg = _registry
     if reg is None:
         with _registry_lock:
             if _registry is None:
-                new = Registry(create_backend(HandleStore()))
+                new = _take_spare() or Registry(create_backend(HandleStore()), hook_exit=False)
                 new._inherited = list(_inherited)
+                new.hook_exit()
                 _registry = new
             reg = _registry
     return reg
+
+
+# A registry built at import, with no exit hook yet: the first call adopts it (issue 15's
+# cold path: building one costs a first call ~100 us of cold Python).  It holds no
+# descriptor, thread or file (the store opens its directory on first use), so one never
+# adopted costs nothing but memory.  Adopted only while the environment variables it was
+# built from still read the same, in the process that built it: a program (or the test
+# suite's conftest) may set $HIPIPC_STORE after import and before its first call.
+_spare: tuple[tuple[int, str | None, str | None], Registry] | None = None
+
+
+def _spare_key() -> tuple[int, str | None, str | None]:
+    return os.getpid(), os.environ.get(STORE_ENV), os.environ.get(BACKEND_ENV)
+
+
+def _make_spare() -> None:
+    global _spare
+    try:
+        key = _spare_key()
+        _spare = key, Registry(create_backend(HandleStore()), hook_exit=False)
+    except Exception:  # $HIPIPC_BACKEND names no backend, ...: the first call says so
+        _spare = None
+
+
+def _take_spare() -> Registry | None:
+    global _spare
+    spare, _spare = _spare, None
+    if spare is not None and spare[0] == _spare_key():
+        return spare[1]
+    return None
 
 
 # How long fork waits for another thread to finish its registry call before forking anyway
@@ -579,7 +617,8 @@ def _after_fork_in_child() -> None:
     """The child starts a fresh registry: it can import its parent's handles but cannot
     free, export or close its parent's memory.  Never fails halfway: the registry is reset in
     ``finally`` whatever forgetting the parent's objects raised."""
-    global _registry, _registry_lock, _inherited
+    global _registry, _registry_lock, _inherited, _spare
+    _spare = None  # the parent's (its pid): never adopted here
     reg, _registry = _registry, None
     _registry_lock = threading.Lock()
     _fork_locks.held = []  # the child's copies die with the old registry
@@ -595,3 +634,4 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(
     before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child
 )
+_make_spare()

@@ -29,6 +29,7 @@ from typing import Any, cast
 import numpy as np
 from numpy.typing import DTypeLike, NDArray
 
+from . import registry as _registry_module
 from .arrays import as_shared
 from .errors import HipError, hipError_t, short_repr
 from .events import Event, check_event_flags, hipEventDefault
@@ -332,6 +333,16 @@ def hipMemcpyAsync(
 
 
 _MAX_DIM = int(np.iinfo(np.intp).max)
+# The dtypes of numpy's and Python's number types, made at import: a process's first
+# np.dtype(np.uint8) costs ~10 us.
+_COMMON_DTYPES: dict[Any, np.dtype[Any]] = {
+    t: np.dtype(t)
+    for t in (
+        *(np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64),
+        *(np.float16, np.float32, np.float64, np.complex64, np.complex128, np.bool_),
+        *(int, float, complex, bool),
+    )
+}
 
 
 def asarray(ptr: int, shape: int | tuple[int, ...], dtype: DTypeLike = np.uint8) -> NDArray[Any]:
@@ -342,20 +353,34 @@ def asarray(ptr: int, shape: int | tuple[int, ...], dtype: DTypeLike = np.uint8)
     ``hipIpcCloseMemHandle`` (the memory is unmapped when the last view goes).  The range must
     lie inside one allocation, else ``hipErrorInvalidValue``.
     """
-    ptr = _pointer(ptr, "asarray")
-    if not hasattr(shape, "__iter__"):
-        shape = (shape,)
-    dims = [_integer(n, "asarray: each dimension of shape") for n in shape]
-    try:
-        dt = np.dtype(dtype)
-    except TypeError as exc:
-        raise _invalid(f"asarray: dtype must be a numpy dtype ({exc})") from None
-    if any(n < 0 for n in dims):
-        raise _invalid(f"asarray: negative dimension in {short_repr(tuple(dims))}")
-    if any(n > _MAX_DIM for n in dims):  # numpy's limit; reachable with a zero-size dtype
-        raise _invalid(f"asarray: a dimension of {short_repr(tuple(dims))} exceeds {_MAX_DIM}")
+    if type(ptr) is not int:  # the common cases first, here and below (issue 15's cold path)
+        ptr = _pointer(ptr, "asarray")
+    if type(shape) is int:
+        dims = [shape]
+    else:
+        if not hasattr(shape, "__iter__"):
+            shape = (shape,)
+        dims = [_integer(n, "asarray: each dimension of shape") for n in shape]
+    dt = _COMMON_DTYPES.get(dtype) if type(dtype) is type else None
+    if dt is None:
+        try:
+            dt = np.dtype(dtype)
+        except TypeError as exc:
+            raise _invalid(f"asarray: dtype must be a numpy dtype ({exc})") from None
+    for n in dims:
+        if n < 0:
+            raise _invalid(f"asarray: negative dimension in {short_repr(tuple(dims))}")
+        if n > _MAX_DIM:  # numpy's limit
+            raise _invalid(f"asarray: a dimension of {short_repr(tuple(dims))} exceeds {_MAX_DIM}")
     if dt.hasobject:
         raise _invalid(f"asarray: dtype {dt} holds Python objects, which raw memory cannot")
+    if not dt.itemsize or dt.subdtype is not None:
+        # numpy cannot view bytes as either (a ValueError escaped here before).
+        raise _invalid(
+            f"asarray: dtype {dt} "
+            + ("has no size" if not dt.itemsize else "is a subarray")
+            + "; use a dtype with a size, and put a subarray's dimensions in the shape"
+        )
     shape = tuple(dims)
     nbytes = math.prod(dims) * dt.itemsize  # Python ints: no wrap-around for huge shapes
     reg = get_registry()
@@ -394,12 +419,18 @@ def hipIpcOpenMemHandle(
     ``hipErrorInvalidHandle`` when the handle names nothing this user may open (freed,
     exporter gone, another user's unshared memory, or a handle altered in transit).
     """
-    if _integer(flags, "hipIpcOpenMemHandle flags") != hipIpcMemLazyEnablePeerAccess:
+    # The common cases first, inline (open+close is benchmarked against the raw syscalls):
+    # an int flag, a handle object, the registry made already.
+    if (type(flags) is not int or flags != hipIpcMemLazyEnablePeerAccess) and _integer(
+        flags, "hipIpcOpenMemHandle flags"
+    ) != hipIpcMemLazyEnablePeerAccess:
         raise _invalid(
             f"hipIpcOpenMemHandle flags must be hipIpcMemLazyEnablePeerAccess "
             f"({hipIpcMemLazyEnablePeerAccess}), got {short_repr(flags)}"
         )
-    return get_registry().open(IpcMemHandle.coerce(handle))
+    if type(handle) is not IpcMemHandle:
+        handle = IpcMemHandle(handle)
+    return (_registry_module._registry or get_registry()).open(handle)
 
 
 def hipIpcCloseMemHandle(ptr: int) -> None:
@@ -408,7 +439,9 @@ def hipIpcCloseMemHandle(ptr: int) -> None:
     Raises ``hipErrorInvalidValue`` (as HIP does) for a pointer that was not returned by
     ``hipIpcOpenMemHandle`` or is already fully closed.
     """
-    get_registry().close(_pointer(ptr, "hipIpcCloseMemHandle"))
+    if type(ptr) is not int:  # the common case, inline (see hipIpcOpenMemHandle)
+        ptr = _pointer(ptr, "hipIpcCloseMemHandle")
+    (_registry_module._registry or get_registry()).close(ptr)
 
 
 # -- streams ---------------------------------------------------------------------------

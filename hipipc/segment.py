@@ -136,8 +136,14 @@ def process_start_time(pid: int) -> int | None:
     still map its exports).
     """
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
+        # os.open/os.read, not open(): no buffered file object (the first open() of a
+        # process costs tens of microseconds, and liveness asks on a first import).  The
+        # line is far below 4096 bytes (52 numeric fields and a 16-byte name).
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data = os.read(fd, 4096)
+        finally:
+            os.close(fd)
     except FileNotFoundError:
         # hidepid=2 hides other users' processes entirely; signal 0 still tells they exist.
         try:
@@ -174,6 +180,11 @@ def own_process() -> tuple[int, int, int]:
             pidns = 0
         _own_start = (pid, max(process_start_time(pid) or 0, 0), pidns)
     return _own_start
+
+
+# Known from import on (two reads of /proc, a few microseconds): the first open or export of
+# the process then does not pay for them (issue 15's cold path).  Recomputed after fork.
+own_process()
 
 
 def untrusted_reason(info: SegmentInfo, st: os.stat_result) -> str | None:

@@ -47,7 +47,7 @@ from .errors import HipError, hipError_t
 from .handle import NODE_ENV, HandleKind, IpcHandle, node_tag
 from .liveness import exporters as _liveness
 from .segment import _EXPORTER as _EXPORTER  # re-exported: tests write headers with it
-from .segment import _HEADER_SIZE, _IDENTITY, SegmentInfo, _identity
+from .segment import _HEADER_SIZE, _IDENTITY, _PID_LIMIT, _START_LIMIT, SegmentInfo, _identity
 from .segment import exporter_gone as exporter_gone  # re-exported (hipipc.cli)
 from .segment import own_process as own_process  # re-exported (liveness, backends)
 from .segment import process_alive as process_alive  # re-exported (older import path)
@@ -640,9 +640,9 @@ class HandleStore(Transport):
                 f"within a node: move data between nodes with MPI (hipipc.mpi), or give every "
                 f"process of one node the same ${NODE_ENV}",
             )
-        name = handle.segment_name
+        name = segment = handle.segment_name
         names = [name] if ticket is None else [ticket_name(ticket), name]
-        dfd = self._dirs.get(self.path_for(handle.uid))
+        dfd = self._dirs.get(self._paths.get(handle.uid) or self.path_for(handle.uid))
         fd = -1
         if ticket is None and dfd is not None:  # the common case, without the retry loop
             try:
@@ -690,7 +690,7 @@ class HandleStore(Transport):
         except BaseException:
             os.close(fd)
             raise
-        if name != handle.segment_name and st.st_uid == os.geteuid():
+        if name != segment and st.st_uid == os.geteuid():
             try:  # the ticket is consumed: the descriptor holds the file until it is mapped
                 os.unlink(name, dir_fd=dfd)
             except OSError:
@@ -703,6 +703,12 @@ class HandleStore(Transport):
         header can be trusted: exporter fields a grantee rewrote (out of range, another uid)
         never make a segment dead, and a segment others may write is dead only when no
         process maps it (:func:`exporter_gone`), so nobody can get a live export reclaimed."""
+        pid, pidns, start, _ = _EXPORTER.unpack_from(raw, _IDENTITY.size)
+        # A live exporter (an open's first sight of it) answers before the header is parsed:
+        # with its fields in the ranges parse() accepts, its liveness decides alone.
+        in_range = 0 < pid < _PID_LIMIT and 0 <= start < _START_LIMIT
+        if in_range and _liveness.alive(pid, start, pidns):
+            return False
         info = SegmentInfo.parse(raw)
         if info is None or untrusted_reason(info, st) is not None:
             return False

@@ -531,7 +531,14 @@ def test_asarray_is_a_zero_copy_bounds_checked_view(alloc):
 
 @pytest.mark.parametrize(
     "shape,dtype",
-    [((2**32, 2**32), np.uint8), ((2**62 + 1, 4), np.uint8), (3.0, np.uint8), ((4,), object)],
+    [
+        ((2**32, 2**32), np.uint8),
+        ((2**62 + 1, 4), np.uint8),
+        (3.0, np.uint8),
+        ((4,), object),
+        ((4,), "V0"),  # no size: numpy's ValueError escaped before
+        ((2,), "(2,)i4"),  # a subarray dtype: likewise
+    ],
 )
 def test_asarray_of_an_impossible_shape_or_dtype_is_invalid_value(alloc, shape, dtype):
     # Huge shapes must not wrap around in a fixed-width product; numpy's own errors for float

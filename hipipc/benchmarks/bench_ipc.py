@@ -20,6 +20,10 @@ Cases (issue 2's targets in brackets):
       transport's [<= 1x] and the floor [<= 1.5x] (issue 13; skipped, with a note, while that
       transport is unavailable); torch's file_descriptor strategy (multiprocessing DupFd, then
       fstat + mmap in the receiver) as a reported baseline against the floor.
+  (cold) the first hipIpcOpenMemHandle of a 1 MiB handle in a fresh process [<= 50 us] and
+      the first asarray of it [<= 30 us] (issue 15), beside the first os.open + fstat + mmap of
+      a fresh file and the first numpy.frombuffer of that mmap in a fresh process; the median
+      over 30 fresh processes (10 with --quick), their interpreter start and imports excluded.
 Every figure is a median of many repetitions; ratios compare medians taken in this run and
 read in the target's direction: time over the baseline's time for (a) and (b), the baseline's
 time over hipipc's (speed-up, throughput ratio) for (d) and (e).
@@ -34,6 +38,7 @@ import mmap
 import multiprocessing as mp
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -225,6 +230,90 @@ def _handoff(peer: _Peer, nbytes: int, hip_reps: int, pickle_reps: int) -> tuple
     return _median_us(hips), _median_us(pickles)
 
 
+# A fresh interpreter's first open and first asarray (import excluded), printed in ns.
+_COLD_HIP = """
+import sys, time
+import numpy as np
+import hipipc as hip
+ns = time.perf_counter_ns
+raw = bytes.fromhex(sys.argv[1])
+t0 = ns()
+ptr = hip.hipIpcOpenMemHandle(raw)
+t1 = ns()
+arr = hip.asarray(ptr, 1 << 20, np.uint8)
+t2 = ns()
+ok = int(arr[0]) == 0x5A and int(arr[-1]) == 0x5A
+del arr
+hip.hipIpcCloseMemHandle(ptr)
+print(t1 - t0, t2 - t1, int(ok))
+"""
+# The floor in the same kind of process (hipipc imported too): the first os.open + fstat +
+# mmap of a fresh file, then the first numpy view of that mapping.
+_COLD_FLOOR = """
+import mmap, os, sys, time
+import numpy as np
+import hipipc
+ns = time.perf_counter_ns
+t0 = ns()
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+mm = mmap.mmap(fd, os.fstat(fd).st_size)
+os.close(fd)
+t1 = ns()
+arr = np.frombuffer(mm, np.uint8)
+t2 = ns()
+ok = int(arr[0]) == 0x5A
+del arr
+mm.close()
+print(t1 - t0, t2 - t1, int(ok))
+"""
+
+
+def _fresh_process(code: str, arg: str) -> tuple[int, int]:
+    """Run ``code`` in a new interpreter (bounded); its two timings in ns."""
+    top = os.path.dirname(os.path.dirname(os.path.abspath(hip.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([top, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(
+        [sys.executable, "-c", code, arg], capture_output=True, text=True, timeout=120, env=env
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"cold-path child failed: {proc.stderr.strip()[-2000:]}")
+    first, second, ok = (int(x) for x in proc.stdout.split())
+    if not ok:
+        raise RuntimeError("the cold-path child saw wrong data")
+    return first, second
+
+
+def _cold_path(processes: int, tmpdir: str) -> tuple[float, float, float, float]:
+    """Median microseconds over ``processes`` fresh interpreters of each kind, alternated:
+    (first open, first asarray, floor's first open+fstat+mmap, floor's first frombuffer)."""
+    ptr = hip.hipMalloc(MiB)
+    try:
+        hip.hipMemset(ptr, 0x5A, MiB)
+        raw = bytes(hip.hipIpcGetMemHandle(ptr)).hex()
+        opens, arrays, floor_maps, floor_views = [], [], [], []
+        for i in range(processes):
+            path = os.path.join(tmpdir, f"cold-{i}")  # a fresh file for each floor process
+            with open(path, "wb") as f:
+                f.write(b"\x5a" * MiB)
+            try:
+                first, second = _fresh_process(_COLD_FLOOR, path)
+            finally:
+                os.unlink(path)
+            floor_maps.append(first)
+            floor_views.append(second)
+            first, second = _fresh_process(_COLD_HIP, raw)
+            opens.append(first)
+            arrays.append(second)
+        return (
+            _median_us(opens),
+            _median_us(arrays),
+            _median_us(floor_maps),
+            _median_us(floor_views),
+        )
+    finally:
+        hip.hipFree(ptr)
+
+
 def _copy_bandwidth(size: int, reps: int) -> tuple[float, float, float]:
     """Median microseconds per copy of ``size`` bytes: (D2D, H2D, numpy.copyto)."""
     a, b = hip.hipMalloc(size), hip.hipMalloc(size)
@@ -346,6 +435,17 @@ def run(quick: bool = False, progress: Callable[[str], None] | None = None) -> d
                 met=ratio_b <= 1.3,
             )
         )
+        # Issue 15's tighter target for the same figure.
+        rows.append(
+            _row(
+                "(a) open+close 1 MiB in another process",
+                hip_1m,
+                "os.open+fstat+mmap+close",
+                floor_1m,
+                "<= 1.4x",
+                met=hip_1m <= 1.4 * floor_1m,
+            )
+        )
         # The kernel's own share of (b): mapping and unmapping 1 GiB costs the floor more too.
         rows.append(
             _row(
@@ -380,6 +480,29 @@ def run(quick: bool = False, progress: Callable[[str], None] | None = None) -> d
         )
         say("handing 256 MiB to freshly spawned workers")
         rows.append(_more.handoff_fresh_row(256 * MiB, 3 if quick else 7))
+
+        say("first open and asarray in fresh processes")
+        cold_open, cold_array, cold_floor, cold_view = _cold_path(10 if quick else 30, tmpdir)
+        rows.append(
+            _row(
+                "(cold) first hipIpcOpenMemHandle in a fresh process",
+                cold_open,
+                "first os.open+fstat+mmap there",
+                cold_floor,
+                "<= 50 us",
+                met=cold_open <= 50.0,
+            )
+        )
+        rows.append(
+            _row(
+                "(cold) first asarray of it",
+                cold_array,
+                "first numpy.frombuffer of the mmap",
+                cold_view,
+                "<= 30 us",
+                met=cold_array <= 30.0,
+            )
+        )
 
         say("copy bandwidth against size")
         csizes = (
