@@ -50,6 +50,8 @@ TRANSPORT = {
     "Mailbox.poll",
     "Mailbox.wait",
     "Mailbox.clear",
+    "send_fds",
+    "recv_fds",
 }
 
 # A peer process that exports memory: its pointer values are foreign here, its handle opens.
