@@ -83,6 +83,9 @@ def test_put_then_drop_buffers_arrays_and_events(method):
             del arr
             ev = hip.hipEventCreateWithFlags(FLAGS)
             hip.hipEventRecord(ev)
+            # The record completes on the (asynchronous) null stream: under load the receiver
+            # could query it before that, and rightly get hipErrorNotReady.
+            hip.hipEventSynchronize(ev, timeout=TIMEOUT)
             q.put(("event", ev, None))
             del ev
             gc.collect()
