@@ -83,8 +83,8 @@ def test_put_then_drop_buffers_arrays_and_events(method):
             del arr
             ev = hip.hipEventCreateWithFlags(FLAGS)
             hip.hipEventRecord(ev)
-            # The record completes on the (asynchronous) null stream: under load the receiver
-            # could query it before that, and rightly get hipErrorNotReady.
+            # A null-stream record is asynchronous: without this wait a quick receiver could
+            # query it before the null stream ran it (seen once the cold open got faster).
             hip.hipEventSynchronize(ev, timeout=TIMEOUT)
             q.put(("event", ev, None))
             del ev
