@@ -47,6 +47,9 @@ __all__ = ["Registry", "get_registry"]
 # How long after its newest send ticket an exiting process waits for receivers to consume its
 # tickets before the exit rule revokes them (Registry._await_tickets).
 TICKET_GRACE = 2.0
+# How long the exit rule lets enqueued stream work finish before abandoning it
+# (Registry._drain_at_exit).  Read at each exit, so a script (a test) may lower it first.
+EXIT_DRAIN = 10.0
 
 
 def _invalid(detail: str) -> HipError:
@@ -373,11 +376,14 @@ class Registry:
         """The live interprocess event this process created under ``handle``, if any."""
         return self._own_events.get(handle.segment_name)
 
-    def _drain_at_exit(self, timeout: float = 10.0) -> None:
+    def _drain_at_exit(self, timeout: float | None = None) -> None:
         """At interpreter exit, let enqueued work finish (CUDA's rule: destroy and exit do
-        not cancel it), for at most ``timeout`` seconds; peers may be waiting on its records."""
+        not cancel it), for at most ``timeout`` seconds (default :data:`EXIT_DRAIN`); peers
+        may be waiting on its records."""
         if os.getpid() != self._pid:
             return
+        if timeout is None:
+            timeout = EXIT_DRAIN
         streams = self._all_streams()
         try:
             self._wait_idle(streams, timeout)

@@ -272,7 +272,7 @@ _kernel = example.kernel
 
 def kernel(ptr, rnd, writer, buffer_id, nprocs):
     if writer == 0:
-        time.sleep(0.3)
+        time.sleep(SLOW_S)
     _kernel(ptr, rnd, writer, buffer_id, nprocs)
 
 example.kernel = kernel
@@ -288,6 +288,12 @@ example.produce = produce
 """,
 }
 
+# How long simple_ipc's slow stage (process 0's kernel) sleeps.  Without the event waits the
+# run must fail at one exact point (process 3 reading buffer 0 in round 1), which takes process
+# 3 getting there while process 0 still sleeps: 0.3 s was not enough under a loaded machine's
+# scheduling delays (process 3 got there late, then failed elsewhere), so that run sleeps 1 s.
+SLOW_S = {"ordered": "0.3", "unordered": "1.0"}
+
 # hipStreamWaitEvent does nothing: streams no longer wait for other processes' work.
 NO_EVENT_WAITS = """
 class _HipWithoutWaits:
@@ -300,6 +306,10 @@ class _HipWithoutWaits:
 
 example.hip = _HipWithoutWaits()
 """
+
+
+def slow_stage(module: str, run: str) -> str:
+    return f"SLOW_S = {SLOW_S[run]}\n" + SLOW_FIRST_STAGE[module]
 
 
 def write_wrapper(tmp_path: Path, module: str, *faults: str) -> Path:
@@ -391,7 +401,7 @@ def test_simple_ipc_fails_on_one_corrupted_byte(run_example, tmp_path):
 def test_event_waits_order_a_slow_stage(run_example, tmp_path, module):
     """With a slow first stage the examples pass (the waits hold the others back) ..."""
     proc = run_example(
-        write_wrapper(tmp_path, module, SLOW_FIRST_STAGE[module], REPORT_MAILBOXES),
+        write_wrapper(tmp_path, module, slow_stage(module, "ordered"), REPORT_MAILBOXES),
         devices=DEVICES.get(module),
     )
     assert proc.returncode == 0, output(proc)
@@ -406,7 +416,9 @@ def test_event_waits_order_a_slow_stage(run_example, tmp_path, module):
 def test_examples_fail_without_the_event_waits(run_example, tmp_path, module):
     """... and without hipStreamWaitEvent the next stage reads unfinished data, and fails."""
     proc = run_example(
-        write_wrapper(tmp_path, module, SLOW_FIRST_STAGE[module], NO_EVENT_WAITS, REPORT_MAILBOXES),
+        write_wrapper(
+            tmp_path, module, slow_stage(module, "unordered"), NO_EVENT_WAITS, REPORT_MAILBOXES
+        ),
         devices=DEVICES.get(module),
     )
     assert proc.returncode == 1, output(proc)
