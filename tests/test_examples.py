@@ -38,8 +38,12 @@ def run_example():
     """Run a script like a user would; fail if it leaves anything new in the store."""
     before = store_names()
 
-    def run(script: Path, *, devices: int | None = None) -> subprocess.CompletedProcess:
+    def run(
+        script: Path, *, devices: int | None = None, transport: str | None = None
+    ) -> subprocess.CompletedProcess:
         env = dict(os.environ)  # HIPIPC_STORE: the suite's private store (conftest.py)
+        if transport is not None:
+            env["HIPIPC_TRANSPORT"] = transport
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         env.pop("HIPIPC_HOST_DEVICES", None)
         if devices is not None:
@@ -461,3 +465,17 @@ def test_hip_tests_ipc_fails_when_memory_is_not_shared(run_example, tmp_path):
     ):
         assert f"{name}: PASSED" in out, output(proc)
     assert out[-1] == "hip_tests_ipc: FAILED", output(proc)
+
+
+@pytest.mark.parametrize("module", sorted(COVERED))
+def test_every_example_runs_on_the_fd_transport(run_example, module):
+    """Issue 13: the examples run unchanged on the fd transport (the importer needs no
+    setting: the handle says how to open it), and leave nothing in the store."""
+    from hipipc.fdtransport import fd_route_supported
+
+    if not fd_route_supported():
+        pytest.skip("the fd transport is not available on this kernel")
+    before = store_names()
+    proc = run_example(EXAMPLES / f"{module}.py", transport="fd")
+    assert proc.returncode == 0, output(proc)
+    assert store_names() == before, "an fd-transport example put a file in the store"
