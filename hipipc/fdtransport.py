@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import hmac
 import os
 import secrets
@@ -42,7 +43,7 @@ from typing import ClassVar, TypeVar
 from . import fdserver
 from .errors import HipError, hipError_t
 from .handle import NODE_ENV, FdRoute, HandleKind, IpcHandle, node_tag
-from .memfd import SEALS, create_memfd, memfd_supported, seals_of
+from .memfd import F_SEAL_WRITE, SEALS, create_memfd, memfd_supported, seals_of
 from .segment import _EXPORTER, _IDENTITY, _identity, own_process, process_start_time
 from .segstore import Transport
 from .store import _TICKET_BYTES, PAGE_SIZE, _os_call, ticket_name
@@ -59,6 +60,8 @@ __all__ = [
 
 TRANSPORT_ENV = "HIPIPC_TRANSPORT"
 _CHOICES = ("store", "fd", "auto")
+# Seals that forbid a shared writable mapping (<linux/fcntl.h>; FUTURE_WRITE is Linux 5.1+).
+_WRITE_SEALS = F_SEAL_WRITE | getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)
 _H = TypeVar("_H", bound=IpcHandle)
 
 # -- pidfd_getfd (Linux 5.6+; not in Python's os module) --------------------------------------
@@ -477,8 +480,11 @@ class FdTransport(Transport):
             raise _refused(
                 f"the memory file belongs to uid {st.st_uid}, the handle names uid {handle.uid}"
             )
-        if seals_of(fd) & SEALS != SEALS:
+        seals = seals_of(fd)
+        if seals & SEALS != SEALS:
             raise _refused("the memory file is not sealed against shrinking and growing")
+        if seals & _WRITE_SEALS:  # hipipc never adds these: a forged file, refused unmapped
+            raise _refused("the memory file is sealed against writing: not a hipipc segment")
         if st.st_size < PAGE_SIZE + handle.size:
             raise _refused("the memory file is smaller than the handle says")
         raw = os.pread(fd, _IDENTITY.size, 0)
