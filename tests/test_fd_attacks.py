@@ -11,10 +11,13 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 
 import pytest
+from _proc import Exporter, child_env, run_json
 
 import hipipc as hip
 from hipipc.errors import hipError_t as E
@@ -145,3 +148,221 @@ def test_routes_to_pid_1_are_refused():
             assert err.code == E.hipErrorInvalidResourceHandle, err
     finally:
         os.close(fd)
+
+
+_AT_THE_LIMIT = """
+import json, os, resource, sys
+import hipipc as hip
+from hipipc.registry import get_registry
+
+raw = bytes.fromhex(sys.argv[1])
+get_registry()
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+filler = []
+while True:
+    try:
+        filler.append(os.dup(0))
+    except OSError:
+        break
+outcomes = []
+while filler:
+    os.close(filler.pop())  # one more descriptor free each round
+    try:
+        ptr = hip.hipIpcOpenMemHandle(raw)
+    except hip.HipError as exc:
+        outcomes.append(exc.code.name)
+        continue
+    except BaseException as exc:
+        outcomes.append(f"{type(exc).__name__}: {exc}")
+        continue
+    hip.hipIpcCloseMemHandle(ptr)
+    outcomes.append("opened")
+    break
+print(json.dumps(outcomes))
+"""
+
+
+def test_the_first_open_of_a_process_at_the_descriptor_limit_is_a_hip_error():
+    with Exporter([4096], env=child_env(**FD_ENV)) as exporter:
+        outcomes = run_json(_AT_THE_LIMIT, exporter.handles[0].hex())
+    assert outcomes[-1] == "opened", outcomes
+    assert set(outcomes[:-1]) <= {"hipErrorOutOfMemory"}, outcomes
+
+
+# -- fork: a child's exit rule is the child's ------------------------------------------------
+
+
+def _grandchild(raw_parent: bytes, q) -> None:
+    import hipipc as hip
+
+    ptr = hip.hipIpcOpenMemHandle(raw_parent)
+    hip.hipIpcCloseMemHandle(ptr)
+    mine = hip.DeviceBuffer.allocate(4096, transport="fd")
+    hip.hipIpcGetMemHandle(mine.ptr)  # starts the grandchild's own server
+    q.put("grandchild done")
+    # Returns with mine still exported: multiprocessing's exit runs the grandchild's exit rule.
+
+
+def _child(raw_parent: bytes, q) -> None:
+    import multiprocessing as mp
+
+    import hipipc as hip
+
+    ptr = hip.hipIpcOpenMemHandle(raw_parent)
+    out = bytearray(8)
+    hip.hipMemcpy(out, ptr, 8, hip.hipMemcpyDeviceToHost)
+    hip.hipIpcCloseMemHandle(ptr)
+    mine = hip.DeviceBuffer.allocate(4096, transport="fd")
+    hip.hipIpcGetMemHandle(mine.ptr)  # the child's own export and server
+    grand = mp.get_context("fork").Process(target=_grandchild, args=(raw_parent, q))
+    grand.start()
+    grand.join(60)
+    q.put(["child", bytes(out).decode(), grand.exitcode])
+
+
+_OPEN_BOTH_WAYS = """
+import json, sys
+import hipipc as hip
+from hipipc import fdserver
+raw = bytes.fromhex(sys.argv[1])
+ptr = hip.hipIpcOpenMemHandle(raw)
+out = bytearray(8)
+hip.hipMemcpy(out, ptr, 8, hip.hipMemcpyDeviceToHost)
+hip.hipIpcCloseMemHandle(ptr)
+h = hip.IpcMemHandle(raw)
+r = h.fd_route
+fd = fdserver.fetch(r.pid, r.start, h.uid, h.segment_name, 30.0)  # the server route
+import os
+os.close(fd)
+print(json.dumps(out.decode()))
+"""
+
+
+def test_a_forked_childs_exit_rule_leaves_the_parents_exports_and_server():
+    import multiprocessing as mp
+
+    from hipipc import fdserver
+
+    buf = hip.DeviceBuffer.allocate(4096, transport="fd")
+    try:
+        hip.hipMemcpy(buf.ptr, b"parental", 8, hip.hipMemcpyHostToDevice)
+        raw = bytes(hip.hipIpcGetMemHandle(buf.ptr))
+        ctx = mp.get_context("fork")
+        q = ctx.Queue()
+        child = ctx.Process(target=_child, args=(raw, q))
+        child.start()
+        try:
+            got = [q.get(timeout=60), q.get(timeout=60)]
+            child.join(60)
+            assert child.exitcode == 0
+        finally:
+            if child.is_alive():
+                child.kill()
+                child.join(10)
+        assert "grandchild done" in got and ["child", "parental", 0] in got, got
+        # The parent still exports, by both routes, and its server still runs.
+        server = fdserver._state.server
+        assert server is not None and server.thread.is_alive()
+        route = hip.IpcMemHandle(raw).fd_route
+        assert os.fstat(route.fd).st_ino == route.inode
+        assert run_json(_OPEN_BOTH_WAYS, raw.hex()) == "parental"
+    finally:
+        hip.hipFree(buf.ptr)
+
+
+# -- a stale handle whose descriptor number was reused --------------------------------------
+
+_LOOPING_IMPORTER = """
+import sys, os
+import hipipc as hip
+raw = bytes.fromhex(sys.argv[1])
+seen = {"opened": 0, "refused": 0}
+print("ready", flush=True)
+for line in sys.stdin:
+    if line.strip() == "stop":
+        break
+    for _ in range(int(line)):
+        try:
+            ptr = hip.hipIpcOpenMemHandle(raw)
+        except hip.HipError as exc:
+            if exc.code != hip.hipError_t.hipErrorInvalidResourceHandle:
+                print("wrong code", exc, flush=True)
+                sys.exit(3)
+            seen["refused"] += 1
+            continue
+        out = bytearray(8)
+        hip.hipMemcpy(out, ptr, 8, hip.hipMemcpyDeviceToHost)
+        hip.hipIpcCloseMemHandle(ptr)
+        if bytes(out) != b"AAAAAAAA":
+            print("WRONG FILE", bytes(out), flush=True)
+            sys.exit(4)
+        seen["opened"] += 1
+    print(seen["opened"], seen["refused"], flush=True)
+"""
+
+
+def test_a_freed_handle_never_opens_the_allocation_that_reused_its_descriptor_number():
+    from _proc import readline
+
+    a = hip.DeviceBuffer.allocate(4096, transport="fd")
+    hip.hipMemcpy(a.ptr, b"A" * 8, 8, hip.hipMemcpyHostToDevice)
+    raw = bytes(hip.hipIpcGetMemHandle(a.ptr))
+    number = hip.IpcMemHandle(raw).fd_route.fd
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _LOOPING_IMPORTER, raw.hex()],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=child_env(),
+    )
+    reused = 0
+    try:
+        assert readline(proc.stdout, 60, "importer").strip() == "ready"
+
+        def ask(n: int) -> list[int]:
+            proc.stdin.write(f"{n}\n".encode())
+            proc.stdin.flush()
+            line = readline(proc.stdout, 60, "importer").strip()
+            assert not line.startswith(("WRONG", "wrong")) and line, line
+            return [int(x) for x in line.split()]
+
+        assert ask(5) == [5, 0]
+        hip.hipFree(a.ptr)
+        for _ in range(40):  # allocations that take the freed number, exported and filled
+            b = hip.DeviceBuffer.allocate(4096, transport="fd")
+            hip.hipMemcpy(b.ptr, b"B" * 8, 8, hip.hipMemcpyHostToDevice)
+            route = hip.hipIpcGetMemHandle(b.ptr).fd_route
+            reused += route.fd == number
+            opened, _refused = ask(3)
+            assert opened == 5
+            hip.hipFree(b.ptr)
+        proc.stdin.write(b"stop\n")
+        proc.stdin.flush()
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert reused, "no allocation reused the freed number: the attack did not happen"
+
+
+_INHERIT = """
+import json, subprocess, sys
+import hipipc as hip
+bufs = [hip.DeviceBuffer.allocate(4096, transport="fd") for _ in range(3)]
+for b in bufs:
+    hip.hipIpcGetMemHandle(b.ptr)  # exported: memfds held, the server running
+t = hip.DeviceBuffer.allocate(4096, transport="fd")
+ticket = t.__reduce__()  # a send-and-drop ticket: the server holds its own reference
+ptr = hip.hipIpcOpenMemHandle(bytes.fromhex(sys.argv[1]))  # a cached pidfd of another exporter
+ev = hip.hipEventCreateWithFlags(hip.hipEventInterprocess | hip.hipEventDisableTiming)
+hip.hipIpcGetEventHandle(ev)
+listing = subprocess.run(["ls", "/proc/self/fd"], capture_output=True, text=True).stdout.split()
+hip.hipIpcCloseMemHandle(ptr)
+print(json.dumps(sorted(int(x) for x in listing)))
+"""
+
+
+def test_a_subprocess_of_an_exporter_and_importer_inherits_no_descriptor():
+    with Exporter([4096], env=child_env(**FD_ENV)) as exporter:
+        listing = run_json(_INHERIT, exporter.handles[0].hex(), env=child_env(**FD_ENV))
+    assert listing == [0, 1, 2, 3], listing
