@@ -9,6 +9,7 @@ every wait bounded; no mock of the thing under test.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import socket
 import subprocess
@@ -88,11 +89,15 @@ def _kinds_of_files():
     tmp = tempfile.TemporaryFile()
     tmp.truncate(PAGE_SIZE + 4096)
     keep = [a, b, tmp]
-    return [("pipe", r), ("socket", a.fileno()), ("/dev/zero", zero), ("file", tmp.fileno())], [
-        r,
-        w,
-        zero,
-    ], keep
+    return (
+        [("pipe", r), ("socket", a.fileno()), ("/dev/zero", zero), ("file", tmp.fileno())],
+        [
+            r,
+            w,
+            zero,
+        ],
+        keep,
+    )
 
 
 def test_routes_naming_the_importers_own_files_that_are_no_segment_are_refused(warm_pidfd):
@@ -366,3 +371,132 @@ def test_a_subprocess_of_an_exporter_and_importer_inherits_no_descriptor():
     with Exporter([4096], env=child_env(**FD_ENV)) as exporter:
         listing = run_json(_INHERIT, exporter.handles[0].hex(), env=child_env(**FD_ENV))
     assert listing == [0, 1, 2, 3], listing
+
+
+# -- the exit rule with a pending send-and-drop ticket ---------------------------------------
+
+_TICKETED_EXIT = """
+import pickle, sys, time
+import hipipc as hip
+b = hip.DeviceBuffer.allocate(4096)
+hip.hipMemcpy(b.ptr, b"ticketed", 8, hip.hipMemcpyHostToDevice)
+print(pickle.dumps(b).hex(), flush=True)
+hip.hipFree(b.ptr)  # revoked: only the ticket keeps the memory reachable now
+print(time.monotonic(), flush=True)
+"""
+
+
+@pytest.mark.parametrize("receiver", ["within-the-grace", "after-the-exit"])
+def test_the_exit_rule_serves_a_pending_fd_ticket_then_revokes_it(receiver):
+    import pickle
+
+    from _proc import readline
+
+    from hipipc.registry import TICKET_GRACE
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _TICKETED_EXIT],
+        stdout=subprocess.PIPE,
+        env=child_env(**FD_ENV),
+    )
+    try:
+        blob = bytes.fromhex(readline(proc.stdout, 60, "exporter").strip())
+        freed_at = float(readline(proc.stdout, 60, "exporter"))
+        if receiver == "within-the-grace":
+            buf = pickle.loads(blob)
+            try:
+                out = bytearray(8)
+                hip.hipMemcpy(out, buf.ptr, 8, hip.hipMemcpyDeviceToHost)
+                assert bytes(out) == b"ticketed"
+            finally:
+                buf.close()
+            assert proc.wait(60) == 0
+            # Consumed: the exporter did not sit out the whole grace (generous under load).
+            assert time.monotonic() - freed_at < TICKET_GRACE + 30
+        else:
+            assert proc.wait(60) == 0
+            before = _fd_count()
+            with pytest.raises(hip.HipError) as exc:
+                pickle.loads(blob)
+            assert exc.value.code == E.hipErrorInvalidResourceHandle
+            assert _fd_count() <= before + 1  # at most a cached pidfd (of a dead process)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+# -- exit with the server busy --------------------------------------------------------------
+
+_BUSY_EXPORTER = """
+import sys
+import hipipc as hip
+b = hip.DeviceBuffer.allocate(1 << 20)
+print(bytes(hip.hipIpcGetMemHandle(b.ptr)).hex(), flush=True)
+sys.stdin.readline()
+# Leaves with the export live: the exit rule revokes it while clients hammer the server.
+"""
+
+_HAMMER = """
+import json, os, socket, sys, time
+import hipipc as hip
+from hipipc import fdserver
+h = hip.IpcMemHandle(bytes.fromhex(sys.argv[1]))
+r = h.fd_route
+name = fdserver.socket_name(h.uid, r.pid, r.start)
+silent = []
+for _ in range(20):  # connected, never asking: the server must not wait for them at exit
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect(name)
+    silent.append(s)
+print("hammering", flush=True)
+got, errors, end = 0, [], time.monotonic() + 60
+while time.monotonic() < end:
+    try:
+        os.close(fdserver.fetch(r.pid, r.start, h.uid, h.segment_name, 5.0))
+        got += 1
+    except hip.HipError as exc:
+        if exc.code != hip.hipError_t.hipErrorInvalidResourceHandle:
+            errors.append(str(exc))
+        break
+    except BaseException as exc:
+        errors.append(repr(exc))
+        break
+print(json.dumps({"got": got, "errors": errors, "fds": len(os.listdir("/proc/self/fd"))}))
+"""
+
+
+def test_the_exit_rule_while_clients_hammer_the_server_is_prompt_and_quiet():
+    from _proc import readline
+
+    exp = subprocess.Popen(
+        [sys.executable, "-c", _BUSY_EXPORTER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=child_env(**FD_ENV),
+    )
+    hammer = None
+    try:
+        raw = readline(exp.stdout, 60, "exporter").strip()
+        hammer = subprocess.Popen(
+            [sys.executable, "-c", _HAMMER, raw],
+            stdout=subprocess.PIPE,
+            env=child_env(),
+        )
+        assert readline(hammer.stdout, 60, "hammer").strip() == "hammering"
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        exp.stdin.write(b"go\n")
+        exp.stdin.flush()
+        assert exp.wait(60) == 0
+        assert time.monotonic() - t0 < 30
+        assert exp.stderr.read() == b""
+        report = json.loads(readline(hammer.stdout, 90, "hammer"))
+        assert hammer.wait(60) == 0
+        assert report["got"] > 0 and report["errors"] == [], report
+    finally:
+        for p in (exp, hammer):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait(10)
