@@ -258,7 +258,9 @@ def _memfd_device() -> int:
     other file system is never a segment, whatever its inode number."""
     global _memfd_dev
     if _memfd_dev is None:
-        fd = os.memfd_create("hipipc", os.MFD_CLOEXEC)
+        # At the descriptor limit: the soft limit raised, else hipErrorOutOfMemory naming it
+        # (a bare OSError escaped the first open of a process that had one descriptor left).
+        fd = _os_call("opening a handle", os.memfd_create, "hipipc", os.MFD_CLOEXEC)
         try:
             _memfd_dev = os.fstat(fd).st_dev
         finally:
