@@ -500,3 +500,96 @@ def test_the_exit_rule_while_clients_hammer_the_server_is_prompt_and_quiet():
             if p is not None and p.poll() is None:
                 p.kill()
                 p.wait(10)
+
+
+def test_a_route_naming_a_thread_id_is_refused_without_a_leak(warm_pidfd):
+    import threading
+
+    ready, done = threading.Event(), threading.Event()
+    tid = []
+
+    def park() -> None:
+        tid.append(threading.get_native_id())
+        ready.set()
+        done.wait(60)
+
+    t = threading.Thread(target=park, daemon=True)
+    t.start()
+    try:
+        assert ready.wait(30)
+        fd = _memfd(PAGE_SIZE + 4096)
+        try:
+            raw = bytearray(_forge(fd))
+            _seal(fd, SEALS)
+            route = hip.IpcMemHandle(bytes(raw)).fd_route
+            from hipipc.segment import process_start_time
+
+            raw[40:] = route._replace(pid=tid[0], start=process_start_time(tid[0]) or 1).pack()
+            err = _open_error(bytes(raw))
+            assert err.code == E.hipErrorInvalidResourceHandle, err
+        finally:
+            os.close(fd)
+    finally:
+        done.set()
+        t.join(30)
+
+
+# -- threads and fork ------------------------------------------------------------------------
+
+
+def _memfds() -> int:
+    n = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            n += os.readlink(f"/proc/self/fd/{name}").startswith("/memfd:hipipc")
+        except OSError:
+            pass
+    return n
+
+
+def test_fork_in_the_middle_of_fd_exports_in_other_threads():
+    import threading
+
+    from _proc import wait_pid
+
+    errors: list[str] = []
+    stop = threading.Event()
+    base = _memfds()
+
+    def churn() -> None:
+        try:
+            while not stop.is_set():
+                buf = hip.DeviceBuffer.allocate(4096, transport="fd")
+                hip.hipIpcGetMemHandle(buf.ptr)
+                hip.hipFree(buf.ptr)
+        except BaseException as exc:  # any error is a finding
+            errors.append(repr(exc))
+
+    workers = [threading.Thread(target=churn) for _ in range(3)]
+    for w in workers:
+        w.start()
+    codes = []
+    try:
+        for _ in range(10):
+            time.sleep(0.02)
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child
+                code = 1
+                try:
+                    # The parent's exports are closed here; at most a memfd that a worker was
+                    # creating at fork (not yet anyone's) is left, one per worker.
+                    left = _memfds() - base
+                    mine = hip.DeviceBuffer.allocate(4096, transport="fd")
+                    h = hip.hipIpcGetMemHandle(mine.ptr)
+                    ok = h.fd_route.pid == os.getpid()
+                    hip.hipFree(mine.ptr)
+                    code = 0 if ok and left <= len(workers) else 2
+                finally:
+                    os._exit(code)
+            codes.append(wait_pid(pid, 60))
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(60)
+    assert errors == [] and codes == [0] * 10, (errors, codes)
+    assert _memfds() == base
