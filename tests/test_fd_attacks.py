@@ -593,3 +593,60 @@ def test_fork_in_the_middle_of_fd_exports_in_other_threads():
             w.join(60)
     assert errors == [] and codes == [0] * 10, (errors, codes)
     assert _memfds() == base
+
+
+# -- kill -9 at any step: nothing anywhere ---------------------------------------------------
+
+_CHURNING_EXPORTER = """
+import pickle, sys
+import hipipc as hip
+kept = hip.DeviceBuffer.allocate(4096)
+hip.hipIpcGetMemHandle(kept.ptr)
+ptr = hip.hipIpcOpenMemHandle(bytes.fromhex(sys.argv[1]))  # an import too
+print("churning", flush=True)
+flags = hip.hipEventInterprocess | hip.hipEventDisableTiming
+while True:
+    b = hip.DeviceBuffer.allocate(8192)
+    hip.hipIpcGetMemHandle(b.ptr)
+    ev = hip.hipEventCreateWithFlags(flags)
+    hip.hipIpcGetEventHandle(ev)
+    blob = pickle.dumps(b)
+    hip.hipEventDestroy(ev)
+    hip.hipFree(b.ptr)
+"""
+
+
+def test_kill_9_of_a_churning_fd_exporter_leaves_nothing_in_any_directory(tmp_path):
+    import random
+
+    from _proc import readline
+
+    store = tmp_path / "store"
+    env = child_env(HIPIPC_STORE=str(store) + "-{uid}", **FD_ENV)
+    with Exporter([4096], env=child_env(**FD_ENV)) as peer:
+        for _ in range(3):
+            proc = subprocess.Popen(
+                [sys.executable, "-c", _CHURNING_EXPORTER, peer.handles[0].hex()],
+                stdout=subprocess.PIPE,
+                env=env,
+            )
+            try:
+                assert readline(proc.stdout, 60, "exporter").strip() == "churning"
+                time.sleep(random.uniform(0.05, 0.4))
+                with open(f"/proc/{proc.pid}/maps") as f:
+                    maps = f.read()
+                links = []
+                for name in os.listdir(f"/proc/{proc.pid}/fd"):
+                    try:
+                        links.append(os.readlink(f"/proc/{proc.pid}/fd/{name}"))
+                    except OSError:
+                        pass
+            finally:
+                proc.kill()
+                proc.wait(30)
+            assert "/dev/shm" not in maps and str(tmp_path) not in maps
+            assert not [link for link in links if "/dev/shm" in link or str(tmp_path) in link]
+            assert "memfd:hipipc" in maps
+            with open("/proc/net/unix") as f:
+                assert f"hipipc.fd.{os.geteuid()}.{proc.pid}." not in f.read()
+            assert list(tmp_path.iterdir()) == []
