@@ -428,8 +428,11 @@ class FdTransport(Transport):
         route: FdRoute = handle._route  # type: ignore[assignment]
         fd = -1
         if ticket is not None:
+            # Outside the try: a malformed ticket is hipErrorInvalidValue, as in the store,
+            # never silently ignored.
+            key = ticket_name(ticket)
             try:  # the server consumes a ticket; a consumed one falls back to the export
-                fd = fdserver.fetch(route.pid, route.start, handle.uid, ticket_name(ticket))
+                fd = fdserver.fetch(route.pid, route.start, handle.uid, key)
             except HipError:
                 fd = -1
         if fd < 0:
@@ -498,7 +501,8 @@ class FdTransport(Transport):
         route = handle._route
         if route is None:
             return
+        key = ticket_name(ticket)  # hipErrorInvalidValue for a malformed one, as in the store
         try:
-            os.close(fdserver.fetch(route.pid, route.start, handle.uid, ticket_name(ticket), 1.0))
+            os.close(fdserver.fetch(route.pid, route.start, handle.uid, key, 1.0))
         except (HipError, OSError):
             pass  # consumed already, or its exporter is gone: nothing held

@@ -650,3 +650,23 @@ def test_kill_9_of_a_churning_fd_exporter_leaves_nothing_in_any_directory(tmp_pa
             with open("/proc/net/unix") as f:
                 assert f"hipipc.fd.{os.geteuid()}.{proc.pid}." not in f.read()
             assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("ticket", [b"short", 12345, b"x" * 17, "a" * 16])
+def test_a_malformed_ticket_in_a_pickle_is_invalid_value_as_in_the_store(ticket):
+    from hipipc.buffer import _rebuild
+
+    with Exporter([4096], env=child_env(**FD_ENV)) as exporter:
+        raw = exporter.handles[0]
+        before = _fd_count()
+        with pytest.raises(hip.HipError) as exc:
+            _rebuild(raw, ticket).close()
+        assert exc.value.code == E.hipErrorInvalidValue and "ticket" in str(exc.value)
+        ptr = hip.hipIpcOpenMemHandle(raw)  # open already: the ticket is only consumed
+        try:
+            with pytest.raises(hip.HipError) as exc:
+                _rebuild(raw, ticket).close()
+            assert exc.value.code == E.hipErrorInvalidValue
+        finally:
+            hip.hipIpcCloseMemHandle(ptr)
+        assert _fd_count() <= before + 1  # at most the exporter's cached pidfd
