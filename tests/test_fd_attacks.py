@@ -652,12 +652,14 @@ def test_kill_9_of_a_churning_fd_exporter_leaves_nothing_in_any_directory(tmp_pa
             assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("transport", ["store", "fd"])
 @pytest.mark.parametrize("ticket", [b"short", 12345, b"x" * 17, "a" * 16])
-def test_a_malformed_ticket_in_a_pickle_is_invalid_value_as_in_the_store(ticket):
+def test_a_malformed_ticket_in_a_pickle_is_invalid_value_and_takes_no_reference(ticket, transport):
     from hipipc.buffer import _rebuild
 
-    with Exporter([4096], env=child_env(**FD_ENV)) as exporter:
+    with Exporter([4096], env=child_env(HIPIPC_TRANSPORT=transport)) as exporter:
         raw = exporter.handles[0]
+        hip.hipIpcCloseMemHandle(hip.hipIpcOpenMemHandle(raw))  # caches what open caches
         before = _fd_count()
         with pytest.raises(hip.HipError) as exc:
             _rebuild(raw, ticket).close()
@@ -669,4 +671,7 @@ def test_a_malformed_ticket_in_a_pickle_is_invalid_value_as_in_the_store(ticket)
             assert exc.value.code == E.hipErrorInvalidValue
         finally:
             hip.hipIpcCloseMemHandle(ptr)
-        assert _fd_count() <= before + 1  # at most the exporter's cached pidfd
+        # The refused rebuild took no reference: the one close above unmapped the import.
+        with pytest.raises(hip.HipError):
+            hip.hipIpcCloseMemHandle(ptr)
+        assert _fd_count() == before
