@@ -157,7 +157,8 @@ os.register_at_fork(after_in_child=_pidfds.after_fork)
 
 def fd_route_supported() -> bool:
     """Whether this kernel gives the fd transport: sealable memfds, ``pidfd_open`` and
-    ``pidfd_getfd`` (Linux 5.6+, not refused by seccomp).  Asked once per process."""
+    ``pidfd_getfd`` (Linux 5.6+, not refused by seccomp).  Asked once per process; at the
+    descriptor limit, ``hipErrorOutOfMemory`` naming it (and asked again next time)."""
     global _supported
     if _supported is None:
         _supported = memfd_supported() and _pidfd_getfd_works()
@@ -168,12 +169,16 @@ _supported: bool | None = None
 
 
 def _pidfd_getfd_works() -> bool:
+    # At the descriptor limit the probe proves nothing: _os_call raises hipErrorOutOfMemory
+    # naming the limit, and nothing is remembered (a cached False refused the fd transport
+    # for the rest of the process's life).
+    what = "probing for pidfd_getfd"
     try:
-        pidfd = os.pidfd_open(os.getpid())
+        pidfd = _os_call(what, os.pidfd_open, os.getpid())
     except (AttributeError, OSError):
         return False
     try:
-        os.close(_pidfd_getfd(pidfd, pidfd))
+        os.close(_os_call(what, _pidfd_getfd, pidfd, pidfd))
         return True
     except OSError:
         return False

@@ -675,3 +675,35 @@ def test_a_malformed_ticket_in_a_pickle_is_invalid_value_and_takes_no_reference(
         with pytest.raises(hip.HipError):
             hip.hipIpcCloseMemHandle(ptr)
         assert _fd_count() == before
+
+
+_FIRST_EXPORT_AT_THE_LIMIT = """
+import json, os, resource
+import hipipc as hip
+from hipipc.registry import get_registry
+
+get_registry()
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+filler = []
+while True:
+    try:
+        filler.append(os.dup(0))
+    except OSError:
+        break
+first = None
+try:
+    hip.hipFree(hip.hipMalloc(4096))
+except hip.HipError as exc:
+    first = exc.code.name
+for fd in filler:
+    os.close(fd)
+ptr = hip.hipMalloc(4096)  # descriptors are free again: this must work
+hip.hipIpcGetMemHandle(ptr)
+hip.hipFree(ptr)
+print(json.dumps(first))
+"""
+
+
+def test_the_first_fd_allocation_at_the_descriptor_limit_does_not_spoil_later_ones():
+    first = run_json(_FIRST_EXPORT_AT_THE_LIMIT, env=child_env(**FD_ENV))
+    assert first == "hipErrorOutOfMemory", first
