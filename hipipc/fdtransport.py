@@ -251,6 +251,10 @@ def own_description(fd: int) -> int:
 # -- the transport -------------------------------------------------------------------------
 
 
+def _probe_stat() -> None:
+    os.close(os.open("/proc/self/stat", os.O_RDONLY | os.O_CLOEXEC))
+
+
 def _refused(detail: str) -> HipError:
     return HipError(hipError_t.hipErrorInvalidResourceHandle, detail)
 
@@ -293,6 +297,11 @@ class FdTransport(Transport):
         self, handle_type: type[_H], kind: HandleKind, size: int, device: int
     ) -> tuple[_H, int]:
         pid, start, pidns = own_process()
+        if start <= 0:
+            # At the descriptor limit /proc/self/stat cannot be read: hipErrorOutOfMemory
+            # naming the limit, unless raising the soft limit makes room to read it now.
+            _os_call("reading this process's start time", _probe_stat)
+            pid, start, pidns = own_process()
         if start <= 0:
             raise HipError(
                 hipError_t.hipErrorNotSupported,

@@ -707,3 +707,15 @@ print(json.dumps(first))
 def test_the_first_fd_allocation_at_the_descriptor_limit_does_not_spoil_later_ones():
     first = run_json(_FIRST_EXPORT_AT_THE_LIMIT, env=child_env(**FD_ENV))
     assert first == "hipErrorOutOfMemory", first
+
+
+def test_the_own_start_time_is_not_spoiled_by_a_first_read_at_the_descriptor_limit():
+    # The kernel support is known already; the first allocation is the first to ask for this
+    # process's start time (/proc/self/stat), at the limit.
+    code = _FIRST_EXPORT_AT_THE_LIMIT.replace(
+        "get_registry()\n",
+        "get_registry()\nfrom hipipc.fdtransport import fd_route_supported\n"
+        "assert fd_route_supported()\n",
+    )
+    first = run_json(code, env=child_env(**FD_ENV))
+    assert first in ("hipErrorOutOfMemory", None), first
