@@ -251,6 +251,19 @@ def own_description(fd: int) -> int:
 # -- the transport -------------------------------------------------------------------------
 
 
+def _close_if_ours(fd: int, handle: IpcHandle) -> None:
+    """Close the exported memfd at ``fd``, unless the process's own code closed it behind our
+    back: then the number is free (nothing to do) or names another file of the process's,
+    which must not be closed for it."""
+    route = handle._route
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return
+    if route is not None and stat.S_ISREG(st.st_mode) and st.st_ino == route.inode:
+        os.close(fd)
+
+
 def _probe_stat() -> None:
     os.close(os.open("/proc/self/stat", os.O_RDONLY | os.O_CLOEXEC))
 
@@ -363,7 +376,7 @@ class FdTransport(Transport):
             entry = self._held.pop(name, None)
         fdserver.withdraw(name)
         if entry is not None:
-            os.close(entry[0])
+            _close_if_ours(entry[0], handle)
 
     def issue_ticket(self, handle: IpcHandle) -> tuple[bytes, str]:
         """Offer the export once more, under a ticket key, to be fetched once: the server's

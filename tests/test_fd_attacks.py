@@ -719,3 +719,25 @@ def test_the_own_start_time_is_not_spoiled_by_a_first_read_at_the_descriptor_lim
     )
     first = run_json(code, env=child_env(**FD_ENV))
     assert first in ("hipErrorOutOfMemory", None), first
+
+
+# -- an exporter whose code closed hipipc's descriptor behind its back -------------------------
+
+
+@pytest.mark.parametrize("reused", [False, True])
+def test_hipfree_after_the_user_closed_the_exported_descriptor(tmp_path, reused):
+    buf = hip.DeviceBuffer.allocate(4096, transport="fd")
+    route = hip.hipIpcGetMemHandle(buf.ptr).fd_route
+    os.close(route.fd)  # e.g. a daemonizing library's closerange
+    mine = None
+    if reused:
+        mine = open(tmp_path / "users-own-file", "wb")  # the lowest free number: route.fd
+        assert mine.fileno() == route.fd
+    try:
+        hip.hipFree(buf.ptr)  # neither a bare OSError nor a close of the user's file
+        if mine is not None:
+            os.fstat(mine.fileno())  # still open
+            assert os.readlink(f"/proc/self/fd/{route.fd}").endswith("users-own-file")
+    finally:
+        if mine is not None:
+            mine.close()
