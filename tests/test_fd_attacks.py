@@ -741,3 +741,73 @@ def test_hipfree_after_the_user_closed_the_exported_descriptor(tmp_path, reused)
     finally:
         if mine is not None:
             mine.close()
+
+
+_THREADS_ON_ONE_ALLOCATION = """
+import json, os, pickle, random, subprocess, sys, threading, time
+import hipipc as hip
+from hipipc import fdserver
+
+sys.setswitchinterval(1e-6)  # switch threads often: widen any window between two steps
+base = len(os.listdir("/proc/self/fd"))
+errors, counts = [], {"export": 0, "pickle": 0, "refused": 0}
+rounds = int(sys.argv[1])
+for _ in range(rounds):
+    buf = hip.DeviceBuffer.allocate(4096)
+    ptr = buf.ptr
+    raw = bytes(hip.hipIpcGetMemHandle(ptr))
+    go = threading.Barrier(4)
+
+    def exporter():
+        go.wait(30)
+        for _ in range(30):
+            try:
+                assert bytes(hip.hipIpcGetMemHandle(ptr)) == raw
+                counts["export"] += 1
+                pickle.dumps(buf)
+                counts["pickle"] += 1
+            except hip.HipError as exc:
+                if exc.code not in (hip.hipError_t.hipErrorInvalidValue,
+                                    hip.hipError_t.hipErrorInvalidResourceHandle):
+                    errors.append(repr(exc))
+                counts["refused"] += 1
+            except BaseException as exc:
+                errors.append(repr(exc))
+
+    def freer():
+        go.wait(30)
+        time.sleep(random.uniform(0, 0.01))
+        hip.hipFree(ptr)
+
+    def fetcher():  # the server route, in this process: offer/withdraw racing fetch
+        h = hip.IpcMemHandle(raw)
+        r = h.fd_route
+        go.wait(30)
+        for _ in range(30):
+            try:
+                os.close(fdserver.fetch(r.pid, r.start, h.uid, h.segment_name, 10.0))
+            except hip.HipError as exc:
+                if exc.code != hip.hipError_t.hipErrorInvalidResourceHandle:
+                    errors.append(repr(exc))
+            except BaseException as exc:
+                errors.append(repr(exc))
+
+    threads = [threading.Thread(target=f) for f in (exporter, exporter, freer, fetcher)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+# Tickets still pending hold the server's references: the exit rule's revocation drops them.
+from hipipc.registry import get_registry
+get_registry().revoke_all()
+fdserver.withdraw_all()
+left = len(os.listdir("/proc/self/fd")) - base
+print(json.dumps({"errors": errors[:5], "counts": counts, "left": left}))
+"""
+
+
+def test_export_pickle_free_and_fetch_of_one_allocation_from_several_threads():
+    got = run_json(_THREADS_ON_ONE_ALLOCATION, "10", env=child_env(**FD_ENV), timeout=240)
+    assert got["errors"] == [], got
+    assert got["counts"]["export"] > 0 and got["counts"]["refused"] > 0, got
+    assert got["left"] <= 0, got
