@@ -297,7 +297,11 @@ class FdTransport(Transport):
     keeps_published: ClassVar[bool] = True
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        # Reentrant: a DeviceBuffer in a reference cycle is freed wherever the garbage
+        # collector runs, which may be inside publish (a Lock deadlocked hipIpcGetMemHandle).
+        self._lock = threading.RLock()
+        # Descriptors revoked in the server thread, closed by the next call (revoke).
+        self._close_later: list[tuple[int, IpcHandle]] = []
         # Exports of this process: segment name -> (the memfd's descriptor, share mode).
         self._held: dict[str, tuple[int, int]] = {}
         self._tickets: set[str] = set()  # ticket keys offered and not known consumed
@@ -375,8 +379,24 @@ class FdTransport(Transport):
         with self._lock:
             entry = self._held.pop(name, None)
         fdserver.withdraw(name)
+        if fdserver._in_server_thread():
+            # A finalizer run by the garbage collector in the server thread, maybe between its
+            # check of this descriptor and its send: closed now, the number could name
+            # another file by the send.  The next revoke (or the exit rule) closes it.
+            if entry is not None:
+                with self._lock:
+                    self._close_later.append((entry[0], handle))
+            return
         if entry is not None:
             _close_if_ours(entry[0], handle)
+        self._close_deferred()
+
+    def _close_deferred(self) -> None:
+        if self._close_later:
+            with self._lock:
+                later, self._close_later = self._close_later, []
+            for fd, handle in later:
+                _close_if_ours(fd, handle)
 
     def issue_ticket(self, handle: IpcHandle) -> tuple[bytes, str]:
         """Offer the export once more, under a ticket key, to be fetched once: the server's
@@ -423,13 +443,20 @@ class FdTransport(Transport):
         """The exit rule's last step: the server withdraws everything and stops."""
         if self._offered:
             fdserver.withdraw_all()
+        self._close_deferred()
 
     def forget(self) -> None:
         """In a forked child: the parent's exports stay the parent's.  The child's copies of
         their descriptors (same numbers) are closed, so the child neither serves nor keeps
         alive memory it did not allocate; its own exports start from an empty table."""
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         held, self._held = self._held, {}
+        later, self._close_later = self._close_later, []
+        for fd, _handle in later:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
         self._tickets = set()
         self._offered = False
         for fd, _ in held.values():

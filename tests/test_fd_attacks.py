@@ -811,3 +811,37 @@ def test_export_pickle_free_and_fetch_of_one_allocation_from_several_threads():
     assert got["errors"] == [], got
     assert got["counts"]["export"] > 0 and got["counts"]["refused"] > 0, got
     assert got["left"] <= 0, got
+
+
+# -- a buffer freed by the garbage collector inside a critical section ------------------------
+
+_CYCLES = """
+import gc, sys
+import hipipc as hip
+
+class Cycle:
+    pass
+
+gc.set_threshold(5)  # collect often: a cycle's DeviceBuffer is freed wherever that happens
+for i in range(int(sys.argv[1])):
+    c = Cycle()
+    c.self = c
+    c.buf = hip.DeviceBuffer.allocate(4096)
+    hip.hipIpcGetMemHandle(c.buf.ptr)
+    pickle_me = c.buf.__reduce__() if i % 7 == 0 else None  # tickets: once-keys too
+    del c, pickle_me
+gc.collect()
+print("survived", flush=True)
+"""
+
+
+def test_buffers_in_reference_cycles_freed_by_the_collector_amid_exports_do_not_deadlock():
+    # Before the fix, a collection inside FdTransport.publish (its lock held) ran the
+    # garbage buffer's hipFree, which took the same lock: the export hung forever.
+    proc = subprocess.run(
+        [sys.executable, "-c", _CYCLES, "3000"],
+        capture_output=True,
+        timeout=90,  # a hang raises TimeoutExpired (the child is killed)
+        env=child_env(**FD_ENV),
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == b"survived", proc.stderr[-2000:]
