@@ -317,8 +317,11 @@ class FdTransport(Transport):
         if start <= 0:
             # At the descriptor limit /proc/self/stat cannot be read: hipErrorOutOfMemory
             # naming the limit, unless raising the soft limit makes room to read it now.
-            _os_call("reading this process's start time", _probe_stat)
-            pid, start, pidns = own_process()
+            try:
+                _os_call("reading this process's start time", _probe_stat)
+                pid, start, pidns = own_process()
+            except OSError:  # no /proc: hipErrorNotSupported below
+                pass
         if start <= 0:
             raise HipError(
                 hipError_t.hipErrorNotSupported,
