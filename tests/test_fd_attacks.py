@@ -757,10 +757,11 @@ for _ in range(rounds):
     ptr = buf.ptr
     raw = bytes(hip.hipIpcGetMemHandle(ptr))
     go = threading.Barrier(4)
+    mark = counts["export"]
 
     def exporter():
         go.wait(30)
-        for _ in range(30):
+        for _ in range(100000):  # until the free refuses it (bounded)
             try:
                 assert bytes(hip.hipIpcGetMemHandle(ptr)) == raw
                 counts["export"] += 1
@@ -771,12 +772,17 @@ for _ in range(rounds):
                                     hip.hipError_t.hipErrorInvalidResourceHandle):
                     errors.append(repr(exc))
                 counts["refused"] += 1
+                return
             except BaseException as exc:
                 errors.append(repr(exc))
+                return
 
     def freer():
         go.wait(30)
-        time.sleep(random.uniform(0, 0.01))
+        end = time.monotonic() + 30
+        while counts["export"] - mark < 10 and time.monotonic() < end:  # amid the exports
+            time.sleep(0.0005)
+        time.sleep(random.uniform(0, 0.005))
         hip.hipFree(ptr)
 
     def fetcher():  # the server route, in this process: offer/withdraw racing fetch
