@@ -123,7 +123,9 @@ class _State:
     """The offer table and the server of this process (a forked child gets a fresh one)."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        # Reentrant: a DeviceBuffer that the garbage collector frees inside a critical section
+        # (any allocation may run a collection, in any thread) withdraws its key from within.
+        self.lock = threading.RLock()
         self.offers: dict[str, _Offer] = {}
         self.files: dict[tuple[int, int], _File] = {}
         self.server: _Server | None = None
@@ -458,6 +460,13 @@ def _start_server(state: _State) -> None:
         listener.close()
         raise
     state.server = server
+
+
+def _in_server_thread() -> bool:
+    """Whether the caller is this process's server thread (a finalizer run there by the
+    garbage collector, possibly between the check of a borrowed descriptor and its send)."""
+    server = _state.server
+    return server is not None and threading.current_thread() is server.thread
 
 
 # -- the exporter's API --------------------------------------------------------------------

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import hmac
 import os
 import secrets
@@ -42,7 +43,7 @@ from typing import ClassVar, TypeVar
 from . import fdserver
 from .errors import HipError, hipError_t
 from .handle import NODE_ENV, FdRoute, HandleKind, IpcHandle, node_tag
-from .memfd import SEALS, create_memfd, memfd_supported, seals_of
+from .memfd import F_SEAL_WRITE, SEALS, create_memfd, memfd_supported, seals_of
 from .segment import _EXPORTER, _IDENTITY, _identity, own_process, process_start_time
 from .segstore import Transport
 from .store import _TICKET_BYTES, PAGE_SIZE, _os_call, ticket_name
@@ -59,6 +60,8 @@ __all__ = [
 
 TRANSPORT_ENV = "HIPIPC_TRANSPORT"
 _CHOICES = ("store", "fd", "auto")
+# Seals that forbid a shared writable mapping (<linux/fcntl.h>; FUTURE_WRITE is Linux 5.1+).
+_WRITE_SEALS = F_SEAL_WRITE | getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)
 _H = TypeVar("_H", bound=IpcHandle)
 
 # -- pidfd_getfd (Linux 5.6+; not in Python's os module) --------------------------------------
@@ -154,7 +157,8 @@ os.register_at_fork(after_in_child=_pidfds.after_fork)
 
 def fd_route_supported() -> bool:
     """Whether this kernel gives the fd transport: sealable memfds, ``pidfd_open`` and
-    ``pidfd_getfd`` (Linux 5.6+, not refused by seccomp).  Asked once per process."""
+    ``pidfd_getfd`` (Linux 5.6+, not refused by seccomp).  Asked once per process; at the
+    descriptor limit, ``hipErrorOutOfMemory`` naming it (and asked again next time)."""
     global _supported
     if _supported is None:
         _supported = memfd_supported() and _pidfd_getfd_works()
@@ -165,12 +169,16 @@ _supported: bool | None = None
 
 
 def _pidfd_getfd_works() -> bool:
+    # At the descriptor limit the probe proves nothing: _os_call raises hipErrorOutOfMemory
+    # naming the limit, and nothing is remembered (a cached False refused the fd transport
+    # for the rest of the process's life).
+    what = "probing for pidfd_getfd"
     try:
-        pidfd = os.pidfd_open(os.getpid())
+        pidfd = _os_call(what, os.pidfd_open, os.getpid())
     except (AttributeError, OSError):
         return False
     try:
-        os.close(_pidfd_getfd(pidfd, pidfd))
+        os.close(_os_call(what, _pidfd_getfd, pidfd, pidfd))
         return True
     except OSError:
         return False
@@ -243,6 +251,23 @@ def own_description(fd: int) -> int:
 # -- the transport -------------------------------------------------------------------------
 
 
+def _close_if_ours(fd: int, handle: IpcHandle) -> None:
+    """Close the exported memfd at ``fd``, unless the process's own code closed it behind our
+    back: then the number is free (nothing to do) or names another file of the process's,
+    which must not be closed for it."""
+    route = handle._route
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return
+    if route is not None and stat.S_ISREG(st.st_mode) and st.st_ino == route.inode:
+        os.close(fd)
+
+
+def _probe_stat() -> None:
+    os.close(os.open("/proc/self/stat", os.O_RDONLY | os.O_CLOEXEC))
+
+
 def _refused(detail: str) -> HipError:
     return HipError(hipError_t.hipErrorInvalidResourceHandle, detail)
 
@@ -255,7 +280,9 @@ def _memfd_device() -> int:
     other file system is never a segment, whatever its inode number."""
     global _memfd_dev
     if _memfd_dev is None:
-        fd = os.memfd_create("hipipc", os.MFD_CLOEXEC)
+        # At the descriptor limit: the soft limit raised, else hipErrorOutOfMemory naming it
+        # (a bare OSError escaped the first open of a process that had one descriptor left).
+        fd = _os_call("opening a handle", os.memfd_create, "hipipc", os.MFD_CLOEXEC)
         try:
             _memfd_dev = os.fstat(fd).st_dev
         finally:
@@ -270,7 +297,11 @@ class FdTransport(Transport):
     keeps_published: ClassVar[bool] = True
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        # Reentrant: a DeviceBuffer in a reference cycle is freed wherever the garbage
+        # collector runs, which may be inside publish (a Lock deadlocked hipIpcGetMemHandle).
+        self._lock = threading.RLock()
+        # Descriptors revoked in the server thread, closed by the next call (revoke).
+        self._close_later: list[tuple[int, IpcHandle]] = []
         # Exports of this process: segment name -> (the memfd's descriptor, share mode).
         self._held: dict[str, tuple[int, int]] = {}
         self._tickets: set[str] = set()  # ticket keys offered and not known consumed
@@ -283,6 +314,14 @@ class FdTransport(Transport):
         self, handle_type: type[_H], kind: HandleKind, size: int, device: int
     ) -> tuple[_H, int]:
         pid, start, pidns = own_process()
+        if start <= 0:
+            # At the descriptor limit /proc/self/stat cannot be read: hipErrorOutOfMemory
+            # naming the limit, unless raising the soft limit makes room to read it now.
+            try:
+                _os_call("reading this process's start time", _probe_stat)
+                pid, start, pidns = own_process()
+            except OSError:  # no /proc: hipErrorNotSupported below
+                pass
         if start <= 0:
             raise HipError(
                 hipError_t.hipErrorNotSupported,
@@ -343,8 +382,24 @@ class FdTransport(Transport):
         with self._lock:
             entry = self._held.pop(name, None)
         fdserver.withdraw(name)
+        if fdserver._in_server_thread():
+            # A finalizer run by the garbage collector in the server thread, maybe between its
+            # check of this descriptor and its send: closed now, the number could name
+            # another file by the send.  The next revoke (or the exit rule) closes it.
+            if entry is not None:
+                with self._lock:
+                    self._close_later.append((entry[0], handle))
+            return
         if entry is not None:
-            os.close(entry[0])
+            _close_if_ours(entry[0], handle)
+        self._close_deferred()
+
+    def _close_deferred(self) -> None:
+        if self._close_later:
+            with self._lock:
+                later, self._close_later = self._close_later, []
+            for fd, handle in later:
+                _close_if_ours(fd, handle)
 
     def issue_ticket(self, handle: IpcHandle) -> tuple[bytes, str]:
         """Offer the export once more, under a ticket key, to be fetched once: the server's
@@ -391,13 +446,20 @@ class FdTransport(Transport):
         """The exit rule's last step: the server withdraws everything and stops."""
         if self._offered:
             fdserver.withdraw_all()
+        self._close_deferred()
 
     def forget(self) -> None:
         """In a forked child: the parent's exports stay the parent's.  The child's copies of
         their descriptors (same numbers) are closed, so the child neither serves nor keeps
         alive memory it did not allocate; its own exports start from an empty table."""
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         held, self._held = self._held, {}
+        later, self._close_later = self._close_later, []
+        for fd, _handle in later:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
         self._tickets = set()
         self._offered = False
         for fd, _ in held.values():
@@ -423,8 +485,11 @@ class FdTransport(Transport):
         route: FdRoute = handle._route  # type: ignore[assignment]
         fd = -1
         if ticket is not None:
+            # Outside the try: a malformed ticket is hipErrorInvalidValue, as in the store,
+            # never silently ignored.
+            key = ticket_name(ticket)
             try:  # the server consumes a ticket; a consumed one falls back to the export
-                fd = fdserver.fetch(route.pid, route.start, handle.uid, ticket_name(ticket))
+                fd = fdserver.fetch(route.pid, route.start, handle.uid, key)
             except HipError:
                 fd = -1
         if fd < 0:
@@ -477,8 +542,11 @@ class FdTransport(Transport):
             raise _refused(
                 f"the memory file belongs to uid {st.st_uid}, the handle names uid {handle.uid}"
             )
-        if seals_of(fd) & SEALS != SEALS:
+        seals = seals_of(fd)
+        if seals & SEALS != SEALS:
             raise _refused("the memory file is not sealed against shrinking and growing")
+        if seals & _WRITE_SEALS:  # hipipc never adds these: a forged file, refused unmapped
+            raise _refused("the memory file is sealed against writing: not a hipipc segment")
         if st.st_size < PAGE_SIZE + handle.size:
             raise _refused("the memory file is smaller than the handle says")
         raw = os.pread(fd, _IDENTITY.size, 0)
@@ -490,7 +558,8 @@ class FdTransport(Transport):
         route = handle._route
         if route is None:
             return
+        key = ticket_name(ticket)  # hipErrorInvalidValue for a malformed one, as in the store
         try:
-            os.close(fdserver.fetch(route.pid, route.start, handle.uid, ticket_name(ticket), 1.0))
+            os.close(fdserver.fetch(route.pid, route.start, handle.uid, key, 1.0))
         except (HipError, OSError):
             pass  # consumed already, or its exporter is gone: nothing held

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import functools
 import os
 
 from .errors import HipError, hipError_t
@@ -38,13 +37,31 @@ SEALS = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL
 _NAME = "hipipc"
 
 
-@functools.cache
+_supported: bool | None = None
+
+
 def memfd_supported() -> bool:
-    """Whether this kernel gives sealable memfds (Linux 3.17+, and not refused by seccomp)."""
+    """Whether this kernel gives sealable memfds (Linux 3.17+, and not refused by seccomp).
+
+    Asked once per process.  At the descriptor limit there is nothing to probe with: that
+    raises ``hipErrorOutOfMemory`` naming the limit (after raising the soft one) and is not
+    remembered, so a process that was out of descriptors once is not refused for good."""
+    global _supported
+    if _supported is None:
+        _supported = _probe()
+    return _supported
+
+
+def _probe() -> bool:
     if not hasattr(os, "memfd_create"):
         return False
     try:
-        fd = os.memfd_create(_NAME, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        fd = _os_call(
+            "probing for sealable memfds",
+            os.memfd_create,
+            _NAME,
+            os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING,
+        )
     except OSError:
         return False
     try:

@@ -252,9 +252,9 @@ class Registry:
         with self._lock:
             mem = self._imports.get(name)
             if mem is not None:
+                if ticket is not None:  # first: a malformed one raises before a reference
+                    self.backend.store.consume_ticket(handle, ticket)  # is taken
                 mem.refs += 1
-                if ticket is not None:
-                    self.backend.store.consume_ticket(handle, ticket)
                 return mem.ptr
             if name in self._own:
                 raise HipError(

@@ -178,7 +178,10 @@ def own_process() -> tuple[int, int, int]:
             pidns = os.stat("/proc/self/ns/pid").st_ino & 0xFFFFFFFF
         except OSError:
             pidns = 0
-        _own_start = (pid, max(process_start_time(pid) or 0, 0), pidns)
+        own = (pid, max(process_start_time(pid) or 0, 0), pidns)
+        if own[1] <= 0:  # unread (no descriptor left to open /proc/self/stat): ask again
+            return own
+        _own_start = own
     return _own_start
 
 
