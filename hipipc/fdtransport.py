@@ -76,7 +76,7 @@ _syscall.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_long]
 def _pidfd_getfd(pidfd: int, fd: int) -> int:
     """A duplicate of ``fd`` of the process behind ``pidfd`` (the kernel makes it
     close-on-exec); OSError with the kernel's errno otherwise."""
-    result = _syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0)
+    result: int = _syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0)
     if result < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
@@ -506,7 +506,7 @@ class FdTransport(Transport):
         try:
             return _os_call("opening a handle", _pidfds.getfd, route.pid, route.start, route.fd)
         except OSError as exc:
-            err = exc.errno
+            err = exc.errno or errno.EIO
         if err == errno.ESRCH:
             # Whether it freed first cannot be told (the descriptor table died with it).
             raise _refused(
