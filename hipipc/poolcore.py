@@ -294,6 +294,12 @@ class MemPool:
                 "hipMemPoolExportToShareableHandle)"
             )
         try:
+            mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+        except OSError:
+            mode = -1
+        if mode != os.O_RDWR:  # a reopened read-only copy: cannot be mapped shared-writable
+            raise _invalid("the shareable handle is not open for reading and writing")
+        try:
             raw = os.pread(fd, _HEADER.size, 0)
         except OSError as exc:
             raise _invalid(f"cannot read the pool header: {exc.strerror}") from exc
