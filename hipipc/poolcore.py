@@ -314,9 +314,11 @@ class MemPool:
             or size != st.st_size
             or size <= data_off
             or size % PAGE
-            or device >= 1 << 31
         ):
             raise _invalid("the pool header is inconsistent with its file (tampered?)")
+        count = get_registry().backend.device_count()
+        if device >= count:  # hostile input too: its pointers would claim a missing device
+            raise _invalid(f"the pool is on device {device}, which this process lacks ({count})")
         self = cls._new(device, True, True, False)
         self.pool_id, self.file_size = pool_id, size
         self._mapping = map_file(fd, size, 0)  # the fd is the caller's; the map needs none
