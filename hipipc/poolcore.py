@@ -202,15 +202,21 @@ def _leased(fd: int, off: int, length: int) -> bool:
 
 def _private_description(fd: int, st: os.stat_result) -> int:
     """A new open file description of the pool file (via /proc), to hold this importer's
-    leases; -1 if /proc is not there (imports then hold no lease)."""
+    leases; -1 if /proc is not there (imports then hold no lease).  At the descriptor limit
+    ``hipErrorOutOfMemory`` naming it: importing without a lease would let the exporter reuse
+    the memory under this importer's pointers, silently."""
     try:
-        mine = os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
-        return -1
+        mine = _os_call(
+            "importing a memory pool", os.open, f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC
+        )
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):  # no /proc mounted
+            return -1
+        raise _invalid(f"cannot reopen the shareable handle: {exc.strerror}") from exc
     mst = os.fstat(mine)
     if (mst.st_dev, mst.st_ino) != (st.st_dev, st.st_ino):
         os.close(mine)
-        return -1
+        raise _invalid("the shareable handle was closed or replaced during the import")
     return mine
 
 
@@ -321,8 +327,14 @@ class MemPool:
             raise _invalid(f"the pool is on device {device}, which this process lacks ({count})")
         self = cls._new(device, True, True, False)
         self.pool_id, self.file_size = pool_id, size
-        self._mapping = map_file(fd, size, 0)  # the fd is the caller's; the map needs none
-        self._lease_fd = _private_description(fd, st)
+        lease_fd = _private_description(fd, st)  # first: it may fail (descriptor limit)
+        try:
+            self._mapping = map_file(fd, size, 0)  # the fd is the caller's; the map needs none
+        except BaseException:
+            if lease_fd >= 0:
+                os.close(lease_fd)
+            raise
+        self._lease_fd = lease_fd
         self._finalizer = weakref.finalize(self, _cleanup, self._lease_fd, self._mapping)
         # Not at exit: stream work still draining then may use the memory; exit frees it.
         self._finalizer.atexit = False
