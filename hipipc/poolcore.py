@@ -202,7 +202,7 @@ def _leased(fd: int, off: int, length: int) -> bool:
 
 def _private_description(fd: int, st: os.stat_result) -> int:
     """A new open file description of the pool file (via /proc), to hold this importer's
-    leases; -1 if /proc is not there (imports then hold no lease).  At the descriptor limit
+    leases; -1 if /proc is not there or refuses (imports then hold no lease).  At the limit
     ``hipErrorOutOfMemory`` naming it: importing without a lease would let the exporter reuse
     the memory under this importer's pointers, silently."""
     try:
@@ -210,7 +210,9 @@ def _private_description(fd: int, st: os.stat_result) -> int:
             "importing a memory pool", os.open, f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC
         )
     except OSError as exc:
-        if exc.errno in (errno.ENOENT, errno.ENOTDIR):  # no /proc mounted
+        # No /proc mounted, or a /proc that refuses the reopen (a restricted container):
+        # the documented no-lease mode, as before.  Only a full descriptor table is an error.
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.EPERM):
             return -1
         raise _invalid(f"cannot reopen the shareable handle: {exc.strerror}") from exc
     mst = os.fstat(mine)
