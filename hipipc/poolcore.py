@@ -191,6 +191,22 @@ def _lease(fd: int, off: int, length: int, kind: int) -> bool:
         return False
 
 
+def _take_lease(fd: int, off: int, length: int) -> None:
+    """The importer's lease on ``[off, off+length)``, or an error: importing without it would
+    let the exporter reuse the range under the importer's pointer, silently."""
+    try:
+        fcntl.fcntl(fd, _F_OFD_SETLK, _FLOCK.pack(fcntl.F_RDLCK, 0, off, length, 0))
+    except OSError as exc:
+        if exc.errno == errno.ENOLCK:
+            raise HipError(
+                hipError_t.hipErrorOutOfMemory, "hipMemPoolImportPointer: no lock left for a lease"
+            ) from exc
+        raise _invalid(
+            "hipMemPoolImportPointer: another holder of the pool's descriptor locks this range "
+            f"({exc.strerror}; tampered?)"
+        ) from exc
+
+
 def _leased(fd: int, off: int, length: int) -> bool:
     """Whether another open file description (an importer) holds a lease on the range."""
     try:
@@ -484,7 +500,9 @@ class MemPool:
                 )
             # The lease first, then the entry: an exporter that frees meanwhile either sees
             # the lease (and keeps the range for us) or cleared the entry before we read it.
-            leased = self._lease_fd >= 0 and _lease(self._lease_fd, off, length, fcntl.F_RDLCK)
+            leased = self._lease_fd >= 0
+            if leased:
+                _take_lease(self._lease_fd, off, length)
             # One read of the entry (a copy): the exporter, or anyone holding the pool's
             # descriptor, may write it meanwhile; a torn read just fails the comparison.
             at = self._mapping.addr + _TABLE_OFFSET + slot * _ENTRY.size
