@@ -326,8 +326,8 @@ def _free_async(ptr: int, stream: Stream) -> None:
 
 
 def _set_attribute(pool: MemPool, attr: hipMemPoolAttr, value: int) -> None:
-    if value < 0:
-        raise _invalid(f"hipMemPoolSetAttribute: {attr.name} cannot be negative")
+    if not 0 <= value < 1 << 64:  # HIP's values are uint64_t (the reuse switches int)
+        raise _invalid(f"hipMemPoolSetAttribute: {attr.name} must be in [0, 2**64)")
     if attr == _A.hipMemPoolAttrReleaseThreshold:
         pool.release_threshold = value
     elif attr in (_A.hipMemPoolAttrReservedMemHigh, _A.hipMemPoolAttrUsedMemHigh):
