@@ -308,3 +308,32 @@ def test_a_forked_child_cannot_free_or_export_its_parents_pool_memory(pool):
     assert bytes(hip.asarray(ptr, 4)) == b"\7" * 4  # untouched by the child
     hip.hipFree(ptr)
     assert hip.hipMemPoolGetAttribute(pool, A.hipMemPoolAttrUsedMemCurrent) == 0
+
+
+# -- memory: small allocations add up -----------------------------------------------------------
+
+
+def test_many_small_pool_allocations_are_checked_against_the_memory_left(pool, monkeypatch):
+    """A memfd's tmpfs has no size limit: past the memory, posix_fallocate wakes the OOM killer
+    rather than failing.  Only reservations of 16 MiB or more were checked against the memory
+    left, so a loop of smaller pool allocations was never checked.  Here the machine is made
+    to look small (24 MiB left, less what the pool holds; the only thing patched is that
+    probe of the machine): the allocations must end in hipErrorOutOfMemory within 16 MiB of
+    that, having committed no more than 40 MiB of real memory."""
+    from hipipc import memfd
+
+    big = hip.hipMemPoolCreate(props(max_size=64 * MiB))
+    budget = 24 * MiB
+    # big.used, not the attribute call: reserve runs under the pool's lock.
+    monkeypatch.setattr(memfd, "available_memory", lambda: max(0, budget - big.used))
+    got: list[int] = []
+    try:
+        with pytest.raises(hip.HipError) as info:
+            for _ in range(6):  # 6 x 8 MiB: past the budget plus 16 MiB
+                got.append(hip.hipMallocFromPoolAsync(8 * MiB, big, None))
+        assert info.value.code == E.hipErrorOutOfMemory
+        assert len(got) * 8 * MiB <= budget + 16 * MiB
+    finally:
+        for ptr in got:
+            hip.hipFree(ptr)
+        hip.hipMemPoolDestroy(big)
