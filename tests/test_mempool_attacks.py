@@ -337,3 +337,166 @@ def test_many_small_pool_allocations_are_checked_against_the_memory_left(pool, m
         for ptr in got:
             hip.hipFree(ptr)
         hip.hipMemPoolDestroy(big)
+
+
+# -- the table under a hostile writer, the allocation cap, kill -9 (attacks that held) ---------
+
+
+def test_a_peer_tearing_table_entries_never_yields_a_wrong_pointer(pool):
+    """Another process holding the descriptor rewrites the entry of a live allocation in a
+    loop: byte by byte (torn), with another size, an offset past the end or over the table.
+    Every import meanwhile either returns the true pointer or fails with
+    hipErrorInvalidValue; none crashes or maps anything else."""
+    ptr = hip.hipMallocFromPoolAsync(8192, pool, None)
+    data = bytes(hip.hipMemPoolExportPointer(ptr))
+    _, _, slot, off, size, serial, _, _ = poolcore._EXPORT.unpack(data)
+    fd = hip.hipMemPoolExportToShareableHandle(pool, PFD, 0)
+    imported = hip.hipMemPoolImportFromShareableHandle(fd, PFD, 0)
+    at = poolcore._TABLE_OFFSET + slot * poolcore._ENTRY.size
+    writer = run_python_bg(
+        """
+        import os, sys, time, struct
+        fd, at, off, size, serial = map(int, sys.argv[1:6])
+        good = struct.pack("<QQQQ", off, size, serial, 1)
+        bad = [struct.pack("<QQQQ", off, size + 1, serial, 1),
+               struct.pack("<QQQQ", 1 << 40, size, serial, 1),
+               struct.pack("<QQQQ", 4096, size, serial, 1),
+               bytes(32)]
+        end = time.monotonic() + 3
+        while time.monotonic() < end:
+            for b in bad:
+                for i in range(0, 32, 4):      # torn: a word at a time
+                    os.pwrite(fd, b[i:i + 4], at + i)
+                os.pwrite(fd, good, at)
+        """,
+        fd,
+        at,
+        off,
+        size,
+        serial,
+    )
+    ok = refused = 0
+    try:
+        while writer.poll() is None:
+            try:
+                mine = hip.hipMemPoolImportPointer(imported, data)
+            except hip.HipError as exc:
+                assert exc.code == E.hipErrorInvalidValue
+                refused += 1
+                continue
+            assert mine - imported._mapping.addr == off  # the true range, nothing else
+            hip.hipFree(mine)
+            ok += 1
+        assert writer.wait(TIMEOUT) == 0, writer.stderr.read().decode()
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait(TIMEOUT)
+        writer.stderr.close()
+        os.close(fd)
+        hip.hipMemPoolDestroy(imported)
+        hip.hipFree(ptr)
+    assert ok + refused > 0
+
+
+def run_python_bg(code: str, *args: int):
+    import subprocess
+    import sys
+    import textwrap
+
+    from _proc import child_env
+
+    fds = [a for a in args[:1]]
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
+        pass_fds=fds,
+        env=child_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def test_the_allocation_cap_is_out_of_memory_and_frees_make_room():
+    """An IPC pool's table holds 16384 live allocations: the next is hipErrorOutOfMemory
+    naming the limit; a free makes room again (its slot is reused, the pool stays sound)."""
+    big = hip.hipMemPoolCreate(props(max_size=(poolcore.CAPACITY + 8) * 4096))
+    got: list[int] = []
+    try:
+        for _ in range(poolcore.CAPACITY):
+            got.append(hip.hipMallocFromPoolAsync(1, big, None))
+        with pytest.raises(hip.HipError) as info:
+            hip.hipMallocFromPoolAsync(1, big, None)
+        assert info.value.code == E.hipErrorOutOfMemory
+        assert str(poolcore.CAPACITY) in str(info.value)
+        hip.hipFree(got.pop(100))
+        got.append(hip.hipMallocFromPoolAsync(1, big, None))
+        data = hip.hipMemPoolExportPointer(got[-1])
+        assert poolcore._EXPORT.unpack(bytes(data))[2] < poolcore.CAPACITY
+    finally:
+        for ptr in got:
+            hip.hipFree(ptr)
+        hip.hipMemPoolDestroy(big)
+
+
+def test_an_importer_killed_mid_import_leaves_no_lease_behind(pool):
+    """A child imports and frees the same pointer in a loop and is killed with SIGKILL at an
+    arbitrary point: whatever it held, its leases die with it, so after the exporter frees
+    the allocation the range is reused at once."""
+    import signal
+    import time
+
+    ptr = hip.hipMallocFromPoolAsync(64 * 1024, pool, None)
+    data = bytes(hip.hipMemPoolExportPointer(ptr))
+    fd = hip.hipMemPoolExportToShareableHandle(pool, PFD, 0)
+    child = run_python_bg(
+        """
+        import os, sys
+        import hipipc as hip
+        fd = int(sys.argv[1])
+        pool = hip.hipMemPoolImportFromShareableHandle(fd, 1, 0)
+        data = bytes.fromhex(sys.argv[2])
+        os.write(2, b"r")
+        while True:
+            hip.hipFree(hip.hipMemPoolImportPointer(pool, data))
+        """,
+        fd,
+        data.hex(),  # type: ignore[arg-type]
+    )
+    try:
+        assert child.stderr.read(1) == b"r"
+        time.sleep(0.3)
+        child.send_signal(signal.SIGKILL)
+        assert child.wait(TIMEOUT) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(TIMEOUT)
+        child.stderr.close()
+        os.close(fd)
+    hip.hipFree(ptr)
+    again = hip.hipMallocFromPoolAsync(64 * 1024, pool, None)
+    assert again == ptr  # no lease outlived the importer
+    hip.hipFree(again)
+    assert hip.hipMemPoolGetAttribute(pool, A.hipMemPoolAttrUsedMemCurrent) == 0
+
+
+def _nothing() -> int:
+    return 0
+
+
+def test_a_forked_childs_exit_does_not_drop_the_parents_leases(pool):
+    """The importer's leases are OFD locks on a description a forked child shares: the
+    child's exit (it closes its copies) must not release them."""
+    ptr = hip.hipMallocFromPoolAsync(4096, pool, None)
+    fd = hip.hipMemPoolExportToShareableHandle(pool, PFD, 0)
+    imported = hip.hipMemPoolImportFromShareableHandle(fd, PFD, 0)
+    os.close(fd)
+    mine = hip.hipMemPoolImportPointer(imported, hip.hipMemPoolExportPointer(ptr))
+    assert in_fork(_nothing, timeout=TIMEOUT) == 0
+    hip.hipFree(ptr)  # the exporter frees first: the range stays the importer's
+    other = hip.hipMallocFromPoolAsync(4096, pool, None)
+    assert other != ptr
+    hip.hipFree(mine)
+    hip.hipMemPoolDestroy(imported)
+    hip.hipFree(other)
+    assert hip.hipMemPoolGetAttribute(pool, A.hipMemPoolAttrUsedMemCurrent) == 0
