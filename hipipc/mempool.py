@@ -486,9 +486,9 @@ def hipMemPoolTrimTo(pool: MemPool, minBytesToKeep: int) -> None:
 
 
 def hipMemPoolSetAttribute(pool: MemPool, attr: int, value: int) -> None:
-    """Set ``attr`` of ``pool``: the release threshold (bytes of free memory kept committed),
-    the reuse switches, or reset a high-water mark to 0.  ``hipErrorInvalidValue`` for an
-    unknown or read-only attribute or a bad value."""
+    """Set ``attr`` of ``pool``: the release threshold (reserved bytes the pool keeps, live
+    ones included), the reuse switches, or reset a high-water mark to 0.
+    ``hipErrorInvalidValue`` for an unknown or read-only attribute or a bad value."""
     _set_attribute(
         _pool(pool, "hipMemPoolSetAttribute"),
         _attr(attr, "hipMemPoolSetAttribute"),

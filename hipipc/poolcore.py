@@ -12,8 +12,9 @@ The exporter maps the whole file once; an allocation is a page-aligned range of 
 with :func:`hipipc.memfd.reserve` (``posix_fallocate``: a full memory is
 ``hipErrorOutOfMemory`` at allocation, never SIGBUS later) and entered in this process's
 registry as device memory (``hipMemcpy``, ``asarray``, ``hipPointerGetAttributes`` work on
-it).  Freed ranges stay committed up to the pool's release threshold; beyond it they are given
-back to the kernel with ``fallocate(PUNCH_HOLE)`` (allowed under the shrink/grow seals).
+it).  Freed ranges stay committed while the pool's reserved memory (live allocations included)
+is within its release threshold; beyond it they are given back to the kernel with
+``fallocate(PUNCH_HOLE)`` (allowed under the shrink/grow seals).
 
 An importer receives the memfd (``SCM_RIGHTS``), checks that it is a regular file carrying
 :data:`hipipc.memfd.SEALS` (so no process can shrink it under the mappings: no SIGBUS), reads
@@ -592,7 +593,8 @@ class MemPool:
         _insert(self._cached, off, off + length)
         self._cached_bytes += length
         self.used -= length
-        self._trim_locked(self.release_threshold)
+        # CUDA/HIP: the threshold bounds the reserved memory, live allocations included.
+        self._trim_locked(max(0, self.release_threshold - self.used))
 
     def _requeue_locked(self) -> None:
         """Make the held ranges whose importers have let go free again."""

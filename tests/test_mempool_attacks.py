@@ -500,3 +500,24 @@ def test_a_forked_childs_exit_does_not_drop_the_parents_leases(pool):
     hip.hipMemPoolDestroy(imported)
     hip.hipFree(other)
     assert hip.hipMemPoolGetAttribute(pool, A.hipMemPoolAttrUsedMemCurrent) == 0
+
+
+def test_the_release_threshold_counts_the_live_memory_too():
+    """CUDA/HIP: the release threshold is the *reserved* memory (live allocations included) a
+    pool holds on to; beyond it, freed memory goes back.  The pool kept the threshold's worth
+    of freed memory on top of its live allocations instead (as hipMemPoolTrimTo does not)."""
+    p = hip.hipMemPoolCreate(props(max_size=8 * MiB))
+    try:
+        hip.hipMemPoolSetAttribute(p, A.hipMemPoolAttrReleaseThreshold, 2 * MiB)
+        ptrs = [hip.hipMallocFromPoolAsync(MiB, p, None) for _ in range(4)]
+        hip.hipFree(ptrs.pop())
+        # 3 MiB live, above the threshold: nothing freed is kept.
+        assert hip.hipMemPoolGetAttribute(p, A.hipMemPoolAttrReservedMemCurrent) == 3 * MiB
+        hip.hipFree(ptrs.pop())
+        hip.hipFree(ptrs.pop())
+        # 1 MiB live: 1 MiB of freed memory is kept, reserving the threshold's 2 MiB.
+        assert hip.hipMemPoolGetAttribute(p, A.hipMemPoolAttrReservedMemCurrent) == 2 * MiB
+        hip.hipFree(ptrs.pop())
+        assert hip.hipMemPoolGetAttribute(p, A.hipMemPoolAttrReservedMemCurrent) == 2 * MiB
+    finally:
+        hip.hipMemPoolDestroy(p)
