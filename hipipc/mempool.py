@@ -318,6 +318,7 @@ def _free_async(ptr: int, stream: Stream) -> None:
     region = _region(ptr, "hipFreeAsync")
     pool: MemPool = region.owner
     if pool.take(region, "hipFreeAsync"):
+        pool.defer()
         try:
             stream.launch_host_func(pool.release, (region,))
         except BaseException:

@@ -48,6 +48,7 @@ import secrets
 import stat
 import struct
 import threading
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +59,7 @@ from .mapping import Mapping, map_file
 from .memfd import SEALS, create_memfd, reserve, seals_of
 from .registry import get_registry
 from .store import _os_call
+from .streams import running_on_stream
 
 __all__ = ["MemPool", "PoolRegion", "EXPORT_SIZE"]
 
@@ -75,6 +77,10 @@ _DATA_OFFSET = _TABLE_OFFSET + -(-CAPACITY * _ENTRY.size // PAGE) * PAGE
 _EXPORT = struct.Struct("<8sIIQQQ16s8s")
 _EXPORT_MAGIC = b"hipipcPX"
 EXPORT_SIZE = _EXPORT.size  # 64: hipMemPoolPtrExportData
+
+# How long an allocation that finds the pool full waits for hipFreeAsync calls still queued
+# on streams before it gives up with hipErrorOutOfMemory (see MemPool.allocate).
+REUSE_WAIT = 10.0
 
 # Importers' leases: an OFD read lock on each imported range, through the importer's own open
 # file description of the pool; the exporter tests for them before it reuses a freed range.
@@ -252,6 +258,8 @@ class MemPool:
         self = object.__new__(cls)
         self.device, self.ipc, self.imported, self.is_default = device, ipc, imported, default
         self._lock = threading.Lock()
+        self._released = threading.Condition(self._lock)
+        self._pending = 0  # hipFreeAsync calls enqueued, not yet run (see defer)
         self._pid = os.getpid()
         self.destroyed = False
         self._closed = False
@@ -367,15 +375,32 @@ class MemPool:
 
     def allocate(self, nbytes: int) -> int:
         """A new allocation of ``nbytes`` (> 0); its pointer.  ``hipErrorOutOfMemory`` when
-        the pool's size, its table or the memory is exhausted."""
+        the pool's size, its table or the memory is exhausted.
+
+        A pool full only of memory that ``hipFreeAsync`` calls still queued on streams will
+        give back: CUDA reuses it in stream order (``hipMallocAsync`` right after
+        ``hipFreeAsync`` on one stream always succeeds), inserting a stream dependency if
+        needed (``hipMemPoolReuseAllowInternalDependencies``).  Here an allocation is usable at
+        once, so the caller waits for those frees instead, up to :data:`REUSE_WAIT` seconds
+        (not on a stream's own thread, which could wait for itself)."""
         length = _pages(nbytes)
         with self._lock:
             self._usable("allocation")
             if self.imported:
                 raise _invalid("an imported pool cannot allocate (CUDA/HIP: only its exporter can)")
-            if self._held:
-                self._requeue_locked()
-            off = next((lo for lo, hi in self._free if hi - lo >= length), None)
+            off = self._fit_locked(length)
+            end_wait = None
+            while (off is None or (self.ipc and not self._slots)) and self._pending:
+                if running_on_stream() or not self.reuse[3]:
+                    break
+                if end_wait is None:
+                    end_wait = time.monotonic() + REUSE_WAIT
+                left = end_wait - time.monotonic()
+                if left <= 0:
+                    break
+                self._released.wait(left)
+                self._usable("allocation")  # destroyed (or forked) meanwhile
+                off = self._fit_locked(length)
             if off is None:
                 raise HipError(
                     hipError_t.hipErrorOutOfMemory,
@@ -419,6 +444,12 @@ class MemPool:
             self._give_back(region)
             raise
         return region.ptr
+
+    def _fit_locked(self, length: int) -> int | None:
+        """The first free range of ``length`` bytes (held ranges let go first), or None."""
+        if self._held:
+            self._requeue_locked()
+        return next((lo for lo, hi in self._free if hi - lo >= length), None)
 
     def _covered(self, off: int, end: int) -> bool:
         return any(lo <= off and end <= hi for lo, hi in self._cached)
@@ -558,13 +589,23 @@ class MemPool:
         get_registry().remove_host_range(region)
         return True
 
+    def defer(self) -> None:
+        """Count a taken region whose :meth:`release` is now queued on a stream: allocations
+        that find the pool full wait for it (see :meth:`allocate`)."""
+        with self._lock:
+            self._pending += 1
+
     def release(self, region: PoolRegion) -> None:
-        """Return a taken ``region`` to the pool (the stream-ordered part of a free).
-        Never raises: it runs on a stream's thread, where nobody could handle it."""
+        """Return a taken, deferred ``region`` to the pool (the stream-ordered part of a
+        free).  Never raises: it runs on a stream's thread, where nobody could handle it."""
         try:
             self._give_back(region)
         except Exception:  # a failed hole punch leaves memory committed, nothing worse
             pass
+        finally:
+            with self._lock:
+                self._pending -= 1
+                self._released.notify_all()
 
     def _give_back(self, region: PoolRegion) -> None:
         with self._lock:
@@ -678,6 +719,8 @@ class MemPool:
         self.destroyed = True
         self._closed = True
         self._lock = threading.Lock()
+        self._released = threading.Condition(self._lock)
+        self._pending = 0
         if self._finalizer is not None:
             self._finalizer.detach()
         for fd in (self._fd, self._lease_fd):  # the child's copies; the parent's own

@@ -249,7 +249,7 @@ def test_destroy_racing_allocations_never_loses_memory_or_descriptors():
     assert open_fds() == before
 
 
-def test_free_async_behind_a_slow_host_function_keeps_the_memory(pool):
+def test_free_async_behind_a_slow_host_function_keeps_the_memory(pool, monkeypatch):
     """hipFreeAsync enqueued behind a slow host function: the range is not reused (nor its
     bytes changed) until the function has run, even by an allocation on another stream."""
     s, other = hip.hipStreamCreate(), hip.hipStreamCreate()
@@ -266,7 +266,9 @@ def test_free_async_behind_a_slow_host_function_keeps_the_memory(pool):
     assert second != ptr
     hip.hipMemsetAsync(second, 0x11, MiB // 2, other)  # not hipMemset: it waits for s
     hip.hipStreamSynchronize(other, timeout=TIMEOUT)
-    # The pool (1 MiB) is full until the free runs: no third allocation.
+    # The pool (1 MiB) is full until the free runs: no third allocation (after a short wait
+    # for the queued free).
+    monkeypatch.setattr(poolcore, "REUSE_WAIT", 0.2)
     assert code_of(hip.hipMallocFromPoolAsync, MiB // 2, pool, other) == E.hipErrorOutOfMemory
     gate.set()
     hip.hipStreamSynchronize(s, timeout=TIMEOUT)
@@ -521,3 +523,68 @@ def test_the_release_threshold_counts_the_live_memory_too():
         assert hip.hipMemPoolGetAttribute(p, A.hipMemPoolAttrReservedMemCurrent) == 2 * MiB
     finally:
         hip.hipMemPoolDestroy(p)
+
+
+# -- reuse in stream order --------------------------------------------------------------------
+
+
+def test_malloc_right_after_free_async_on_one_stream_reuses_the_memory(pool):
+    """CUDA: memory freed with cudaFreeAsync is reusable by the next cudaMallocAsync in the
+    same stream's order.  A pool of exactly one allocation's size, allocated and freed on one
+    stream 200 times: every allocation must succeed (half failed with hipErrorOutOfMemory,
+    racing the stream thread that runs the free)."""
+    s = hip.hipStreamCreate()
+    try:
+        for _ in range(200):
+            ptr = hip.hipMallocFromPoolAsync(MiB, pool, s)
+            hip.hipMemsetAsync(ptr, 1, MiB, s)
+            hip.hipFreeAsync(ptr, s)
+        hip.hipStreamSynchronize(s, timeout=TIMEOUT)
+    finally:
+        hip.hipStreamDestroy(s)
+    assert hip.hipMemPoolGetAttribute(pool, A.hipMemPoolAttrUsedMemCurrent) == 0
+
+
+def test_waiting_for_queued_frees_is_bounded_and_follows_the_reuse_switch(pool, monkeypatch):
+    """The wait for a queued free is bounded (a stream stuck behind a host function that
+    never returns gives hipErrorOutOfMemory, not a hang), skipped when
+    hipMemPoolReuseAllowInternalDependencies is off, and never done on a stream's thread."""
+    import time
+
+    monkeypatch.setattr(poolcore, "REUSE_WAIT", 0.5)
+    s = hip.hipStreamCreate()
+    gate = threading.Event()
+    ptr = hip.hipMallocFromPoolAsync(MiB, pool, s)
+    hip.hipLaunchHostFunc(s, lambda _: gate.wait(TIMEOUT), None)
+    hip.hipFreeAsync(ptr, s)
+    try:
+        t0 = time.monotonic()
+        assert code_of(hip.hipMallocFromPoolAsync, MiB, pool, None) == E.hipErrorOutOfMemory
+        assert 0.4 < time.monotonic() - t0 < TIMEOUT
+        hip.hipMemPoolSetAttribute(pool, A.hipMemPoolReuseAllowInternalDependencies, 0)
+        t0 = time.monotonic()
+        assert code_of(hip.hipMallocFromPoolAsync, MiB, pool, None) == E.hipErrorOutOfMemory
+        assert time.monotonic() - t0 < 0.4
+        hip.hipMemPoolSetAttribute(pool, A.hipMemPoolReuseAllowInternalDependencies, 1)
+        other = hip.hipStreamCreateWithFlags(hip.hipStreamNonBlocking)
+        codes: list[str] = []
+
+        def on_stream(_):
+            try:
+                hip.hipMallocFromPoolAsync(MiB, pool, None)
+                codes.append("ok")
+            except hip.HipError as exc:
+                codes.append(exc.code.name)
+
+        t0 = time.monotonic()
+        hip.hipLaunchHostFunc(other, on_stream, None)
+        hip.hipStreamSynchronize(other, timeout=TIMEOUT)
+        assert codes == ["hipErrorOutOfMemory"]
+        assert time.monotonic() - t0 < TIMEOUT
+        hip.hipStreamDestroy(other)
+    finally:
+        gate.set()
+        hip.hipStreamSynchronize(s, timeout=TIMEOUT)
+        hip.hipStreamDestroy(s)
+    again = hip.hipMallocFromPoolAsync(MiB, pool, None)  # the free ran: room again
+    hip.hipFree(again)
