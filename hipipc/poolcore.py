@@ -696,6 +696,7 @@ class MemPool:
                 raise _invalid("hipMemPoolDestroy: a device's default pool cannot be destroyed")
             self.destroyed = True
             close = not self.live
+            self._released.notify_all()  # allocations waiting for queued frees: refused now
         if close:
             self._close()
 

@@ -588,3 +588,45 @@ def test_waiting_for_queued_frees_is_bounded_and_follows_the_reuse_switch(pool, 
         hip.hipStreamDestroy(s)
     again = hip.hipMallocFromPoolAsync(MiB, pool, None)  # the free ran: room again
     hip.hipFree(again)
+
+
+def test_pool_calls_at_the_descriptor_limit_are_out_of_memory_and_leak_nothing():
+    """At RLIMIT_NOFILE (soft = hard, nothing to raise): creating a pool and exporting one are
+    hipErrorOutOfMemory naming the limit, and no descriptor is left behind."""
+    out = run_python(
+        """
+        import os, resource
+        import hipipc as hip
+        PFD = hip.hipMemHandleTypePosixFileDescriptor
+        p = hip.hipMemPoolProps(allocType=1, handleTypes=1, location=hip.hipMemLocation(1, 0),
+                                maxSize=1 << 20)
+        pool = hip.hipMemPoolCreate(p)
+        n = len(os.listdir("/proc/self/fd")) + 4
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+        fill = []
+        try:
+            while True:
+                fill.append(os.dup(0))
+        except OSError:
+            pass
+        last = fill.pop()
+        os.close(last)  # one free slot: listing /proc/self/fd needs it
+        before = set(os.listdir("/proc/self/fd"))
+        fill.append(os.dup(0))
+        for call in (lambda: hip.hipMemPoolCreate(p),
+                     lambda: hip.hipMemPoolExportToShareableHandle(pool, PFD, 0)):
+            try:
+                call()
+                print("succeeded")
+            except hip.HipError as exc:
+                print(exc.code.name, "RLIMIT_NOFILE" in str(exc))
+        os.close(fill.pop())
+        print(set(os.listdir("/proc/self/fd")) == before)
+        for f in fill:
+            os.close(f)
+        hip.hipMemPoolDestroy(pool)
+        """,
+        timeout=TIMEOUT,
+    )
+    assert out.returncode == 0, out.stderr.decode()
+    assert out.stdout.decode().split() == ["hipErrorOutOfMemory", "True"] * 2 + ["True"]
