@@ -630,3 +630,39 @@ def test_pool_calls_at_the_descriptor_limit_are_out_of_memory_and_leak_nothing()
     )
     assert out.returncode == 0, out.stderr.decode()
     assert out.stdout.decode().split() == ["hipErrorOutOfMemory", "True"] * 2 + ["True"]
+
+
+def test_more_hostile_descriptors_are_invalid_value_and_leak_nothing():
+    """Besides those of test_mempool: a socket, /dev/zero, an O_PATH descriptor of a real
+    pool, a sealed memfd smaller than a header, and one with a header claiming a huge table."""
+    import socket
+
+    a, b = socket.socketpair()
+    zero = os.open("/dev/zero", os.O_RDWR | os.O_CLOEXEC)
+    pool = hip.hipMemPoolCreate(props())
+    real = hip.hipMemPoolExportToShareableHandle(pool, PFD, 0)
+    opath = os.open(f"/proc/self/fd/{real}", os.O_PATH | os.O_CLOEXEC)
+    tiny = os.memfd_create("tiny", os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
+    os.ftruncate(tiny, 16)
+    os.pwrite(tiny, b"hipipcMP", 0)
+    fcntl.fcntl(
+        tiny, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+    )
+    huge = forged_pool()
+    header = poolcore._HEADER.pack(
+        b"hipipcMP", 1, 1 << 31, 0, os.fstat(huge).st_size, poolcore._DATA_OFFSET, bytes(16)
+    )
+    os.pwrite(huge, header, 0)
+    fds = [a.fileno(), zero, opath, tiny, huge]
+    try:
+        before = open_fds()
+        for fd in fds:
+            code = code_of(hip.hipMemPoolImportFromShareableHandle, fd, PFD, 0)
+            assert code == E.hipErrorInvalidValue, fd
+        assert open_fds() == before
+    finally:
+        a.close()
+        b.close()
+        for fd in fds[1:] + [real]:
+            os.close(fd)
+        hip.hipMemPoolDestroy(pool)
