@@ -453,12 +453,16 @@ def hipDeviceSetMemPool(device: int, pool: MemPool) -> None:
 
 
 def hipMallocAsync(size: int, stream: Stream | None = None) -> int:
-    """``size`` bytes from the current device's current pool, in ``stream``'s order (usable
-    at once here).  0 bytes gives 0.  ``hipErrorOutOfMemory`` when the pool or the memory is
-    exhausted; ``hipErrorInvalidHandle`` for a destroyed stream."""
+    """``size`` bytes from the current pool of ``stream``'s device (the current device for
+    the null stream), in ``stream``'s order (usable at once here).  0 bytes gives 0.
+    ``hipErrorOutOfMemory`` when the pool or the memory is exhausted;
+    ``hipErrorInvalidHandle`` for a destroyed stream."""
     size = _count(size, "hipMallocAsync size")
-    _stream(stream)  # checked only: the allocation is usable at once in any stream's order
-    return current_pool(get_registry().device).allocate(size) if size else 0
+    s = _stream(stream)  # the allocation is usable at once, a valid order for any stream
+    # CUDA/HIP: "from the memory pool associated with the stream's device"; the null stream's
+    # device is the current one.
+    device = get_registry().device if s.is_null else s.device
+    return current_pool(device).allocate(size) if size else 0
 
 
 def hipMallocFromPoolAsync(size: int, pool: MemPool, stream: Stream | None = None) -> int:

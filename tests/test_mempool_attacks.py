@@ -666,3 +666,27 @@ def test_more_hostile_descriptors_are_invalid_value_and_leak_nothing():
         for fd in fds[1:] + [real]:
             os.close(fd)
         hip.hipMemPoolDestroy(pool)
+
+
+def test_malloc_async_allocates_from_the_streams_device(monkeypatch):
+    """CUDA/HIP: "The allocation comes from the memory pool associated with the stream's
+    device" -- not the current device's (the null stream: the current device's)."""
+    monkeypatch.setenv("HIPIPC_HOST_DEVICES", "2")
+    hip.hipSetDevice(1)
+    s1 = hip.hipStreamCreate()
+    hip.hipSetDevice(0)
+    try:
+        ptr = hip.hipMallocAsync(100, s1)
+        assert hip.hipPointerGetAttributes(ptr).device == 1
+        pool1 = hip.hipDeviceGetMemPool(1)
+        assert hip.hipMemPoolGetAttribute(pool1, A.hipMemPoolAttrUsedMemCurrent) == 4096
+        hip.hipFreeAsync(ptr, s1)
+        ptr = hip.hipMallocAsync(100, None)
+        assert hip.hipPointerGetAttributes(ptr).device == 0
+        hip.hipFreeAsync(ptr, None)
+        hip.hipDeviceSynchronize(timeout=TIMEOUT)
+        hip.hipSetDevice(1)
+        hip.hipDeviceSynchronize(timeout=TIMEOUT)
+    finally:
+        hip.hipSetDevice(0)
+        hip.hipStreamDestroy(s1)
