@@ -690,3 +690,135 @@ def test_malloc_async_allocates_from_the_streams_device(monkeypatch):
     finally:
         hip.hipSetDevice(0)
         hip.hipStreamDestroy(s1)
+
+
+def test_a_forked_child_exiting_normally_leaves_the_parents_pool_alone():
+    """A child forked with pools, allocations, an import and a queued free runs the
+    interpreter's exit (atexit hooks, the exit rule) and exits 0; the parent's pool, its
+    contents and its import are untouched, and the parent then frees everything."""
+    out = run_python(
+        """
+        import os, sys, threading
+        import hipipc as hip
+        PFD = hip.hipMemHandleTypePosixFileDescriptor
+        p = hip.hipMemPoolProps(allocType=1, handleTypes=1, location=hip.hipMemLocation(1, 0),
+                                maxSize=1 << 22)
+        pool = hip.hipMemPoolCreate(p)
+        a = hip.hipMallocFromPoolAsync(4096, pool, None)
+        b = hip.hipMallocFromPoolAsync(4096, pool, None)
+        hip.hipMemset(a, 0x61, 4096)
+        fd = hip.hipMemPoolExportToShareableHandle(pool, PFD, 0)
+        imp = hip.hipMemPoolImportFromShareableHandle(fd, PFD, 0)
+        os.close(fd)
+        mine = hip.hipMemPoolImportPointer(imp, hip.hipMemPoolExportPointer(a))
+        s = hip.hipStreamCreate()
+        gate = threading.Event()
+        hip.hipLaunchHostFunc(s, lambda _: gate.wait(30), None)
+        hip.hipFreeAsync(b, s)
+        pid = os.fork()
+        if pid == 0:
+            x = hip.hipMallocAsync(100, None)   # the child's own default pool
+            hip.hipMemset(x, 1, 100)
+            sys.exit(0)                          # normal exit: atexit, exit rule
+        _, status = os.waitpid(pid, 0)
+        gate.set()
+        hip.hipStreamSynchronize(s, timeout=30)
+        ok = bytes(hip.asarray(mine, 4)) == b"aaaa"
+        hip.hipFree(a)                           # the exporter frees before the importer
+        again = hip.hipMallocFromPoolAsync(4096, pool, None)
+        held = again != a                        # the parent's lease survived the child
+        hip.hipFree(mine)
+        hip.hipFree(again)
+        hip.hipMemPoolDestroy(imp)
+        hip.hipMemPoolDestroy(pool)
+        print(os.waitstatus_to_exitcode(status), ok, held)
+        """,
+        timeout=TIMEOUT,
+    )
+    assert out.returncode == 0, out.stderr.decode()
+    assert out.stdout.decode().split() == ["0", "True", "True"]
+
+
+def test_an_exporter_killed_mid_allocation_leaves_the_importers_memory_intact():
+    """An exporter allocates, fills, exports and frees in a loop and is killed with SIGKILL
+    at an arbitrary point while this process imports: every import already made keeps its
+    contents; export data still queued imports or is refused with hipErrorInvalidValue;
+    nothing hangs and no descriptor is left."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    from _proc import child_env
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    code = """
+        import socket, sys
+        import hipipc as hip
+        sock = socket.socket(fileno=int(sys.argv[1]))
+        p = hip.hipMemPoolProps(allocType=1, handleTypes=1, location=hip.hipMemLocation(1, 0),
+                                maxSize=1 << 24)
+        pool = hip.hipMemPoolCreate(p)
+        fd = hip.hipMemPoolExportToShareableHandle(pool, 1, 0)
+        hip.send_fds(sock, [fd], b"p", timeout=60)
+        live = []
+        k = 0
+        while True:
+            k = (k + 1) % 250
+            ptr = hip.hipMallocFromPoolAsync(1 << 16, pool, None)
+            hip.hipMemset(ptr, k, 1 << 16)
+            sock.sendall(bytes(hip.hipMemPoolExportPointer(ptr)) + bytes([k]))
+            live.append(ptr)
+            if len(live) > 8:
+                hip.hipFree(live.pop(0))
+        """
+    before = open_fds()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code), str(theirs.fileno())],
+        pass_fds=[theirs.fileno()],
+        env=child_env(),
+        stderr=subprocess.PIPE,
+    )
+    theirs.close()
+    imported = None
+    mine: list[tuple[int, int]] = []
+    try:
+        _, fds = hip.recv_fds(ours, maxfds=1, bufsize=16, timeout=TIMEOUT)
+        imported = hip.hipMemPoolImportFromShareableHandle(fds[0], PFD, 0)
+        os.close(fds[0])
+        ours.settimeout(TIMEOUT)
+        buf = b""
+        deadline = time.monotonic() + TIMEOUT
+        killed = False
+        while time.monotonic() < deadline:
+            chunk = ours.recv(65 * 64)
+            if not chunk:
+                break
+            buf += chunk
+            while len(buf) >= 65:
+                data, k, buf = buf[:64], buf[64], buf[65:]
+                try:
+                    mine.append((hip.hipMemPoolImportPointer(imported, data), k))
+                except hip.HipError as exc:
+                    assert exc.code == E.hipErrorInvalidValue
+            if len(mine) >= 40 and not killed:
+                proc.send_signal(signal.SIGKILL)
+                killed = True
+        assert proc.wait(TIMEOUT) == -signal.SIGKILL
+        assert len(mine) >= 40
+        for ptr, k in mine:  # memory and contents survive the exporter
+            assert bytes(hip.asarray(ptr, 1 << 16)) == bytes([k]) * (1 << 16)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(TIMEOUT)
+        proc.stderr.close()
+        ours.close()
+        for ptr, _ in mine:
+            hip.hipFree(ptr)
+        if imported is not None:
+            hip.hipMemPoolDestroy(imported)
+    left = {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in open_fds() - before}
+    assert not left, left
