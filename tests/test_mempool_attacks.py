@@ -551,7 +551,7 @@ def test_waiting_for_queued_frees_is_bounded_and_follows_the_reuse_switch(pool, 
     hipMemPoolReuseAllowInternalDependencies is off, and never done on a stream's thread."""
     import time
 
-    monkeypatch.setattr(poolcore, "REUSE_WAIT", 0.5)
+    monkeypatch.setattr(poolcore, "REUSE_WAIT", 2.0)
     s = hip.hipStreamCreate()
     gate = threading.Event()
     ptr = hip.hipMallocFromPoolAsync(MiB, pool, s)
@@ -560,11 +560,11 @@ def test_waiting_for_queued_frees_is_bounded_and_follows_the_reuse_switch(pool, 
     try:
         t0 = time.monotonic()
         assert code_of(hip.hipMallocFromPoolAsync, MiB, pool, None) == E.hipErrorOutOfMemory
-        assert 0.4 < time.monotonic() - t0 < TIMEOUT
+        assert 1.9 < time.monotonic() - t0 < TIMEOUT
         hip.hipMemPoolSetAttribute(pool, A.hipMemPoolReuseAllowInternalDependencies, 0)
         t0 = time.monotonic()
         assert code_of(hip.hipMallocFromPoolAsync, MiB, pool, None) == E.hipErrorOutOfMemory
-        assert time.monotonic() - t0 < 0.4
+        assert time.monotonic() - t0 < 1.5  # no wait (a loaded machine: a loose bound)
         hip.hipMemPoolSetAttribute(pool, A.hipMemPoolReuseAllowInternalDependencies, 1)
         other = hip.hipStreamCreateWithFlags(hip.hipStreamNonBlocking)
         codes: list[str] = []
