@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import threading
 
 from .errors import HipError, hipError_t
 from .store import _fd_exhausted, _os_call
@@ -82,7 +83,29 @@ def _out_of_memory(nbytes: int, exc: OSError) -> HipError:
 
 
 # Below this a reservation is not checked against the memory left: it cannot exhaust it alone.
+# Small ones are counted, though, and checked once they add up to as much (a pool's many small
+# allocations would otherwise reach the OOM killer one by one, never checked).
 _CHECK_ABOVE = 16 << 20
+_unchecked = 0
+_unchecked_lock = threading.Lock()
+
+
+def _due_for_check(nbytes: int) -> bool:
+    global _unchecked
+    with _unchecked_lock:
+        _unchecked += nbytes
+        if nbytes < _CHECK_ABOVE and _unchecked < _CHECK_ABOVE:
+            return False
+        _unchecked = 0
+        return True
+
+
+def _after_fork_in_child() -> None:  # a thread may have held the lock at fork: a fresh one
+    global _unchecked_lock
+    _unchecked_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _limit_from(path: str, usage: str) -> int | None:
@@ -130,10 +153,10 @@ def reserve(fd: int, offset: int, nbytes: int) -> None:
     Raises ``hipErrorOutOfMemory`` when the memory cannot be had; allowed under
     ``F_SEAL_GROW`` as long as the range lies inside the file.  A memfd lives on the kernel's
     internal tmpfs, which has no size limit: ``posix_fallocate`` of more than the machine
-    has does not fail with ENOSPC but wakes the OOM killer.  So a large reservation is first
-    checked against :func:`available_memory`.
+    has does not fail with ENOSPC but wakes the OOM killer.  So a large reservation, and every
+    16 MiB of small ones, is first checked against :func:`available_memory`.
     """
-    if nbytes >= _CHECK_ABOVE and nbytes > available_memory():
+    if _due_for_check(nbytes) and nbytes > available_memory():
         raise HipError(
             hipError_t.hipErrorOutOfMemory,
             f"cannot reserve {nbytes} bytes of anonymous shared memory: only "

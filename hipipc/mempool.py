@@ -318,6 +318,7 @@ def _free_async(ptr: int, stream: Stream) -> None:
     region = _region(ptr, "hipFreeAsync")
     pool: MemPool = region.owner
     if pool.take(region, "hipFreeAsync"):
+        pool.defer()
         try:
             stream.launch_host_func(pool.release, (region,))
         except BaseException:
@@ -326,8 +327,8 @@ def _free_async(ptr: int, stream: Stream) -> None:
 
 
 def _set_attribute(pool: MemPool, attr: hipMemPoolAttr, value: int) -> None:
-    if value < 0:
-        raise _invalid(f"hipMemPoolSetAttribute: {attr.name} cannot be negative")
+    if not 0 <= value < 1 << 64:  # HIP's values are uint64_t (the reuse switches int)
+        raise _invalid(f"hipMemPoolSetAttribute: {attr.name} must be in [0, 2**64)")
     if attr == _A.hipMemPoolAttrReleaseThreshold:
         pool.release_threshold = value
     elif attr in (_A.hipMemPoolAttrReservedMemHigh, _A.hipMemPoolAttrUsedMemHigh):
@@ -452,12 +453,16 @@ def hipDeviceSetMemPool(device: int, pool: MemPool) -> None:
 
 
 def hipMallocAsync(size: int, stream: Stream | None = None) -> int:
-    """``size`` bytes from the current device's current pool, in ``stream``'s order (usable
-    at once here).  0 bytes gives 0.  ``hipErrorOutOfMemory`` when the pool or the memory is
-    exhausted; ``hipErrorInvalidHandle`` for a destroyed stream."""
+    """``size`` bytes from the current pool of ``stream``'s device (the current device for
+    the null stream), in ``stream``'s order (usable at once here).  0 bytes gives 0.
+    ``hipErrorOutOfMemory`` when the pool or the memory is exhausted;
+    ``hipErrorInvalidHandle`` for a destroyed stream."""
     size = _count(size, "hipMallocAsync size")
-    _stream(stream)  # checked only: the allocation is usable at once in any stream's order
-    return current_pool(get_registry().device).allocate(size) if size else 0
+    s = _stream(stream)  # the allocation is usable at once, a valid order for any stream
+    # CUDA/HIP: "from the memory pool associated with the stream's device"; the null stream's
+    # device is the current one.
+    device = get_registry().device if s.is_null else s.device
+    return current_pool(device).allocate(size) if size else 0
 
 
 def hipMallocFromPoolAsync(size: int, pool: MemPool, stream: Stream | None = None) -> int:
@@ -486,9 +491,9 @@ def hipMemPoolTrimTo(pool: MemPool, minBytesToKeep: int) -> None:
 
 
 def hipMemPoolSetAttribute(pool: MemPool, attr: int, value: int) -> None:
-    """Set ``attr`` of ``pool``: the release threshold (bytes of free memory kept committed),
-    the reuse switches, or reset a high-water mark to 0.  ``hipErrorInvalidValue`` for an
-    unknown or read-only attribute or a bad value."""
+    """Set ``attr`` of ``pool``: the release threshold (reserved bytes the pool keeps, live
+    ones included), the reuse switches, or reset a high-water mark to 0.
+    ``hipErrorInvalidValue`` for an unknown or read-only attribute or a bad value."""
     _set_attribute(
         _pool(pool, "hipMemPoolSetAttribute"),
         _attr(attr, "hipMemPoolSetAttribute"),

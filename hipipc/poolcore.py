@@ -12,8 +12,9 @@ The exporter maps the whole file once; an allocation is a page-aligned range of 
 with :func:`hipipc.memfd.reserve` (``posix_fallocate``: a full memory is
 ``hipErrorOutOfMemory`` at allocation, never SIGBUS later) and entered in this process's
 registry as device memory (``hipMemcpy``, ``asarray``, ``hipPointerGetAttributes`` work on
-it).  Freed ranges stay committed up to the pool's release threshold; beyond it they are given
-back to the kernel with ``fallocate(PUNCH_HOLE)`` (allowed under the shrink/grow seals).
+it).  Freed ranges stay committed while the pool's reserved memory (live allocations included)
+is within its release threshold; beyond it they are given back to the kernel with
+``fallocate(PUNCH_HOLE)`` (allowed under the shrink/grow seals).
 
 An importer receives the memfd (``SCM_RIGHTS``), checks that it is a regular file carrying
 :data:`hipipc.memfd.SEALS` (so no process can shrink it under the mappings: no SIGBUS), reads
@@ -47,6 +48,7 @@ import secrets
 import stat
 import struct
 import threading
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +59,7 @@ from .mapping import Mapping, map_file
 from .memfd import SEALS, create_memfd, reserve, seals_of
 from .registry import get_registry
 from .store import _os_call
+from .streams import running_on_stream
 
 __all__ = ["MemPool", "PoolRegion", "EXPORT_SIZE"]
 
@@ -74,6 +77,10 @@ _DATA_OFFSET = _TABLE_OFFSET + -(-CAPACITY * _ENTRY.size // PAGE) * PAGE
 _EXPORT = struct.Struct("<8sIIQQQ16s8s")
 _EXPORT_MAGIC = b"hipipcPX"
 EXPORT_SIZE = _EXPORT.size  # 64: hipMemPoolPtrExportData
+
+# How long an allocation that finds the pool full waits for hipFreeAsync calls still queued
+# on streams before it gives up with hipErrorOutOfMemory (see MemPool.allocate).
+REUSE_WAIT = 10.0
 
 # Importers' leases: an OFD read lock on each imported range, through the importer's own open
 # file description of the pool; the exporter tests for them before it reuses a freed range.
@@ -191,6 +198,22 @@ def _lease(fd: int, off: int, length: int, kind: int) -> bool:
         return False
 
 
+def _take_lease(fd: int, off: int, length: int) -> None:
+    """The importer's lease on ``[off, off+length)``, or an error: importing without it would
+    let the exporter reuse the range under the importer's pointer, silently."""
+    try:
+        fcntl.fcntl(fd, _F_OFD_SETLK, _FLOCK.pack(fcntl.F_RDLCK, 0, off, length, 0))
+    except OSError as exc:
+        if exc.errno == errno.ENOLCK:
+            raise HipError(
+                hipError_t.hipErrorOutOfMemory, "hipMemPoolImportPointer: no lock left for a lease"
+            ) from exc
+        raise _invalid(
+            "hipMemPoolImportPointer: another holder of the pool's descriptor locks this range "
+            f"({exc.strerror}; tampered?)"
+        ) from exc
+
+
 def _leased(fd: int, off: int, length: int) -> bool:
     """Whether another open file description (an importer) holds a lease on the range."""
     try:
@@ -202,15 +225,23 @@ def _leased(fd: int, off: int, length: int) -> bool:
 
 def _private_description(fd: int, st: os.stat_result) -> int:
     """A new open file description of the pool file (via /proc), to hold this importer's
-    leases; -1 if /proc is not there (imports then hold no lease)."""
+    leases; -1 if /proc is not there or refuses (imports then hold no lease).  At the limit
+    ``hipErrorOutOfMemory`` naming it: importing without a lease would let the exporter reuse
+    the memory under this importer's pointers, silently."""
     try:
-        mine = os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
-        return -1
+        mine = _os_call(
+            "importing a memory pool", os.open, f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC
+        )
+    except OSError as exc:
+        # No /proc mounted, or a /proc that refuses the reopen (a restricted container):
+        # the documented no-lease mode, as before.  Only a full descriptor table is an error.
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.EPERM):
+            return -1
+        raise _invalid(f"cannot reopen the shareable handle: {exc.strerror}") from exc
     mst = os.fstat(mine)
     if (mst.st_dev, mst.st_ino) != (st.st_dev, st.st_ino):
         os.close(mine)
-        return -1
+        raise _invalid("the shareable handle was closed or replaced during the import")
     return mine
 
 
@@ -227,6 +258,8 @@ class MemPool:
         self = object.__new__(cls)
         self.device, self.ipc, self.imported, self.is_default = device, ipc, imported, default
         self._lock = threading.Lock()
+        self._released = threading.Condition(self._lock)
+        self._pending = 0  # hipFreeAsync calls enqueued, not yet run (see defer)
         self._pid = os.getpid()
         self.destroyed = False
         self._closed = False
@@ -294,6 +327,12 @@ class MemPool:
                 "hipMemPoolExportToShareableHandle)"
             )
         try:
+            mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+        except OSError:
+            mode = -1
+        if mode != os.O_RDWR:  # a reopened read-only copy: cannot be mapped shared-writable
+            raise _invalid("the shareable handle is not open for reading and writing")
+        try:
             raw = os.pread(fd, _HEADER.size, 0)
         except OSError as exc:
             raise _invalid(f"cannot read the pool header: {exc.strerror}") from exc
@@ -308,13 +347,21 @@ class MemPool:
             or size != st.st_size
             or size <= data_off
             or size % PAGE
-            or device >= 1 << 31
         ):
             raise _invalid("the pool header is inconsistent with its file (tampered?)")
+        count = get_registry().backend.device_count()
+        if device >= count:  # hostile input too: its pointers would claim a missing device
+            raise _invalid(f"the pool is on device {device}, which this process lacks ({count})")
         self = cls._new(device, True, True, False)
         self.pool_id, self.file_size = pool_id, size
-        self._mapping = map_file(fd, size, 0)  # the fd is the caller's; the map needs none
-        self._lease_fd = _private_description(fd, st)
+        lease_fd = _private_description(fd, st)  # first: it may fail (descriptor limit)
+        try:
+            self._mapping = map_file(fd, size, 0)  # the fd is the caller's; the map needs none
+        except BaseException:
+            if lease_fd >= 0:
+                os.close(lease_fd)
+            raise
+        self._lease_fd = lease_fd
         self._finalizer = weakref.finalize(self, _cleanup, self._lease_fd, self._mapping)
         # Not at exit: stream work still draining then may use the memory; exit frees it.
         self._finalizer.atexit = False
@@ -328,15 +375,32 @@ class MemPool:
 
     def allocate(self, nbytes: int) -> int:
         """A new allocation of ``nbytes`` (> 0); its pointer.  ``hipErrorOutOfMemory`` when
-        the pool's size, its table or the memory is exhausted."""
+        the pool's size, its table or the memory is exhausted.
+
+        A pool full only of memory that ``hipFreeAsync`` calls still queued on streams will
+        give back: CUDA reuses it in stream order (``hipMallocAsync`` right after
+        ``hipFreeAsync`` on one stream always succeeds), inserting a stream dependency if
+        needed (``hipMemPoolReuseAllowInternalDependencies``).  Here an allocation is usable at
+        once, so the caller waits for those frees instead, up to :data:`REUSE_WAIT` seconds
+        (not on a stream's own thread, which could wait for itself)."""
         length = _pages(nbytes)
         with self._lock:
             self._usable("allocation")
             if self.imported:
                 raise _invalid("an imported pool cannot allocate (CUDA/HIP: only its exporter can)")
-            if self._held:
-                self._requeue_locked()
-            off = next((lo for lo, hi in self._free if hi - lo >= length), None)
+            off = self._fit_locked(length)
+            end_wait = None
+            while (off is None or (self.ipc and not self._slots)) and self._pending:
+                if running_on_stream() or not self.reuse[3]:
+                    break
+                if end_wait is None:
+                    end_wait = time.monotonic() + REUSE_WAIT
+                left = end_wait - time.monotonic()
+                if left <= 0:
+                    break
+                self._released.wait(left)
+                self._usable("allocation")  # destroyed (or forked) meanwhile
+                off = self._fit_locked(length)
             if off is None:
                 raise HipError(
                     hipError_t.hipErrorOutOfMemory,
@@ -380,6 +444,12 @@ class MemPool:
             self._give_back(region)
             raise
         return region.ptr
+
+    def _fit_locked(self, length: int) -> int | None:
+        """The first free range of ``length`` bytes (held ranges let go first), or None."""
+        if self._held:
+            self._requeue_locked()
+        return next((lo for lo, hi in self._free if hi - lo >= length), None)
 
     def _covered(self, off: int, end: int) -> bool:
         return any(lo <= off and end <= hi for lo, hi in self._cached)
@@ -462,7 +532,9 @@ class MemPool:
                 )
             # The lease first, then the entry: an exporter that frees meanwhile either sees
             # the lease (and keeps the range for us) or cleared the entry before we read it.
-            leased = self._lease_fd >= 0 and _lease(self._lease_fd, off, length, fcntl.F_RDLCK)
+            leased = self._lease_fd >= 0
+            if leased:
+                _take_lease(self._lease_fd, off, length)
             # One read of the entry (a copy): the exporter, or anyone holding the pool's
             # descriptor, may write it meanwhile; a torn read just fails the comparison.
             at = self._mapping.addr + _TABLE_OFFSET + slot * _ENTRY.size
@@ -517,13 +589,23 @@ class MemPool:
         get_registry().remove_host_range(region)
         return True
 
+    def defer(self) -> None:
+        """Count a taken region whose :meth:`release` is now queued on a stream: allocations
+        that find the pool full wait for it (see :meth:`allocate`)."""
+        with self._lock:
+            self._pending += 1
+
     def release(self, region: PoolRegion) -> None:
-        """Return a taken ``region`` to the pool (the stream-ordered part of a free).
-        Never raises: it runs on a stream's thread, where nobody could handle it."""
+        """Return a taken, deferred ``region`` to the pool (the stream-ordered part of a
+        free).  Never raises: it runs on a stream's thread, where nobody could handle it."""
         try:
             self._give_back(region)
         except Exception:  # a failed hole punch leaves memory committed, nothing worse
             pass
+        finally:
+            with self._lock:
+                self._pending -= 1
+                self._released.notify_all()
 
     def _give_back(self, region: PoolRegion) -> None:
         with self._lock:
@@ -552,7 +634,8 @@ class MemPool:
         _insert(self._cached, off, off + length)
         self._cached_bytes += length
         self.used -= length
-        self._trim_locked(self.release_threshold)
+        # CUDA/HIP: the threshold bounds the reserved memory, live allocations included.
+        self._trim_locked(max(0, self.release_threshold - self.used))
 
     def _requeue_locked(self) -> None:
         """Make the held ranges whose importers have let go free again."""
@@ -613,6 +696,7 @@ class MemPool:
                 raise _invalid("hipMemPoolDestroy: a device's default pool cannot be destroyed")
             self.destroyed = True
             close = not self.live
+            self._released.notify_all()  # allocations waiting for queued frees: refused now
         if close:
             self._close()
 
@@ -636,6 +720,8 @@ class MemPool:
         self.destroyed = True
         self._closed = True
         self._lock = threading.Lock()
+        self._released = threading.Condition(self._lock)
+        self._pending = 0
         if self._finalizer is not None:
             self._finalizer.detach()
         for fd in (self._fd, self._lease_fd):  # the child's copies; the parent's own

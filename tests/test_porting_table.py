@@ -367,6 +367,7 @@ def _row_mempool_attributes(monkeypatch):
     assert hip.hipMemPoolGetAttribute(pool, threshold) == 1 << 20
     hip.hipMemPoolSetAttribute(pool, threshold, 0)
     expect(E.hipErrorInvalidValue, hip.hipMemPoolSetAttribute, pool, 7, 0)  # read-only
+    expect(E.hipErrorInvalidValue, hip.hipMemPoolSetAttribute, pool, threshold, 1 << 64)
     expect(E.hipErrorInvalidValue, hip.hipMemPoolGetAttribute, pool, 99)
     expect(E.hipErrorInvalidValue, hip.hipMemPoolTrimTo, None, 0)
     hip.hipMemPoolTrimTo(pool, 0)
@@ -409,6 +410,11 @@ def _row_mempool_ipc(monkeypatch):
         try:
             expect(E.hipErrorInvalidValue, hip.hipMemPoolImportFromShareableHandle, None, 1, 0)
             expect(E.hipErrorInvalidValue, hip.hipMemPoolImportFromShareableHandle, fd, 0, 0)
+            readonly = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                expect(E.hipErrorInvalidValue, hip.hipMemPoolImportFromShareableHandle, readonly)
+            finally:
+                os.close(readonly)
             imported = hip.hipMemPoolImportFromShareableHandle(fd, 1, 0)
         finally:
             os.close(fd)
