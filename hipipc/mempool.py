@@ -388,9 +388,9 @@ def _set_access(pool: MemPool, descs: Any, count: Any) -> None:
                 "hipMemPoolSetAccess: the pool's own device always has read-write access",
             )
         changes.append((device, int(flags)))
-    for device, flags in changes:
+    for device, value in changes:
         if device != pool.device:
-            pool.access[device] = flags
+            pool.access[device] = value
 
 
 def _get_access(pool: MemPool, location: Any) -> hipMemAccessFlags:

@@ -220,7 +220,8 @@ def _leased(fd: int, off: int, length: int) -> bool:
         raw = fcntl.fcntl(fd, _F_OFD_GETLK, _FLOCK.pack(fcntl.F_WRLCK, 0, off, length, 0))
     except OSError:
         return False
-    return _FLOCK.unpack(raw)[0] != fcntl.F_UNLCK
+    kind: int = _FLOCK.unpack(raw)[0]  # struct flock's l_type, as the kernel answered
+    return kind != fcntl.F_UNLCK
 
 
 def _private_description(fd: int, st: os.stat_result) -> int:
@@ -250,6 +251,39 @@ class MemPool:
     (:meth:`_import_fd`).  Thread-safe; every method raises :class:`HipError` with HIP's code.
     The hip* calls of :mod:`hipipc.mempool` are its interface."""
 
+    # Declared here because instances are built by _new (object.__new__, no __init__), where
+    # mypy does not look for attributes; _new sets every one of them.
+    device: int
+    ipc: bool
+    imported: bool
+    is_default: bool
+    _lock: threading.Lock
+    _released: threading.Condition
+    _pending: int  # hipFreeAsync calls enqueued, not yet run (see defer)
+    _pid: int
+    destroyed: bool
+    _closed: bool
+    _finalizer: weakref.finalize[Any, Any] | None
+    _fd: int
+    _mapping: Mapping | None
+    pool_id: bytes
+    file_size: int
+    live: dict[int, PoolRegion]  # by pointer
+    _imports: dict[tuple[int, int], PoolRegion]  # (slot, serial), importer
+    _free: list[list[int]]
+    _cached: list[list[int]]  # free but still committed
+    _cached_bytes: int
+    _held: list[tuple[int, int]]  # freed here, still leased by an importer
+    _lease_fd: int  # importer: its own open file description of the pool
+    _slots: list[int]
+    _serial: int
+    used: int
+    used_high: int
+    reserved_high: int
+    release_threshold: int
+    reuse: dict[int, int]  # the three hipMemPoolReuse* switches
+    access: dict[int, int]  # device -> hipMemAccessFlags, besides the owner
+
     def __init__(self) -> None:
         raise TypeError("use hipMemPoolCreate or hipMemPoolImportFromShareableHandle")
 
@@ -263,24 +297,24 @@ class MemPool:
         self._pid = os.getpid()
         self.destroyed = False
         self._closed = False
-        self._finalizer: weakref.finalize[Any, Any] | None = None
+        self._finalizer = None
         self._fd = -1
-        self._mapping: Mapping | None = None
+        self._mapping = None
         self.pool_id = b""
         self.file_size = 0
-        self.live: dict[int, PoolRegion] = {}  # by pointer
-        self._imports: dict[tuple[int, int], PoolRegion] = {}  # (slot, serial), importer
-        self._free: list[list[int]] = []
-        self._cached: list[list[int]] = []  # free but still committed
+        self.live = {}  # by pointer
+        self._imports = {}  # (slot, serial), importer
+        self._free = []
+        self._cached = []  # free but still committed
         self._cached_bytes = 0
-        self._held: list[tuple[int, int]] = []  # freed here, still leased by an importer
+        self._held = []  # freed here, still leased by an importer
         self._lease_fd = -1  # importer: its own open file description of the pool
-        self._slots: list[int] = []
+        self._slots = []
         self._serial = 0
         self.used = self.used_high = self.reserved_high = 0
         self.release_threshold = 0
         self.reuse = {1: 1, 2: 1, 3: 1}  # the three hipMemPoolReuse* switches
-        self.access: dict[int, int] = {}  # device -> hipMemAccessFlags, besides the owner
+        self.access = {}  # device -> hipMemAccessFlags, besides the owner
         _pools.add(self)
         return self
 

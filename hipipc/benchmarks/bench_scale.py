@@ -72,7 +72,9 @@ def _worker(conn: Connection, index: int) -> None:
             conn.send(exc)
 
 
-def _run_window(handles: list[Any], seq: list[int], start_ns: int, end_ns: int) -> tuple[int, int, float]:
+def _run_window(
+    handles: list[Any], seq: list[int], start_ns: int, end_ns: int
+) -> tuple[int, int, float]:
     """Open+close in a loop from ``start_ns`` to ``end_ns`` (perf_counter_ns, which is
     CLOCK_MONOTONIC and so shared by the processes of one machine)."""
     lead = (start_ns - _ns()) / 1e9

@@ -68,7 +68,9 @@ def _fresh_child(conn: Connection) -> None:
     conn.poll(60)  # the parent's goodbye: it stops the clock before this process exits
 
 
-def _fresh_round(ctx: Any, method: str, nbytes: int, source: np.ndarray) -> tuple[int, dict[str, Any]]:
+def _fresh_round(
+    ctx: Any, method: str, nbytes: int, source: np.ndarray
+) -> tuple[int, dict[str, Any]]:
     """One handoff to a new process: (nanoseconds from the send to the reply, the worker's
     step times relative to the send)."""
     conn, child = ctx.Pipe()
