@@ -1,12 +1,8 @@
 """The engine behind :mod:`hipipc.mempool`: one memory pool is one sealed memfd.
 
-Layout of the pool's memfd (all offsets page aligned)::
-
-    page 0            header: magic, version, table capacity, device, file size, data
-                      offset, the pool's 128-bit random identity
-    pages 1..         the allocation table: one 32-byte entry per slot (offset, size,
-                      serial, state), written only by the exporting process
-    data offset..     the allocations, first fit with coalescing over ``maxSize`` bytes
+The pool file's layout (a header page, the allocation table, the data), the checks an
+importer makes on it and the importers' leases are :mod:`hipipc.poolfile`'s; this module is
+the pool object: the allocator, exports and imports of pointers, freeing and destruction.
 
 The exporter maps the whole file once; an allocation is a page-aligned range of it, committed
 with :func:`hipipc.memfd.reserve` (``posix_fallocate``: a full memory is
@@ -16,22 +12,18 @@ it).  Freed ranges stay committed while the pool's reserved memory (live allocat
 is within its release threshold; beyond it they are given back to the kernel with
 ``fallocate(PUNCH_HOLE)`` (allowed under the shrink/grow seals).
 
-An importer receives the memfd (``SCM_RIGHTS``), checks that it is a regular file carrying
-:data:`hipipc.memfd.SEALS` (so no process can shrink it under the mappings: no SIGBUS), reads
-the header once and maps the file.  Everything it reads from the file afterwards, the table
-included, is hostile input: a process holding the descriptor can write any byte.  Export data
+An importer maps the file once :func:`hipipc.poolfile.check_pool_file` accepted it; everything
+it reads from the file afterwards, the table included, is hostile input.  Export data
 (64 bytes) names a table slot; the importer reads that entry once and accepts the pointer only
 if the entry matches the export data exactly, lies in the pool and is live.  The pool identity
 is compared in constant time.
 
-Leases: an importer reopens the pool file through ``/proc/self/fd`` (its own open file
-description) and holds an OFD read lock on each range it imports, taken *before* it reads the
-table entry.  The exporter clears the entry, then tests for a lock (``F_OFD_GETLK``) before it
-puts a freed range back in the free list; a leased range is held aside and looked at again at
-the next allocation or trim.  Either the exporter sees the lease or the importer sees the
-cleared entry, so an imported pointer keeps its memory and its contents until the importer
-frees it or exits (the kernel drops OFD locks with the description), also after the exporter
-freed it (CUDA: undefined), destroyed the pool or exited.
+Leases (:mod:`hipipc.poolfile`): the exporter clears a freed allocation's table entry, then
+tests for an importer's lease before it puts the range back in the free list; a leased range
+is held aside and looked at again at the next allocation or trim.  So an imported pointer
+keeps its memory and its contents until the importer frees it or exits (the kernel drops OFD
+locks with the description), also after the exporter freed it (CUDA: undefined), destroyed
+the pool or exited.
 """
 
 from __future__ import annotations
@@ -41,12 +33,9 @@ import ctypes.util
 import errno
 import fcntl
 import hmac
-import mmap
 import os
 import resource
 import secrets
-import stat
-import struct
 import threading
 import time
 import weakref
@@ -56,39 +45,44 @@ from typing import Any
 from .backends import Region
 from .errors import HipError, hipError_t
 from .mapping import Mapping, map_file
-from .memfd import SEALS, create_memfd, reserve, seals_of
+from .memfd import create_memfd, reserve
+
+# The file format and its checks; the `X as X` names are not used here but stay importable
+# from hipipc.poolcore, as before poolfile was split out of it (tests use them).
+from .poolfile import (
+    _DATA_OFFSET,
+    _ENTRY,
+    _EXPORT,
+    _EXPORT_MAGIC,
+    _HEADER,
+    _LIVE,
+    _MAGIC,
+    _TABLE_OFFSET,
+    _VERSION,
+    CAPACITY,
+    EXPORT_SIZE,
+    PAGE,
+    _invalid,
+    _lease,
+    _leased,
+    _pages,
+    _private_description,
+    _take_lease,
+    check_pool_file,
+)
+from .poolfile import _F_OFD_GETLK as _F_OFD_GETLK
+from .poolfile import _F_OFD_SETLK as _F_OFD_SETLK
+from .poolfile import _FLOCK as _FLOCK
+from .poolfile import _WRITE_SEALS as _WRITE_SEALS
 from .registry import get_registry
 from .store import _os_call
 from .streams import running_on_stream
 
 __all__ = ["MemPool", "PoolRegion", "EXPORT_SIZE"]
 
-PAGE = mmap.PAGESIZE
-_MAGIC = b"hipipcMP"
-_VERSION = 1
-# magic, version, table capacity, device, file size, data offset, pool identity
-_HEADER = struct.Struct("<8sIIQQQ16s")
-_ENTRY = struct.Struct("<QQQQ")  # offset, size (bytes asked), serial, state
-_LIVE = 1
-CAPACITY = 16384  # live allocations per pool: the table is 512 KiB, committed at creation
-_TABLE_OFFSET = PAGE
-_DATA_OFFSET = _TABLE_OFFSET + -(-CAPACITY * _ENTRY.size // PAGE) * PAGE
-# magic, version, slot, offset, size, serial, pool identity, 8 reserved bytes (zero)
-_EXPORT = struct.Struct("<8sIIQQQ16s8s")
-_EXPORT_MAGIC = b"hipipcPX"
-EXPORT_SIZE = _EXPORT.size  # 64: hipMemPoolPtrExportData
-
 # How long an allocation that finds the pool full waits for hipFreeAsync calls still queued
 # on streams before it gives up with hipErrorOutOfMemory (see MemPool.allocate).
 REUSE_WAIT = 10.0
-
-# Importers' leases: an OFD read lock on each imported range, through the importer's own open
-# file description of the pool; the exporter tests for them before it reuses a freed range.
-_F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
-_F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
-_FLOCK = struct.Struct("hhqqi4x")  # struct flock: type, whence, start, len, pid
-
-_WRITE_SEALS = 0x0008 | 0x0010  # F_SEAL_WRITE, F_SEAL_FUTURE_WRITE
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -96,14 +90,6 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 _fallocate = _libc.fallocate
 _fallocate.restype = ctypes.c_int
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-
-
-def _invalid(detail: str) -> HipError:
-    return HipError(hipError_t.hipErrorInvalidValue, detail)
-
-
-def _pages(n: int) -> int:
-    return -(-n // PAGE) * PAGE
 
 
 def default_max_size() -> int:
@@ -187,63 +173,6 @@ def _insert(ranges: list[list[int]], off: int, end: int) -> None:
         lo, hi = min(lo, ranges[j][0]), max(hi, ranges[j][1])
         j += 1
     ranges[i:j] = [[lo, hi]]
-
-
-def _lease(fd: int, off: int, length: int, kind: int) -> bool:
-    """Take (F_RDLCK) or drop (F_UNLCK) the lease on ``[off, off+length)``; False if refused."""
-    try:
-        fcntl.fcntl(fd, _F_OFD_SETLK, _FLOCK.pack(kind, 0, off, length, 0))
-        return True
-    except OSError:
-        return False
-
-
-def _take_lease(fd: int, off: int, length: int) -> None:
-    """The importer's lease on ``[off, off+length)``, or an error: importing without it would
-    let the exporter reuse the range under the importer's pointer, silently."""
-    try:
-        fcntl.fcntl(fd, _F_OFD_SETLK, _FLOCK.pack(fcntl.F_RDLCK, 0, off, length, 0))
-    except OSError as exc:
-        if exc.errno == errno.ENOLCK:
-            raise HipError(
-                hipError_t.hipErrorOutOfMemory, "hipMemPoolImportPointer: no lock left for a lease"
-            ) from exc
-        raise _invalid(
-            "hipMemPoolImportPointer: another holder of the pool's descriptor locks this range "
-            f"({exc.strerror}; tampered?)"
-        ) from exc
-
-
-def _leased(fd: int, off: int, length: int) -> bool:
-    """Whether another open file description (an importer) holds a lease on the range."""
-    try:
-        raw = fcntl.fcntl(fd, _F_OFD_GETLK, _FLOCK.pack(fcntl.F_WRLCK, 0, off, length, 0))
-    except OSError:
-        return False
-    kind: int = _FLOCK.unpack(raw)[0]  # struct flock's l_type, as the kernel answered
-    return kind != fcntl.F_UNLCK
-
-
-def _private_description(fd: int, st: os.stat_result) -> int:
-    """A new open file description of the pool file (via /proc), to hold this importer's
-    leases; -1 if /proc is not there or refuses (imports then hold no lease).  At the limit
-    ``hipErrorOutOfMemory`` naming it: importing without a lease would let the exporter reuse
-    the memory under this importer's pointers, silently."""
-    try:
-        mine = _os_call(
-            "importing a memory pool", os.open, f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC
-        )
-    except OSError as exc:
-        # No /proc mounted, or a /proc that refuses the reopen (a restricted container):
-        # the documented no-lease mode, as before.  Only a full descriptor table is an error.
-        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.EPERM):
-            return -1
-        raise _invalid(f"cannot reopen the shareable handle: {exc.strerror}") from exc
-    mst = os.fstat(mine)
-    if (mst.st_dev, mst.st_ino) != (st.st_dev, st.st_ino):
-        os.close(mine)
-        raise _invalid("the shareable handle was closed or replaced during the import")
-    return mine
 
 
 class MemPool:
@@ -348,44 +277,7 @@ class MemPool:
     @classmethod
     def _import_fd(cls, fd: int) -> MemPool:
         """Map the pool behind another process's shareable handle ``fd`` (not consumed)."""
-        try:
-            st = os.fstat(fd)
-        except OSError as exc:
-            raise _invalid(f"the shareable handle {fd} is not an open descriptor") from exc
-        seals = seals_of(fd)
-        # Our seals, and no write seal: a file that refuses writable shared mappings is not
-        # one of ours either (mmap would fail later with a less clear error).
-        if not stat.S_ISREG(st.st_mode) or seals & SEALS != SEALS or seals & _WRITE_SEALS:
-            raise _invalid(
-                "the shareable handle is not a hipipc memory pool (not a sealed memfd from "
-                "hipMemPoolExportToShareableHandle)"
-            )
-        try:
-            mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
-        except OSError:
-            mode = -1
-        if mode != os.O_RDWR:  # a reopened read-only copy: cannot be mapped shared-writable
-            raise _invalid("the shareable handle is not open for reading and writing")
-        try:
-            raw = os.pread(fd, _HEADER.size, 0)
-        except OSError as exc:
-            raise _invalid(f"cannot read the pool header: {exc.strerror}") from exc
-        if len(raw) != _HEADER.size:
-            raise _invalid("the shareable handle's pool header is truncated")
-        magic, version, capacity, device, size, data_off, pool_id = _HEADER.unpack(raw)
-        if magic != _MAGIC or version != _VERSION:
-            raise _invalid("the shareable handle is not a hipipc memory pool of this version")
-        if (
-            capacity != CAPACITY
-            or data_off != _DATA_OFFSET
-            or size != st.st_size
-            or size <= data_off
-            or size % PAGE
-        ):
-            raise _invalid("the pool header is inconsistent with its file (tampered?)")
-        count = get_registry().backend.device_count()
-        if device >= count:  # hostile input too: its pointers would claim a missing device
-            raise _invalid(f"the pool is on device {device}, which this process lacks ({count})")
+        st, device, size, pool_id = check_pool_file(fd)
         self = cls._new(device, True, True, False)
         self.pool_id, self.file_size = pool_id, size
         lease_fd = _private_description(fd, st)  # first: it may fail (descriptor limit)
