@@ -90,6 +90,23 @@ def _exited(pidfd: int) -> bool:
     return bool(poller.poll(0))
 
 
+def _leader_gone(pid: int) -> bool:
+    """Whether the thread-group leader of the live process ``pid`` shows as a zombie (its
+    main thread exited while other threads run); read only on an error path."""
+    try:
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        line = os.read(fd, 4096)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    fields = line.rpartition(b")")[2].split()
+    return bool(fields) and fields[0] == b"Z"
+
+
 class _Pidfds:
     """Cached pidfds of exporters, by (pid, start time); at most :attr:`LIMIT` (oldest evicted).
 
@@ -119,6 +136,12 @@ class _Pidfds:
                     del self._cache[key]
                     os.close(pidfd)
                     raise OSError(errno.ESRCH, os.strerror(errno.ESRCH)) from None
+                if exc.errno in (errno.EBADF, errno.ESRCH) and _leader_gone(pid):
+                    # A main thread that called pthread_exit while the others run: the
+                    # kernel finds no descriptor table through the leader, but the process
+                    # and its exports live.  Its server thread can still send (EPERM routes
+                    # the open there, as for any refused pidfd_getfd).
+                    raise OSError(errno.EPERM, "the exporter's main thread has exited") from None
                 raise
 
     def _first_sight(self, pid: int, start: int) -> int:

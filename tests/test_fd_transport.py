@@ -739,3 +739,39 @@ def test_the_route_tail_parses_by_the_design_rules():
         with pytest.raises(hip.HipError) as exc:
             hip.IpcMemHandle.new(HandleKind.HOST_MEMORY, 4096, 0, 0, bad)
         assert exc.value.code == E.hipErrorInvalidValue
+
+
+def test_an_fd_exporter_whose_main_thread_exited_is_alive_and_serves_its_exports():
+    """A main thread that called pthread_exit leaves the process running (its other threads
+    hold the exports); pidfd_getfd finds no descriptor table through the zombie leader, so the
+    open goes through the exporter's descriptor server instead of calling it dead."""
+    from test_review_security import MAIN_THREAD_EXITS
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", MAIN_THREAD_EXITS],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=child_env(HIPIPC_TRANSPORT="fd"),
+    )
+    try:
+        raw = bytes.fromhex(readline(proc.stdout, 60, "exporter"))
+        assert hip.IpcMemHandle(raw).transport == "fd"
+        deadline = time.monotonic() + 30
+        while True:  # the leader turns "Z" once its pthread_exit has run
+            with open(f"/proc/{proc.pid}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                    break
+            assert time.monotonic() < deadline, "the exporter's main thread did not exit"
+            time.sleep(0.01)
+        ptr = hip.hipIpcOpenMemHandle(raw)
+        hip.hipIpcCloseMemHandle(ptr)
+        proc.stdin.write(b"done\n")
+        proc.stdin.flush()
+        assert proc.wait(timeout=60) == 0
+        with pytest.raises(hip.HipError) as info:
+            hip.hipIpcOpenMemHandle(raw)
+        assert info.value.code == hip.hipErrorInvalidHandle
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
