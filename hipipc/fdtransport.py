@@ -90,6 +90,21 @@ def _exited(pidfd: int) -> bool:
     return bool(poller.poll(0))
 
 
+def _exiting(pid: int, grace: float = 0.2) -> bool:
+    """Whether ``pid`` has exited or finishes exiting within ``grace`` seconds (a process
+    killed a moment ago: its threads are still being torn down).  Error paths only."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return True  # no such process any more
+    try:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        return bool(poller.poll(int(grace * 1000)))
+    finally:
+        os.close(pidfd)
+
+
 def _leader_gone(pid: int) -> bool:
     """Whether the thread-group leader of the live process ``pid`` shows as a zombie (its
     main thread exited while other threads run); read only on an error path."""
@@ -545,6 +560,12 @@ class FdTransport(Transport):
         try:
             return fdserver.fetch(route.pid, route.start, handle.uid, handle.segment_name)
         except HipError as exc:
+            if _exiting(route.pid):
+                # Killed while we asked: its leader was already a zombie, its other threads
+                # (the server's among them) not yet gone.
+                raise _refused(
+                    f"the exporter (pid {route.pid}) exited: its exports died with it, as in CUDA"
+                ) from None
             raise _refused(
                 f"pidfd_getfd refused ({os.strerror(err)}) and the exporter's descriptor "
                 f"server did not send it: {exc.detail}"
