@@ -16,6 +16,7 @@ Every cross-process wait is bounded (readline with a timeout, ``timeout=`` on ev
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -181,7 +182,8 @@ _WAITER = r"""
 import json, sys, threading, time
 import hipipc as hip
 from hipipc.backends import eventstate as es
-es.LIVENESS_INTERVAL = 1000.0  # a lost wake-up fails by timeout instead of passing slowly
+# 1000 s (default): a lost wake-up sleeps until the timeout instead of the next slice
+es.LIVENESS_INTERVAL = float(sys.argv[3]) if len(sys.argv) > 3 else 1000.0
 ev = hip.hipIpcOpenEventHandle(bytes.fromhex(sys.argv[1]))
 threads = int(sys.argv[2])
 print(json.dumps("ready"), flush=True)
@@ -214,9 +216,9 @@ hip.hipEventDestroy(ev)
 class _Waiters:
     """A spawned interpreter whose threads each wait once per command (timeout in seconds)."""
 
-    def __init__(self, raw: bytes, threads: int) -> None:
+    def __init__(self, raw: bytes, threads: int, liveness: float = 1000.0) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _WAITER, raw.hex(), str(threads)],
+            [sys.executable, "-c", _WAITER, raw.hex(), str(threads), str(liveness)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=child_env(),
@@ -428,5 +430,70 @@ def test_waiters_on_a_page_scribbled_at_random_end_with_hiperror_or_success_in_t
             hip.hipStreamSynchronize(stream, timeout=LIMIT)
         except hip.HipError:
             pass  # the page is garbage: its completion may report that
+        hip.hipStreamDestroy(stream)
+        hip.hipEventDestroy(ev)
+
+
+_HOLDER = r"""
+import sys
+import hipipc as hip
+ev = hip.hipIpcOpenEventHandle(bytes.fromhex(sys.argv[1]))
+ev._state._lock()
+print("held", flush=True)
+sys.stdin.read()  # until closed (or killed)
+"""
+
+
+def test_waiters_asleep_on_a_completion_that_cannot_take_the_lock_fail_within_the_bound(
+    monkeypatch,
+):
+    """A record far behind the newest completes under the event's lock; a stopped peer holds
+    it.  The completion gives up after LOCK_TIMEOUT and marks the page corrupt: the waiters
+    already asleep on that record (another process, default liveness slice) fail with
+    hipErrorInvalidResourceHandle soon after, not at their own timeout."""
+    import signal
+
+    monkeypatch.setattr(es, "LOCK_TIMEOUT", 1.0)
+    ev = hip.hipEventCreateWithFlags(IPC)
+    stream = hip.hipStreamCreateWithFlags(hip.hipStreamNonBlocking)
+    gate = threading.Event()
+    group = holder = None
+    try:
+        raw = bytes(hip.hipIpcGetEventHandle(ev))
+        hip.hipLaunchHostFunc(stream, gate.wait, LIMIT)
+        hip.hipEventRecord(ev, stream)
+        group = _Waiters(raw, 3, liveness=es.LIVENESS_INTERVAL)
+        group.start(LIMIT)  # they wait for the gated record...
+        time.sleep(1.0)  # ... once their threads, past the barrier, have called the wait
+        for _ in range(es._LOCKLESS_SPAN):  # now too far behind to complete without the lock
+            hip.hipEventRecord(ev, None)
+        holder = subprocess.Popen(
+            [sys.executable, "-c", _HOLDER, raw.hex()],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=child_env(),
+        )
+        assert readline(holder.stdout, LIMIT, "holder").strip() == "held"
+        os.kill(holder.pid, signal.SIGSTOP)
+        gate.set()
+        with pytest.raises(hip.HipError) as failed:
+            hip.hipStreamSynchronize(stream, timeout=LIMIT)
+        assert failed.value.code == E.hipErrorLaunchFailure
+        outs = group.results()
+        invalid = E.hipErrorInvalidResourceHandle.name
+        assert all(o[0] == invalid and o[1] < LIMIT / 2 for o in outs), outs
+    finally:
+        gate.set()
+        if holder is not None:
+            os.kill(holder.pid, signal.SIGKILL)
+            holder.wait(LIMIT)
+            holder.stdin.close()
+            holder.stdout.close()
+        if group is not None:
+            group.close()
+        try:
+            hip.hipStreamSynchronize(stream, timeout=LIMIT)
+        except hip.HipError:
+            pass  # reported above
         hip.hipStreamDestroy(stream)
         hip.hipEventDestroy(ev)
