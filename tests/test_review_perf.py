@@ -68,6 +68,11 @@ try:
 except hip.HipError as exc:
     out["pickle_after_reset"] = exc.code.name
 del a; gc.collect()
+# this process's own allocation: freed, and freed again by a reset, under a live view
+q = hip.hipMalloc(1 << 16); a = hip.asarray(q + 4096, (16, 16), np.float32); hip.hipFree(q)
+r = hip.hipMalloc(1 << 16); b = hip.asarray(r, 1 << 14, np.float32); hip.hipDeviceReset()
+gc.collect(); a[:] = 1.5; b[:] = 2.5; out["own"] = [float(a.sum()), float(b[-1])]
+del a, b; gc.collect()
 # a pickle round trip in the same process, used after the pointer is closed
 p = opened(); a = hip.asarray(p, 8, np.uint8)
 b = pickle.loads(pickle.dumps(a)); hip.hipIpcCloseMemHandle(p); del a; gc.collect()
@@ -122,6 +127,7 @@ def test_views_keep_the_mapping_through_every_way_an_array_outlives_its_pointer(
     assert got["dlpack"] == 2.0 and got["memoryview"] == 3
     assert got["after_reset"] == 7 and got["pickle_after_reset"] == "hipErrorInvalidValue"
     assert got["pickled_after_close"] == 9 and got["fork"] == 0
+    assert got["own"] == [384.0, 2.5]
     assert set(got["race"]) <= {"1", "hipErrorInvalidValue"}, got["race"]
     assert got["shapes"] == [[0], [], [0, 3], ">i2"]
     assert got["layout"] == [8, [8, 2], True, True, True]
