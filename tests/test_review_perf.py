@@ -202,11 +202,11 @@ for line in sys.stdin:
         t0 = time.monotonic()
         try:
             hip.hipEventSynchronize(ev, timeout=timeout)
-            outs.append(["ok", time.monotonic() - t0])
+            outs.append(["ok", time.monotonic() - t0, time.monotonic()])
         except hip.HipError as exc:
-            outs.append([exc.code.name, time.monotonic() - t0])
+            outs.append([exc.code.name, time.monotonic() - t0, time.monotonic()])
         except BaseException as exc:
-            outs.append(["EXC " + repr(exc), 0])
+            outs.append(["EXC " + repr(exc), 0, 0])
     ts = [threading.Thread(target=wait) for _ in range(threads)]
     for t in ts:
         t.start()
@@ -214,7 +214,7 @@ for line in sys.stdin:
     print(json.dumps("waiting"), flush=True)
     for t in ts:
         t.join(timeout + 30)
-    print(json.dumps(outs if len(outs) == threads else outs + [["hung", 0]]), flush=True)
+    print(json.dumps(outs if len(outs) == threads else outs + [["hung", 0, 0]]), flush=True)
 hip.hipEventDestroy(ev)
 """
 
@@ -258,47 +258,69 @@ class _Waiters:
 def _timed_wait(ev, out: list[float]) -> None:
     t0 = time.monotonic()
     hip.hipEventSynchronize(ev, timeout=LIMIT)
-    out.append(time.monotonic() - t0)
+    out += [time.monotonic() - t0, time.monotonic()]
 
 
-def test_many_waiters_in_many_processes_lose_no_wakeup_across_the_window(monkeypatch):
+def _lockstep(ev, stream, groups: list[_Waiters], cycles: int, seed: int) -> None:
+    """``cycles`` records, each awaited by every waiter of ``groups`` and a thread here,
+    the completion landing before, while or after they go to sleep; each wait must end well
+    before its timeout (a lost wake-up sleeps until it, then finds the record done), and a
+    wait for a record held back must end after its release (CLOCK_MONOTONIC is one clock for
+    every process), never before."""
+    rng = random.Random(seed)
+    for cycle in range(cycles):
+        gate = threading.Event()
+        hip.hipLaunchHostFunc(stream, gate.wait, LIMIT)
+        pause = rng.choice([0.0, 0.0, 0.00005, 0.0003])
+        if pause:
+            hip.hipLaunchHostFunc(stream, time.sleep, pause)
+        hip.hipEventRecord(ev, stream)
+        if cycle % 3 == 0:
+            gate.set()  # completes as the waiters start: before, during or after
+        for g in groups:
+            g.start(LIMIT)
+        local: list[float] = []
+        mine = threading.Thread(target=_timed_wait, args=(ev, local))
+        mine.start()
+        released = 0.0 if gate.is_set() else time.monotonic()
+        gate.set()
+        for g in groups:
+            outs = g.results()
+            assert all(o[0] == "ok" and o[1] < LIMIT / 2 for o in outs), (cycle, outs)
+            assert all(o[2] >= released for o in outs), ("returned early", cycle, outs)
+        mine.join(LIMIT + 10)
+        assert len(local) == 2 and local[0] < LIMIT / 2, (cycle, local)
+        assert local[1] >= released, ("returned early", cycle, local)
+    assert hip.hipEventQuery(ev) == hip.hipSuccess
+
+
+@pytest.mark.parametrize("start", ["window", "u32"])
+def test_many_waiters_in_many_processes_lose_no_wakeup(monkeypatch, start):
     """Three processes of three waiter threads each, plus a thread here, all wait for one
-    record at a time; the completion lands before, while or after they go to sleep, and the
-    records run past the window of 4096 slots (every slot reused).  The waiters' liveness
-    slice is longer than their timeout, so a lost wake-up sleeps until the timeout (where the
-    wait finds the record done and *succeeds*: only its duration tells)."""
+    record at a time.  The records run past the window of 4096 slots (every slot reused), or
+    past 2**32 (the numbers wrap to 0, which is also the never-recorded number: the page is
+    set as 2**32 - 60 records would have left it, the newest completion in every slot).  The
+    waiters' liveness slice is longer than their timeout, so a lost wake-up sleeps until the
+    timeout (where the wait finds the record done and *succeeds*: only its duration tells)."""
     monkeypatch.setattr(es, "LIVENESS_INTERVAL", 1000.0)
     ev = hip.hipEventCreateWithFlags(IPC)
     stream = hip.hipStreamCreateWithFlags(hip.hipStreamNonBlocking)
     groups: list[_Waiters] = []
-    rng = random.Random(15)
     try:
         raw = bytes(hip.hipIpcGetEventHandle(ev))
+        if start == "u32":
+            state, newest = ev._state, (1 << 32) - 60
+            for k in range(es.WINDOW):
+                state._done[k] = newest - (newest - k) % es.WINDOW
+            state._floor.value = state._recorded.value = newest
         groups = [_Waiters(raw, 3) for _ in range(3)]
-        for _ in range(es.WINDOW - 60):  # the lockstep below crosses the window's end
-            hip.hipEventRecord(ev, stream)
-        hip.hipStreamSynchronize(stream, timeout=LIMIT)
-        for cycle in range(150):
-            gate = threading.Event()
-            hip.hipLaunchHostFunc(stream, gate.wait, LIMIT)
-            pause = rng.choice([0.0, 0.0, 0.00005, 0.0003])
-            if pause:
-                hip.hipLaunchHostFunc(stream, time.sleep, pause)
-            hip.hipEventRecord(ev, stream)
-            if cycle % 3 == 0:
-                gate.set()  # completes as the waiters start: before, during or after
-            for g in groups:
-                g.start(LIMIT)
-            local: list[float] = []
-            mine = threading.Thread(target=_timed_wait, args=(ev, local))
-            mine.start()
-            gate.set()
-            for g in groups:
-                outs = g.results()
-                assert all(o[0] == "ok" and o[1] < LIMIT / 2 for o in outs), (cycle, outs)
-            mine.join(LIMIT + 10)
-            assert len(local) == 1 and local[0] < LIMIT / 2, (cycle, local)
-        assert hip.hipEventQuery(ev) == hip.hipSuccess
+        if start == "window":
+            for _ in range(es.WINDOW - 60):  # the lockstep below crosses the window's end
+                hip.hipEventRecord(ev, stream)
+            hip.hipStreamSynchronize(stream, timeout=LIMIT)
+        _lockstep(ev, stream, groups, 150, 15)
+        if start == "u32":
+            assert ev._state.target()[0] == 90  # wrapped
     finally:
         for g in groups:
             g.close()
