@@ -159,6 +159,17 @@ def test_asarray_refuses_bad_shapes_with_the_same_message_as_before(ptr, shape, 
     assert message in str(err.value)
 
 
+def test_asarray_takes_a_0d_integer_array_as_a_shape_and_refuses_others_with_hiperror(ptr):
+    # numpy's own rule (np.empty(np.array(4))); a TypeError escaped before.
+    assert hip.asarray(ptr, np.array(4)).shape == (4,)
+    assert hip.asarray(ptr, np.array([2, 2])).shape == (2, 2)
+    for bad in (np.array(4.0), np.array("4"), np.array(None)):
+        with pytest.raises(hip.HipError) as err:
+            hip.asarray(ptr, bad)
+        assert err.value.code == E.hipErrorInvalidValue
+        assert "each dimension of shape must be an integer" in str(err.value)
+
+
 def test_asarray_open_and_close_refuse_bad_inputs_as_before(ptr):
     handle = hip.hipIpcGetMemHandle(ptr)
     cases = [
