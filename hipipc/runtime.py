@@ -358,8 +358,8 @@ def asarray(ptr: int, shape: int | tuple[int, ...], dtype: DTypeLike = np.uint8)
     if type(shape) is int:
         dims = [shape]
     else:
-        if not hasattr(shape, "__iter__"):
-            shape = (shape,)
+        if not hasattr(shape, "__iter__") or getattr(shape, "ndim", None) == 0:
+            shape = (shape,)  # a 0-d array iterates with a TypeError: numpy takes it as one
         dims = [_integer(n, "asarray: each dimension of shape") for n in shape]
     dt = _COMMON_DTYPES.get(dtype) if type(dtype) is type else None
     if dt is None:
