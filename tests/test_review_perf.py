@@ -536,3 +536,32 @@ def test_waiters_asleep_on_a_completion_that_cannot_take_the_lock_fail_within_th
             pass  # reported above
         hip.hipStreamDestroy(stream)
         hip.hipEventDestroy(ev)
+
+
+def test_elapsed_time_never_reads_a_completion_time_not_yet_stored():
+    """A timing event's completion time is stored before its done slot: a query that sees the
+    record done (the slot) must find its time too.  Stored the other way round, a thread
+    switch between the two stores (forced often here) let hipEventElapsedTime read the
+    previous record's time: a negative interval between two records of one stream."""
+    old = sys.getswitchinterval()
+    stream = hip.hipStreamCreateWithFlags(hip.hipStreamNonBlocking)
+    start, end = hip.hipEventCreate(), hip.hipEventCreate()
+    negative = rounds = 0
+    try:
+        sys.setswitchinterval(1e-6)
+        stop = time.monotonic() + 4.0
+        while time.monotonic() < stop:
+            rounds += 1
+            hip.hipEventRecord(start, stream)
+            hip.hipEventRecord(end, stream)
+            while hip.hipEventQuery(end) != hip.hipSuccess:
+                pass
+            if hip.hipEventElapsedTime(start, end) < 0:
+                negative += 1
+    finally:
+        sys.setswitchinterval(old)
+        hip.hipStreamSynchronize(stream, timeout=LIMIT)
+        hip.hipStreamDestroy(stream)
+        hip.hipEventDestroy(start)
+        hip.hipEventDestroy(end)
+    assert negative == 0, f"{negative} negative intervals in {rounds} rounds"
