@@ -358,8 +358,8 @@ def asarray(ptr: int, shape: int | tuple[int, ...], dtype: DTypeLike = np.uint8)
     if type(shape) is int:
         dims = [shape]
     else:
-        if not hasattr(shape, "__iter__"):
-            shape = (shape,)
+        if not hasattr(shape, "__iter__") or getattr(shape, "ndim", None) == 0:
+            shape = (shape,)  # a 0-d array iterates with a TypeError: numpy takes it as one
         dims = [_integer(n, "asarray: each dimension of shape") for n in shape]
     dt = _COMMON_DTYPES.get(dtype) if type(dtype) is type else None
     if dt is None:
@@ -368,9 +368,9 @@ def asarray(ptr: int, shape: int | tuple[int, ...], dtype: DTypeLike = np.uint8)
         except TypeError as exc:
             raise _invalid(f"asarray: dtype must be a numpy dtype ({exc})") from None
     for n in dims:
-        if n < 0:
-            raise _invalid(f"asarray: negative dimension in {short_repr(tuple(dims))}")
-        if n > _MAX_DIM:  # numpy's limit
+        if n < 0 or n > _MAX_DIM:  # numpy's limit above; a negative one is named first
+            if any(m < 0 for m in dims):
+                raise _invalid(f"asarray: negative dimension in {short_repr(tuple(dims))}")
             raise _invalid(f"asarray: a dimension of {short_repr(tuple(dims))} exceeds {_MAX_DIM}")
     if dt.hasobject:
         raise _invalid(f"asarray: dtype {dt} holds Python objects, which raw memory cannot")

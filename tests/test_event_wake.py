@@ -2,7 +2,8 @@
 
 A lost wake-up would only show as a wait that ends at its next liveness slice, so these tests
 make the slice longer than the wait's timeout (``LIVENESS_INTERVAL`` is read at each wait): a
-wake-up that is lost then fails the wait with ``hipErrorNotReady`` instead of passing slowly.
+wake-up that is lost then sleeps until the timeout, where the wait finds the record done and
+*returns* (no hipErrorNotReady), so every wait is timed and must end well before it.
 Every cross-process wait is bounded (pipe polls, joins and the ``timeout=`` keyword).
 """
 
@@ -46,6 +47,15 @@ def _pause(rng: random.Random) -> None:
         time.sleep(rng.random() * 0.0003)
 
 
+def _timed_sync(event) -> None:
+    """hipEventSynchronize, failing if it took half its timeout: a lost wake-up."""
+    t0 = time.monotonic()
+    hip.hipEventSynchronize(event, timeout=LIMIT)
+    took = time.monotonic() - t0
+    if took > LIMIT / 2:
+        raise AssertionError(f"a wait took {took:.1f} s: a lost wake-up")
+
+
 def _ping_peer(conn, ping_raw: bytes, pong_raw: bytes, cycles: int, seed: int) -> None:
     """Record ``ping`` after a random pause, then wait for ``pong``; ``cycles`` times, in step
     with the parent through the pipe (so that every wait is for the record of its cycle)."""
@@ -62,7 +72,7 @@ def _ping_peer(conn, ping_raw: bytes, pong_raw: bytes, cycles: int, seed: int) -
             conn.send(i)  # the record exists: the parent's wait is for it
             if _recv(conn) != i:
                 raise AssertionError("out of step")
-            hip.hipEventSynchronize(pong, timeout=LIMIT)
+            _timed_sync(pong)
         hip.hipStreamSynchronize(stream, timeout=LIMIT)
         hip.hipStreamDestroy(stream)
         hip.hipEventDestroy(ping)
@@ -101,7 +111,7 @@ def test_record_synchronize_ping_pong_across_processes_loses_no_wakeup(monkeypat
     def second_waiter() -> None:
         while not stop.is_set():
             try:
-                hip.hipEventSynchronize(ping, timeout=LIMIT)
+                _timed_sync(ping)
             except BaseException as exc:  # reported below
                 errors.append(exc)
                 return
@@ -114,7 +124,7 @@ def test_record_synchronize_ping_pong_across_processes_loses_no_wakeup(monkeypat
         thread.start()
         for i in range(CYCLES):
             assert _recv(conn) == i
-            hip.hipEventSynchronize(ping, timeout=LIMIT)
+            _timed_sync(ping)
             hip.hipLaunchHostFunc(stream, _pause, rng)
             hip.hipEventRecord(pong, stream)
             conn.send(i)

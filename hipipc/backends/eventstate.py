@@ -527,12 +527,13 @@ class EventState:
                 raise _corrupt(f"recorded {recorded}, floor {floor}")
             if (recorded - seq) & _MASK >= _HALF:
                 raise _corrupt(f"completion of record {seq} beyond the newest, {recorded}")
+            if timing and seq == recorded:
+                # Before the slot: whoever sees the record done must find its time stored.
+                self._completed_ns.value = time.perf_counter_ns()
             if _serial_ge(floor, seq):
                 self._drop_straggler(seq)  # absent: the floor passed it done
             else:
                 self._done[seq % WINDOW] = seq
-            if timing and seq == recorded:
-                self._completed_ns.value = time.perf_counter_ns()
         except HipError as exc:
             self._lose(exc)
             raise
