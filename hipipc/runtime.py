@@ -23,7 +23,7 @@ from __future__ import annotations
 import enum
 import math
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import numpy as np
@@ -358,9 +358,10 @@ def asarray(ptr: int, shape: int | tuple[int, ...], dtype: DTypeLike = np.uint8)
     if type(shape) is int:
         dims = [shape]
     else:
-        if not hasattr(shape, "__iter__") or getattr(shape, "ndim", None) == 0:
-            shape = (shape,)  # a 0-d array iterates with a TypeError: numpy takes it as one
-        dims = [_integer(n, "asarray: each dimension of shape") for n in shape]
+        # A 0-d array iterates with a TypeError: numpy takes it as one dimension.
+        one = not hasattr(shape, "__iter__") or getattr(shape, "ndim", None) == 0
+        parts: Iterable[Any] = (shape,) if one else shape  # type: ignore[assignment]
+        dims = [_integer(n, "asarray: each dimension of shape") for n in parts]
     dt = _COMMON_DTYPES.get(dtype) if type(dtype) is type else None
     if dt is None:
         try:
