@@ -671,6 +671,29 @@ def format_table(report: Report, summary: bool = True) -> str:
     return "\n".join(lines)
 
 
+def next_request(conn: Any) -> Any:
+    """The next ``(op, args)`` a benchmark's helper process is asked, or None when it should
+    quit: the parent sent None, closed its end, or stayed silent for an hour (stuck: a helper
+    must not linger)."""
+    try:
+        if not conn.poll(3600):
+            return None
+        return conn.recv()
+    except (EOFError, OSError):
+        return None
+
+
+def child_reply(conn: Any, timeout: float, who: str) -> Any:
+    """The answer a helper process sends on ``conn`` within ``timeout`` seconds; an exception
+    it sent back is raised here, silence is ``TimeoutError`` naming ``who``."""
+    if not conn.poll(timeout):
+        raise TimeoutError(f"{who} gave no answer within {timeout:.0f} s")
+    out = conn.recv()
+    if isinstance(out, Exception):
+        raise out
+    return out
+
+
 def stop_child(conn: Any, proc: Any) -> None:
     """Stop a benchmark's helper process: ask it to quit (None), then kill it if it lingers."""
     try:

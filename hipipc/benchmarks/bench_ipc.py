@@ -50,8 +50,8 @@ from typing import Any
 import numpy as np
 
 import hipipc as hip
+from hipipc.bench import child_reply, script_main, start_child, stop_child
 from hipipc.bench import row as _row
-from hipipc.bench import script_main, start_child, stop_child
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 _ns = time.perf_counter_ns
@@ -138,12 +138,7 @@ class _Peer:
         return self.reply(timeout)
 
     def reply(self, timeout: float = 120.0) -> Any:
-        if not self.conn.poll(timeout):
-            raise TimeoutError(f"benchmark child gave no answer within {timeout} s")
-        out = self.conn.recv()
-        if isinstance(out, Exception):
-            raise out
-        return out
+        return child_reply(self.conn, timeout, "benchmark child")
 
     def close(self) -> None:
         stop_child(self.conn, self.proc)

@@ -31,8 +31,8 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import hipipc as hip
+from hipipc.bench import child_reply, next_request, script_main, start_child, stop_child
 from hipipc.bench import row as _row
-from hipipc.bench import script_main, start_child, stop_child
 
 _ns = time.perf_counter_ns
 SIZE = 4096  # bytes per export: 10^4 exports stay at 40 MiB of memory
@@ -47,12 +47,7 @@ def _worker(conn: Connection, index: int) -> None:
     handles: list[Any] = []
     seq: list[int] = []
     while True:
-        try:
-            if not conn.poll(3600):
-                return  # the parent is stuck: do not linger
-            msg = conn.recv()
-        except (EOFError, OSError):
-            return  # the parent is gone
+        msg = next_request(conn)
         if msg is None:
             return
         op, args = msg
@@ -106,12 +101,7 @@ class _Worker:
         self.conn.send((op, args))
 
     def reply(self, timeout: float = _REPLY_S) -> Any:
-        if not self.conn.poll(timeout):
-            raise TimeoutError(f"scale worker gave no answer within {timeout:.0f} s")
-        out = self.conn.recv()
-        if isinstance(out, Exception):
-            raise out
-        return out
+        return child_reply(self.conn, timeout, "scale worker")
 
     def close(self) -> None:
         stop_child(self.conn, self.proc)

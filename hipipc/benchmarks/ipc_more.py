@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 import hipipc as hip
+from hipipc.bench import next_request, start_child, stop_child
 from hipipc.bench import row as _row
-from hipipc.bench import start_child, stop_child
 from hipipc.benchmarks.bench_ipc import (
     MiB,
     _median_us,
@@ -168,12 +168,7 @@ def _fd_child(conn: Connection) -> None:
         "dupfd": _time_dupfd,
     }
     while True:
-        try:
-            if not conn.poll(3600):
-                return  # the parent is stuck: do not linger
-            msg = conn.recv()
-        except (EOFError, OSError):
-            return  # the parent is gone
+        msg = next_request(conn)
         if msg is None:
             return
         op, args = msg
