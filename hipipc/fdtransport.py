@@ -384,14 +384,6 @@ class FdTransport(Transport):
             raise
         return handle, fd
 
-    def _refuse_if_exiting(self) -> None:
-        if self.exiting:
-            raise HipError(
-                hipError_t.hipErrorDeinitialized,
-                "the process is exiting: its exports were revoked (the exit rule), "
-                "nothing new can be exported",
-            )
-
     def publish(self, fd: int, handle: IpcHandle, mode: int) -> None:
         """Keep ``fd`` (its number is in the handle) and offer it to the descriptor server."""
         self._refuse_if_exiting()

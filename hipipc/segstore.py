@@ -21,6 +21,7 @@ import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
+from .errors import HipError, hipError_t
 from .handle import HandleKind, IpcHandle
 
 if TYPE_CHECKING:
@@ -41,6 +42,15 @@ class Transport(abc.ABC):
     keeps_published: ClassVar[bool]
     # Set by the exit rule before it revokes: publishing and tickets are refused from then on.
     exiting: bool
+
+    def _refuse_if_exiting(self) -> None:
+        """``hipErrorDeinitialized`` once the exit rule has started (:attr:`exiting`)."""
+        if self.exiting:
+            raise HipError(
+                hipError_t.hipErrorDeinitialized,
+                "the process is exiting: its exports were revoked (the exit rule), "
+                "nothing new can be exported",
+            )
 
     @abc.abstractmethod
     def new_segment(

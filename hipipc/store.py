@@ -564,14 +564,6 @@ class HandleStore(Transport):
         self._unlink_if_exiting(name)
         return secret, name
 
-    def _refuse_if_exiting(self) -> None:
-        if self.exiting:
-            raise HipError(
-                hipError_t.hipErrorDeinitialized,
-                "the process is exiting: its exports were revoked (the exit rule), "
-                "nothing new can be exported",
-            )
-
     def _unlink_if_exiting(self, name: str) -> None:
         """After a link: if the exit rule started meanwhile, take the name back and refuse.
         Checked after the link, not before, so that an export the rule's revocation may have
