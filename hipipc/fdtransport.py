@@ -44,7 +44,14 @@ from . import fdserver
 from .errors import HipError, hipError_t
 from .handle import NODE_ENV, FdRoute, HandleKind, IpcHandle, node_tag
 from .memfd import F_SEAL_WRITE, SEALS, create_memfd, memfd_supported, seals_of
-from .segment import _EXPORTER, _IDENTITY, _identity, own_process, process_start_time
+from .segment import (
+    _EXPORTER,
+    _IDENTITY,
+    _identity,
+    own_process,
+    proc_stat_fields,
+    process_start_time,
+)
 from .segstore import Transport
 from .store import _TICKET_BYTES, PAGE_SIZE, _os_call, ticket_name
 
@@ -83,11 +90,12 @@ def _pidfd_getfd(pidfd: int, fd: int) -> int:
     return result
 
 
-def _exited(pidfd: int) -> bool:
-    """Whether the process behind ``pidfd`` has exited (a zombie included)."""
+def _exited(pidfd: int, wait_ms: int = 0) -> bool:
+    """Whether the process behind ``pidfd`` has exited (a zombie included), waiting up to
+    ``wait_ms`` for it to finish exiting."""
     poller = select.poll()
     poller.register(pidfd, select.POLLIN)
-    return bool(poller.poll(0))
+    return bool(poller.poll(wait_ms))
 
 
 def _exiting(pid: int, grace: float = 0.2) -> bool:
@@ -98,9 +106,7 @@ def _exiting(pid: int, grace: float = 0.2) -> bool:
     except OSError:
         return True  # no such process any more
     try:
-        poller = select.poll()
-        poller.register(pidfd, select.POLLIN)
-        return bool(poller.poll(int(grace * 1000)))
+        return _exited(pidfd, int(grace * 1000))
     finally:
         os.close(pidfd)
 
@@ -109,16 +115,9 @@ def _leader_gone(pid: int) -> bool:
     """Whether the thread-group leader of the live process ``pid`` shows as a zombie (its
     main thread exited while other threads run); read only on an error path."""
     try:
-        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
+        fields = proc_stat_fields(pid)
+    except (OSError, ValueError):
         return False
-    try:
-        line = os.read(fd, 4096)
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-    fields = line.rpartition(b")")[2].split()
     return bool(fields) and fields[0] == b"Z"
 
 

@@ -126,6 +126,22 @@ def process_alive(pid: int, start_time: int, pid_namespace: int) -> bool:
     return now is not None and now in (-1, start_time)
 
 
+def proc_stat_fields(pid: int) -> list[bytes]:
+    """The fields of ``/proc/<pid>/stat`` from field 3 (the state) on; OSError if unreadable.
+
+    Field 2 (comm) may contain spaces and parentheses, so fields resume after the last ')'.
+    """
+    # os.open/os.read, not open(): no buffered file object (the first open() of a process
+    # costs tens of microseconds, and liveness asks on a first import).  The line is far
+    # below 4096 bytes (52 numeric fields and a 16-byte name).
+    fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.read(fd, 4096)
+    finally:
+        os.close(fd)
+    return data[data.rindex(b")") + 2 :].split()
+
+
 def process_start_time(pid: int) -> int | None:
     """The start time of ``pid`` in clock ticks since boot, or None if it is not running.
 
@@ -136,14 +152,7 @@ def process_start_time(pid: int) -> int | None:
     still map its exports).
     """
     try:
-        # os.open/os.read, not open(): no buffered file object (the first open() of a
-        # process costs tens of microseconds, and liveness asks on a first import).  The
-        # line is far below 4096 bytes (52 numeric fields and a 16-byte name).
-        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            data = os.read(fd, 4096)
-        finally:
-            os.close(fd)
+        fields = proc_stat_fields(pid)
     except FileNotFoundError:
         # hidepid=2 hides other users' processes entirely; signal 0 still tells they exist.
         try:
@@ -156,8 +165,6 @@ def process_start_time(pid: int) -> int | None:
     except OSError:
         # /proc mounted with hidepid=1: we cannot tell, so treat the process as alive.
         return -1
-    # Field 2 (comm) may contain spaces and parentheses; fields resume after the last ')'.
-    fields = data[data.rindex(b")") + 2 :].split()
     # Field 3, the state: zombie or dead; field 20, the process's thread count (1 for a
     # real zombie, more while threads outlive a main thread that exited).
     if fields[0] in (b"Z", b"X") and int(fields[17]) <= 1:
